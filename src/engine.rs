@@ -1,0 +1,535 @@
+//! The decision engine: `decide(snapshot, request, now, usage) -> Decision`, a pure function
+//! over a borrowed archived snapshot. It never does I/O, never locks, never logs, never
+//! allocates and never panics; usage counts come in through [`UsageLookup`], which the
+//! caller implements.
+
+use rkyv::rend::{i64_le, u32_le};
+use rkyv::vec::ArchivedVec;
+use rkyv::option::ArchivedOption;
+
+use crate::model::{
+    ArchivedAccount, ArchivedAccountStatus, ArchivedLicense, ArchivedLimit, ArchivedSnapshotData, bits, fnv1a64,
+};
+
+/// One question: may `account` (and `user`) use `feature`, here and now, for `amount`?
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Request<'a> {
+    pub account: &'a str,
+    pub feature: &'a str,
+    pub user: Option<&'a str>,
+    pub region: Option<&'a str>,
+    pub device: Option<&'a str>,
+    /// Units of the feature's meter this use would consume; 1 when absent.
+    pub amount: Option<u64>,
+}
+
+/// How much of a meter an account has used in a period. Implemented by the sidecar's usage
+/// store; the engine only reads through it.
+pub trait UsageLookup {
+    fn used(&self, account: &str, meter: &str, period_start: i64) -> u64;
+}
+
+/// No usage at all: for callers without a usage store (the `check` command, benches).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoUsage;
+
+impl UsageLookup for NoUsage {
+    fn used(&self, _account: &str, _meter: &str, _period_start: i64) -> u64 {
+        0
+    }
+}
+
+/// Why a decision came out as it did; `Ok` is the only allow. The order of the variants is
+/// the order of the checks in DESIGN.md.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    UnknownAccount,
+    AccountSuspended,
+    UnknownFeature,
+    LicenseExpired,
+    NotEntitled,
+    NotInRollout,
+    RegionBlocked,
+    UnknownUser,
+    NoSeat,
+    RoleForbidden,
+    DeviceNotActivated,
+    QuotaExceeded,
+    Ok,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 13] = [
+        Reason::UnknownAccount,
+        Reason::AccountSuspended,
+        Reason::UnknownFeature,
+        Reason::LicenseExpired,
+        Reason::NotEntitled,
+        Reason::NotInRollout,
+        Reason::RegionBlocked,
+        Reason::UnknownUser,
+        Reason::NoSeat,
+        Reason::RoleForbidden,
+        Reason::DeviceNotActivated,
+        Reason::QuotaExceeded,
+        Reason::Ok,
+    ];
+
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Reason::UnknownAccount => "unknown_account",
+            Reason::AccountSuspended => "account_suspended",
+            Reason::UnknownFeature => "unknown_feature",
+            Reason::LicenseExpired => "license_expired",
+            Reason::NotEntitled => "not_entitled",
+            Reason::NotInRollout => "not_in_rollout",
+            Reason::RegionBlocked => "region_blocked",
+            Reason::UnknownUser => "unknown_user",
+            Reason::NoSeat => "no_seat",
+            Reason::RoleForbidden => "role_forbidden",
+            Reason::DeviceNotActivated => "device_not_activated",
+            Reason::QuotaExceeded => "quota_exceeded",
+            Reason::Ok => "ok",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|reason| reason.as_str() == text)
+    }
+
+    /// Dense index, for per-reason counters.
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The cheapest purchase that would turn a denial into an allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upgrade {
+    Plan(u32),
+    Addon(u32),
+}
+
+/// Where the request stands against the meter its feature consumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quota {
+    pub meter: u32,
+    /// The hard limit, or the soft one where there is no hard limit; `None` is unlimited.
+    pub limit: Option<u64>,
+    pub used: u64,
+    pub remaining: Option<u64>,
+    pub reset_at: Option<i64>,
+    /// The request takes usage past a soft limit.
+    pub overage: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub reason: Reason,
+    /// Index of the license the decision rests on, within the account's licenses.
+    pub license: Option<u32>,
+    pub expires_at: Option<i64>,
+    /// The license is past its expiry and inside its grace period.
+    pub grace: bool,
+    pub quota: Option<Quota>,
+    pub upgrade: Option<Upgrade>,
+}
+
+impl Decision {
+    const fn deny(reason: Reason) -> Decision {
+        Decision { reason, license: None, expires_at: None, grace: false, quota: None, upgrade: None }
+    }
+
+    pub const fn allow(&self) -> bool {
+        matches!(self.reason, Reason::Ok)
+    }
+}
+
+fn native_i64(value: &ArchivedOption<i64_le>) -> Option<i64> {
+    value.as_ref().map(|value| value.to_native())
+}
+
+/// Whether a license is valid at `now`, and whether only by its grace period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Validity {
+    Invalid,
+    Valid,
+    Grace,
+}
+
+fn validity(license: &ArchivedLicense, now: i64) -> Validity {
+    if native_i64(&license.starts_at).is_some_and(|starts_at| now < starts_at) {
+        return Validity::Invalid;
+    }
+    match native_i64(&license.expires_at) {
+        None => Validity::Valid,
+        Some(expires_at) if now < expires_at => Validity::Valid,
+        Some(expires_at) if now < expires_at.saturating_add(license.grace_seconds.to_native()) => Validity::Grace,
+        Some(_) => Validity::Invalid,
+    }
+}
+
+/// Among the licenses valid at `now` for which `accept` holds, the best: one out of grace
+/// before one in grace, then the higher plan.
+fn best_license<'s>(
+    account: &'s ArchivedAccount,
+    now: i64,
+    accept: impl Fn(&ArchivedLicense) -> bool,
+) -> Option<(u32, &'s ArchivedLicense, Validity)> {
+    let mut best: Option<(u32, &ArchivedLicense, Validity)> = None;
+    for (license_idx, license) in account.licenses.iter().enumerate() {
+        let license_validity = validity(license, now);
+        if license_validity == Validity::Invalid || !accept(license) {
+            continue;
+        }
+        let better = match best {
+            None => true,
+            Some((_, current, current_validity)) => {
+                (current_validity == Validity::Grace && license_validity == Validity::Valid)
+                    || (current_validity == license_validity && license.plan.to_native() > current.plan.to_native())
+            }
+        };
+        if better {
+            best = Some((license_idx as u32, license, license_validity));
+        }
+    }
+    best
+}
+
+fn fence_allows(fence: &ArchivedOption<ArchivedVec<u32_le>>, region_idx: Option<u32>) -> bool {
+    match fence.as_ref() {
+        None => true,
+        Some(regions) => region_idx.is_some_and(|region_idx| regions.iter().any(|allowed| allowed.to_native() == region_idx)),
+    }
+}
+
+fn find_limit(limits: &[ArchivedLimit], meter_idx: u32) -> Option<&ArchivedLimit> {
+    limits
+        .binary_search_by_key(&meter_idx, |limit| limit.meter.to_native())
+        .ok()
+        .and_then(|position| limits.get(position))
+}
+
+/// The rollout bucket (0..100) of an account for a feature whose seed is `seed`.
+pub fn rollout_bucket(seed: u64, account: &str) -> u8 {
+    // A separator keeps ("ab", "c") and ("a", "bc") apart; the final mix spreads FNV's weak
+    // low bits before the modulus.
+    let mut hash = fnv1a64(seed, b"/");
+    hash = fnv1a64(hash, account.as_bytes());
+    hash ^= hash >> 33;
+    hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    hash ^= hash >> 33;
+    (hash % 100) as u8
+}
+
+/// Decides one request. Pure: the same snapshot, request, `now` (unix seconds) and usage
+/// always give the same decision.
+pub fn decide(snapshot: &ArchivedSnapshotData, request: &Request<'_>, now: i64, usage: &impl UsageLookup) -> Decision {
+    let Some(account) = snapshot.accounts.get(request.account) else {
+        return Decision::deny(Reason::UnknownAccount);
+    };
+    if account.status != ArchivedAccountStatus::Active {
+        return Decision::deny(Reason::AccountSuspended);
+    }
+    let Some(feature_idx) = snapshot.feature_index.get(request.feature).map(|idx| idx.to_native()) else {
+        return Decision::deny(Reason::UnknownFeature);
+    };
+    let Some(feature) = snapshot.features.get(feature_idx as usize) else {
+        return Decision::deny(Reason::UnknownFeature);
+    };
+    let Some((_, _, _)) = best_license(account, now, |_| true) else {
+        return Decision::deny(Reason::LicenseExpired);
+    };
+    let Some((license_idx, license, license_validity)) = best_license(account, now, |license| bits::contains_le(&license.features, feature_idx))
+    else {
+        let mut decision = Decision::deny(Reason::NotEntitled);
+        decision.upgrade = upgrade_for_feature(snapshot, account, now, feature_idx);
+        return decision;
+    };
+    let mut decision = Decision {
+        reason: Reason::Ok,
+        license: Some(license_idx),
+        expires_at: native_i64(&license.expires_at),
+        grace: license_validity == Validity::Grace,
+        quota: None,
+        upgrade: None,
+    };
+    let deny = |mut decision: Decision, reason: Reason| {
+        decision.reason = reason;
+        decision
+    };
+
+    if let Some(rollout) = feature.rollout.as_ref()
+        && rollout_bucket(rollout.seed.to_native(), request.account) >= rollout.percent
+    {
+        return deny(decision, Reason::NotInRollout);
+    }
+
+    let fenced = feature.regions.is_some()
+        || license.regions.is_some()
+        || snapshot.plans.get(license.plan.to_native() as usize).is_some_and(|plan| plan.regions.is_some());
+    if fenced {
+        let region_idx = request.region.and_then(|region| snapshot.region_index.get(region)).map(|idx| idx.to_native());
+        let plan_allows = snapshot.plans.get(license.plan.to_native() as usize).is_none_or(|plan| fence_allows(&plan.regions, region_idx));
+        if !fence_allows(&feature.regions, region_idx) || !plan_allows || !fence_allows(&license.regions, region_idx) {
+            return deny(decision, Reason::RegionBlocked);
+        }
+    }
+
+    if let Some(user_id) = request.user {
+        let Some(user) = account.users.get(user_id) else {
+            return deny(decision, Reason::UnknownUser);
+        };
+        if !user.seat {
+            return deny(decision, Reason::NoSeat);
+        }
+        if !bits::contains_le(&user.features, feature_idx) {
+            return deny(decision, Reason::RoleForbidden);
+        }
+    }
+
+    if let Some(device) = request.device
+        && account.devices.binary_search_by(|activated| activated.as_str().cmp(device)).is_err()
+    {
+        return deny(decision, Reason::DeviceNotActivated);
+    }
+
+    if let Some(meter_idx) = feature.meter.as_ref().map(|idx| idx.to_native())
+        && let Some(meter) = snapshot.meters.get(meter_idx as usize)
+    {
+        let window = meter.period.to_native().window(now);
+        let used = usage.used(request.account, meter.name.as_str(), window.start);
+        let amount = request.amount.unwrap_or(1);
+        let after = used.saturating_add(amount);
+        let limit = find_limit(&license.limits, meter_idx);
+        let hard = limit.and_then(|limit| limit.hard.as_ref().map(|hard| hard.to_native()));
+        let soft = limit.and_then(|limit| limit.soft.as_ref().map(|soft| soft.to_native()));
+        let shown_limit = hard.or(soft);
+        decision.quota = Some(Quota {
+            meter: meter_idx,
+            limit: shown_limit,
+            used,
+            remaining: shown_limit.map(|limit| limit.saturating_sub(used)),
+            reset_at: window.reset_at,
+            overage: soft.is_some_and(|soft| after > soft),
+        });
+        if hard.is_some_and(|hard| after > hard) {
+            decision.upgrade = upgrade_for_quota(snapshot, license, meter_idx, hard.unwrap_or(0));
+            return deny(decision, Reason::QuotaExceeded);
+        }
+    }
+    decision
+}
+
+/// The cheaper of a plan and an add-on candidate: by price where both have one, else the
+/// add-on, since buying one on top of a plan is the smaller step.
+fn cheaper(snapshot: &ArchivedSnapshotData, plan: Option<u32>, addon: Option<u32>) -> Option<Upgrade> {
+    match (plan, addon) {
+        (None, None) => None,
+        (Some(plan_idx), None) => Some(Upgrade::Plan(plan_idx)),
+        (None, Some(addon_idx)) => Some(Upgrade::Addon(addon_idx)),
+        (Some(plan_idx), Some(addon_idx)) => {
+            let plan_price = snapshot.plans.get(plan_idx as usize).and_then(|plan| plan.price.as_ref().map(|price| price.to_native()));
+            let addon_price = snapshot.addons.get(addon_idx as usize).and_then(|addon| addon.price.as_ref().map(|price| price.to_native()));
+            match (plan_price, addon_price) {
+                (Some(plan_price), Some(addon_price)) if plan_price < addon_price => Some(Upgrade::Plan(plan_idx)),
+                _ => Some(Upgrade::Addon(addon_idx)),
+            }
+        }
+    }
+}
+
+fn upgrade_for_feature(snapshot: &ArchivedSnapshotData, account: &ArchivedAccount, now: i64, feature_idx: u32) -> Option<Upgrade> {
+    let current = best_license(account, now, |_| true);
+    // A feature an override took away was taken on purpose; no purchase brings it back.
+    if current.is_some_and(|(_, license, _)| bits::contains_le(&license.removed, feature_idx)) {
+        return None;
+    }
+    let first_plan = current.map_or(0, |(_, license, _)| license.plan.to_native() as usize + 1);
+    let plan = snapshot
+        .plans
+        .iter()
+        .enumerate()
+        .skip(first_plan)
+        .find(|(_, plan)| bits::contains_le(&plan.features, feature_idx))
+        .map(|(plan_idx, _)| plan_idx as u32);
+    let addon = snapshot
+        .addons
+        .iter()
+        .position(|addon| bits::contains_le(&addon.features, feature_idx))
+        .map(|addon_idx| addon_idx as u32);
+    cheaper(snapshot, plan, addon)
+}
+
+fn upgrade_for_quota(snapshot: &ArchivedSnapshotData, license: &ArchivedLicense, meter_idx: u32, current_hard: u64) -> Option<Upgrade> {
+    let plan = snapshot
+        .plans
+        .iter()
+        .enumerate()
+        .skip(license.plan.to_native() as usize + 1)
+        .find(|(_, plan)| {
+            find_limit(&plan.limits, meter_idx)
+                .and_then(|limit| limit.hard.as_ref())
+                .is_none_or(|hard| hard.to_native() > current_hard)
+        })
+        .map(|(plan_idx, _)| plan_idx as u32);
+    let addon = snapshot
+        .addons
+        .iter()
+        .position(|addon| find_limit(&addon.limits, meter_idx).and_then(|limit| limit.hard.as_ref()).is_some_and(|hard| hard.to_native() > 0))
+        .map(|addon_idx| addon_idx as u32);
+    cheaper(snapshot, plan, addon)
+}
+
+/// The name of an upgrade's plan or add-on.
+pub fn upgrade_name(snapshot: &ArchivedSnapshotData, upgrade: Upgrade) -> Option<(&'static str, &str)> {
+    match upgrade {
+        Upgrade::Plan(plan_idx) => snapshot.plans.get(plan_idx as usize).map(|plan| ("plan", plan.name.as_str())),
+        Upgrade::Addon(addon_idx) => snapshot.addons.get(addon_idx as usize).map(|addon| ("addon", addon.name.as_str())),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Entitlements: the resolved view of one account, for drawing a UI. Off the hot path, so it
+// may allocate; it is still pure.
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entitlements<'s> {
+    pub account: &'s str,
+    pub active: bool,
+    pub licenses: Vec<LicenseView<'s>>,
+    pub features: Vec<FeatureView<'s>>,
+    pub meters: Vec<MeterView<'s>>,
+    pub seats: u32,
+    pub seats_assigned: u32,
+    pub devices: Vec<&'s str>,
+    pub max_devices: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LicenseView<'s> {
+    pub id: &'s str,
+    pub plan: &'s str,
+    pub addons: Vec<&'s str>,
+    pub seats: u32,
+    pub trial: bool,
+    pub starts_at: Option<i64>,
+    pub expires_at: Option<i64>,
+    pub valid: bool,
+    pub grace: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureView<'s> {
+    pub feature: &'s str,
+    pub decision: Decision,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeterView<'s> {
+    pub meter: &'s str,
+    pub unit: &'s str,
+    pub period: &'static str,
+    pub soft_limit: Option<u64>,
+    pub hard_limit: Option<u64>,
+    pub used: u64,
+    pub remaining: Option<u64>,
+    pub period_start: i64,
+    pub reset_at: Option<i64>,
+}
+
+/// Everything an app needs to draw an account's UI: licenses, every catalog feature with its
+/// decision (for `user` and `region` when given), and each meter's limit and usage.
+pub fn entitlements<'s>(
+    snapshot: &'s ArchivedSnapshotData,
+    account_id: &'s str,
+    user: Option<&str>,
+    region: Option<&str>,
+    now: i64,
+    usage: &impl UsageLookup,
+) -> Option<Entitlements<'s>> {
+    let (account_key, account) = snapshot.accounts.get_key_value(account_id)?;
+    let licenses = account
+        .licenses
+        .iter()
+        .map(|license| {
+            let license_validity = validity(license, now);
+            LicenseView {
+                id: license.id.as_str(),
+                plan: snapshot.plans.get(license.plan.to_native() as usize).map_or("", |plan| plan.name.as_str()),
+                addons: license
+                    .addons
+                    .iter()
+                    .filter_map(|addon_idx| snapshot.addons.get(addon_idx.to_native() as usize).map(|addon| addon.name.as_str()))
+                    .collect(),
+                seats: license.seats.to_native(),
+                trial: license.trial,
+                starts_at: native_i64(&license.starts_at),
+                expires_at: native_i64(&license.expires_at),
+                valid: license_validity != Validity::Invalid,
+                grace: license_validity == Validity::Grace,
+            }
+        })
+        .collect();
+    let features = snapshot
+        .features
+        .iter()
+        .map(|feature| {
+            let request = Request { account: account_id, feature: feature.name.as_str(), user, region, device: None, amount: Some(0) };
+            FeatureView { feature: feature.name.as_str(), decision: decide(snapshot, &request, now, usage) }
+        })
+        .collect();
+    let primary = best_license(account, now, |_| true).map(|(_, license, _)| license);
+    let meters = snapshot
+        .meters
+        .iter()
+        .enumerate()
+        .map(|(meter_idx, meter)| {
+            let window = meter.period.to_native().window(now);
+            let limit = primary.and_then(|license| find_limit(&license.limits, meter_idx as u32));
+            let soft_limit = limit.and_then(|limit| limit.soft.as_ref().map(|soft| soft.to_native()));
+            let hard_limit = limit.and_then(|limit| limit.hard.as_ref().map(|hard| hard.to_native()));
+            let used = usage.used(account_id, meter.name.as_str(), window.start);
+            MeterView {
+                meter: meter.name.as_str(),
+                unit: meter.unit.as_str(),
+                period: meter.period.to_native().as_str(),
+                soft_limit,
+                hard_limit,
+                used,
+                remaining: hard_limit.or(soft_limit).map(|limit| limit.saturating_sub(used)),
+                period_start: window.start,
+                reset_at: window.reset_at,
+            }
+        })
+        .collect();
+    let max_devices = if account.licenses.iter().any(|license| license.max_devices.is_none()) {
+        None
+    } else {
+        account.licenses.iter().filter_map(|license| license.max_devices.as_ref().map(|max| max.to_native())).max()
+    };
+    Some(Entitlements {
+        account: account_key.as_str(),
+        active: account.status == ArchivedAccountStatus::Active,
+        licenses,
+        features,
+        meters,
+        seats: primary.map_or(0, |license| license.seats.to_native()),
+        seats_assigned: account.users.values().filter(|user| user.seat).count() as u32,
+        devices: account.devices.iter().map(|device| device.as_str()).collect(),
+        max_devices,
+    })
+}
+
+/// The limit on `meter_idx` of the license an account's usage counts against: its best
+/// license valid at `now`. `None` when no valid license sets one.
+pub fn account_limit(snapshot: &ArchivedSnapshotData, account: &str, meter_idx: u32, now: i64) -> Option<crate::model::Limit> {
+    let account = snapshot.accounts.get(account)?;
+    let (_, license, _) = best_license(account, now, |_| true)?;
+    find_limit(&license.limits, meter_idx).map(|limit| crate::model::Limit {
+        meter: meter_idx,
+        soft: limit.soft.as_ref().map(|soft| soft.to_native()),
+        hard: limit.hard.as_ref().map(|hard| hard.to_native()),
+    })
+}

@@ -1,0 +1,17 @@
+//! Tollgate: an entitlement policy decision point.
+//!
+//! Modules in reading order: the data model of a compiled snapshot, usage periods, the policy
+//! files and their compiler, the pure decision engine, signed snapshot files, the in-memory
+//! usage store, metrics, the JSON wire types, the sidecar server, and the synthetic policy
+//! generator.
+
+pub mod model;
+pub mod period;
+pub mod policy;
+pub mod engine;
+pub mod snapshot;
+pub mod usage;
+pub mod telemetry;
+pub mod wire;
+pub mod sidecar;
+pub mod generate;

@@ -1,0 +1,357 @@
+//! The `tollgate` command line: keygen, compile, inspect, check, gen and sidecar. Parses
+//! arguments, reads files, and hands off to the library; bad configuration exits non-zero
+//! before anything serves.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+use tollgate::engine::{NoUsage, Request, decide};
+use tollgate::sidecar::source::{self, Source};
+use tollgate::sidecar::{self as sidecar_mod, Sidecar};
+use tollgate::snapshot::{self, Snapshot, TrustedKeys};
+use tollgate::telemetry::Metrics;
+use tollgate::wire::DecisionJson;
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "Entitlement decisions from signed policy snapshots")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Write a new ed25519 key pair as DIR/tollgate.key (secret, mode 0600) and DIR/tollgate.pub.
+    Keygen {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Compile a policies directory into a signed snapshot file.
+    Compile {
+        policy_dir: PathBuf,
+        /// Secret key file written by `tollgate keygen`.
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Revision number; defaults to the current time in milliseconds, so it grows.
+        #[arg(long)]
+        revision: Option<u64>,
+    },
+    /// Print a snapshot's header and whether its signature verifies.
+    Inspect {
+        file: PathBuf,
+        /// Public key to verify against.
+        #[arg(long)]
+        trust_key: Vec<PathBuf>,
+    },
+    /// Answer one decision from a snapshot, as JSON.
+    Check {
+        #[arg(long)]
+        snapshot: Option<PathBuf>,
+        /// Compile this policies directory in-process instead of reading a snapshot.
+        #[arg(long, conflicts_with = "snapshot")]
+        policies: Option<PathBuf>,
+        #[arg(long)]
+        trust_key: Vec<PathBuf>,
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        feature: String,
+        #[arg(long)]
+        user: Option<String>,
+        #[arg(long)]
+        region: Option<String>,
+        #[arg(long)]
+        device: Option<String>,
+        #[arg(long)]
+        amount: Option<u64>,
+        /// Decide as of this instant (RFC 3339) instead of now.
+        #[arg(long)]
+        now: Option<String>,
+    },
+    /// Write a synthetic policies directory with N accounts (acct-0 …) for benches and load tests.
+    Gen {
+        #[arg(long)]
+        accounts: usize,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 64)]
+        features: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Serve the decision API on localhost.
+    Sidecar(SidecarArgs),
+}
+
+#[derive(clap::Args)]
+struct SidecarArgs {
+    /// Address to listen on; loopback unless you mean otherwise.
+    #[arg(long, default_value = "127.0.0.1:8181")]
+    listen: String,
+    /// Public key(s) whose signatures are trusted; repeat for several.
+    #[arg(long)]
+    trust_key: Vec<PathBuf>,
+    /// A signed snapshot file, watched and reloaded when it changes.
+    #[arg(long, required_unless_present = "policies", conflicts_with = "policies")]
+    snapshot: Option<PathBuf>,
+    /// Dev mode: compile this policies directory in-process with an ephemeral key, and
+    /// recompile when it changes.
+    #[arg(long)]
+    policies: Option<PathBuf>,
+    /// How often the source is checked for changes, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    watch_interval_ms: u64,
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = sidecar_mod::DEFAULT_MAX_BODY)]
+    max_body: usize,
+    /// How long SIGTERM waits for in-flight requests, in seconds.
+    #[arg(long, default_value_t = 10)]
+    drain_timeout_secs: u64,
+    /// How long metering event ids are remembered for deduplication, in seconds.
+    #[arg(long, default_value_t = 86_400)]
+    dedupe_window_secs: i64,
+    /// Worker threads; defaults to the number of CPUs the process may use.
+    #[arg(long)]
+    workers: Option<usize>,
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Keygen { out } => {
+            let key = snapshot::generate_key()?;
+            snapshot::write_key_pair(&out, &key)?;
+            println!("wrote {} and {} (key id {})", out.join("tollgate.key").display(), out.join("tollgate.pub").display(), snapshot::key_id(&key.verifying_key()));
+            Ok(())
+        }
+        Command::Compile { policy_dir, key, out, revision } => {
+            let key = snapshot::read_signing_key(&key)?;
+            let data = tollgate::policy::compile_dir(&policy_dir)?;
+            let now_ms = sidecar_mod::store::unix_now_ms();
+            let revision = revision.unwrap_or(now_ms.max(0) as u64);
+            let bytes = snapshot::build(&data, revision, now_ms, &key)?;
+            write_atomically(&out, &bytes)?;
+            println!("wrote {} (revision {revision}, {} accounts, {} bytes)", out.display(), data.accounts.len(), bytes.len());
+            Ok(())
+        }
+        Command::Inspect { file, trust_key } => {
+            let bytes = std::fs::read(&file).with_context(|| format!("cannot read `{}`", file.display()))?;
+            let header = Snapshot::read_header(&bytes)?;
+            let verified = if trust_key.is_empty() {
+                serde_json::Value::Null
+            } else {
+                let trusted = read_trusted(&trust_key)?;
+                match Snapshot::verify(&bytes, &trusted) {
+                    Ok(_) => serde_json::json!({"ok": true}),
+                    Err(error) => serde_json::json!({"ok": false, "error": error.to_string()}),
+                }
+            };
+            let report = serde_json::json!({
+                "file": file.display().to_string(),
+                "size_bytes": bytes.len(),
+                "format": header.format,
+                "revision": header.revision,
+                "key_id": header.key_id,
+                "created_at": tollgate::period::format_rfc3339(header.created_at_ms.div_euclid(1000)),
+                "payload_bytes": header.payload_len,
+                "counts": header.counts,
+                "signature": verified,
+            });
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            if verified.get("ok") == Some(&serde_json::Value::Bool(false)) {
+                bail!("signature does not verify");
+            }
+            Ok(())
+        }
+        Command::Check { snapshot, policies, trust_key, account, feature, user, region, device, amount, now } => {
+            let snapshot = match (snapshot, policies) {
+                (Some(path), _) => {
+                    if trust_key.is_empty() {
+                        bail!("`--trust-key` is required with `--snapshot`");
+                    }
+                    Source::File(path).load(&read_trusted(&trust_key)?, None)?
+                }
+                (None, Some(dir)) => {
+                    let (source, trusted) = dev_source(dir)?;
+                    source.load(&trusted, None)?
+                }
+                (None, None) => bail!("give `--snapshot FILE --trust-key KEY` or `--policies DIR`"),
+            };
+            let now = match now {
+                Some(text) => tollgate::period::parse_rfc3339(&text).with_context(|| format!("`--now` value `{text}` is not an RFC 3339 timestamp"))?,
+                None => sidecar_mod::store::unix_now_ms().div_euclid(1000),
+            };
+            let request = Request {
+                account: &account,
+                feature: &feature,
+                user: user.as_deref(),
+                region: region.as_deref(),
+                device: device.as_deref(),
+                amount,
+            };
+            let decision = decide(snapshot.data(), &request, now, &NoUsage);
+            let json = DecisionJson::new(snapshot.data(), &account, snapshot.revision(), &decision, false);
+            println!("{}", serde_json::to_string_pretty(&json)?);
+            Ok(())
+        }
+        Command::Gen { accounts, out, features, seed } => {
+            tollgate::generate::write(&out, &tollgate::generate::GenOptions { n_accounts: accounts, n_features: features, seed })
+                .with_context(|| format!("cannot write policies to `{}`", out.display()))?;
+            println!("wrote {accounts} accounts to {}", out.display());
+            Ok(())
+        }
+        Command::Sidecar(args) => run_sidecar(args),
+    }
+}
+
+fn read_trusted(paths: &[PathBuf]) -> Result<TrustedKeys> {
+    let mut trusted = TrustedKeys::default();
+    for path in paths {
+        trusted.add(snapshot::read_public_key(path)?);
+    }
+    Ok(trusted)
+}
+
+/// Dev mode: an ephemeral key signs what is compiled in-process, and only it is trusted.
+fn dev_source(dir: PathBuf) -> Result<(Source, TrustedKeys)> {
+    let key = snapshot::generate_key()?;
+    let trusted = TrustedKeys::new([key.verifying_key()]);
+    Ok((Source::Policies { dir, key }, trusted))
+}
+
+/// Writes through a temporary file and a rename, so a watcher never reads half a file.
+fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let file_name = path.file_name().with_context(|| format!("`{}` is not a file path", path.display()))?;
+    let temporary = path.with_file_name(format!(".{}.tmp", file_name.to_string_lossy()));
+    let mut file = std::fs::File::create(&temporary).with_context(|| format!("cannot create `{}`", temporary.display()))?;
+    file.write_all(bytes).and_then(|()| file.sync_all()).with_context(|| format!("cannot write `{}`", temporary.display()))?;
+    std::fs::rename(&temporary, path).with_context(|| format!("cannot rename `{}` to `{}`", temporary.display(), path.display()))?;
+    Ok(())
+}
+
+fn run_sidecar(args: SidecarArgs) -> Result<()> {
+    let listen: std::net::SocketAddr = args.listen.parse().with_context(|| format!("`--listen` value `{}` is not an address like 127.0.0.1:8181", args.listen))?;
+    if args.max_body == 0 {
+        bail!("`--max-body` must be greater than 0");
+    }
+    if args.watch_interval_ms == 0 {
+        bail!("`--watch-interval-ms` must be greater than 0");
+    }
+    let (source, trusted) = match (&args.snapshot, &args.policies) {
+        (Some(path), _) => {
+            if args.trust_key.is_empty() {
+                bail!("`--trust-key` is required with `--snapshot`: the sidecar trusts only configured keys");
+            }
+            (Source::File(path.clone()), read_trusted(&args.trust_key)?)
+        }
+        (None, Some(dir)) => {
+            let (source, mut trusted) = dev_source(dir.clone())?;
+            for path in &args.trust_key {
+                trusted.add(snapshot::read_public_key(path)?);
+            }
+            (source, trusted)
+        }
+        (None, None) => bail!("give `--snapshot FILE` or `--policies DIR`"),
+    };
+    let metrics = Arc::new(Metrics::new());
+    let trusted = Arc::new(trusted);
+    let mut sidecar = Sidecar::new(Arc::clone(&metrics), Arc::clone(&trusted), source.describe());
+    sidecar.max_body = args.max_body;
+    let sidecar = Arc::new(sidecar);
+
+    // The first load happens before serving. A policies directory with mistakes is bad
+    // configuration and stops here; a snapshot file may legitimately arrive later (a volume
+    // being filled), so the sidecar starts unready and keeps watching.
+    match (source::reload(&source, &trusted, &sidecar.store), &source) {
+        (Ok(revision), _) => tracing::info!(revision, source = %source.describe(), "serving snapshot"),
+        (Err(error), Source::Policies { .. }) => bail!("{error}"),
+        (Err(error), Source::File(_)) => tracing::warn!(%error, "no valid snapshot yet; not ready until one arrives"),
+    }
+
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(workers) = args.workers {
+        runtime.worker_threads(workers.max(1));
+    }
+    let runtime = runtime.build().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on `{listen}`"))?;
+        tracing::info!(address = %listener.local_addr()?, "tollgate sidecar listening");
+        let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
+        let stopped = |mut receiver: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = receiver.wait_for(|stop| *stop).await;
+        };
+        let watcher = tokio::spawn(source::watch(
+            Arc::new(source),
+            Arc::clone(&trusted),
+            Arc::clone(&sidecar.store),
+            Duration::from_millis(args.watch_interval_ms),
+            stopped(stop_receiver.clone()),
+        ));
+        let housekeeping = {
+            let sidecar = Arc::clone(&sidecar);
+            let stop = stopped(stop_receiver.clone());
+            tokio::spawn(async move {
+                tokio::pin!(stop);
+                let mut ticker = tokio::time::interval(Duration::from_secs(5));
+                loop {
+                    tokio::select! {
+                        () = &mut stop => return,
+                        _ = ticker.tick() => {}
+                    }
+                    sidecar.metrics.upkeep();
+                    let cutoff = sidecar_mod::store::unix_now_ms().div_euclid(1000) - args.dedupe_window_secs;
+                    sidecar.usage.prune_events(cutoff);
+                }
+            })
+        };
+        let shutdown = async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: draining in-flight requests");
+            let _ = stop_sender.send(true);
+        };
+        sidecar_mod::serve(listener, sidecar, shutdown, Duration::from_secs(args.drain_timeout_secs)).await;
+        let _ = watcher.await;
+        let _ = housekeeping.await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => {}
+    }
+}

@@ -1,0 +1,211 @@
+//! The compiled snapshot's data model: what `compile` produces, rkyv archives, and `engine`
+//! reads zero-copy. Plain data only: no I/O, no parsing, no decision logic beyond bit tests.
+//!
+//! Names are interned to dense indices (`feature_idx`, `meter_idx`, `region_idx`), feature sets
+//! are bitsets over feature indices, and accounts live in a hash index keyed by account id.
+
+use std::collections::HashMap;
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// The root of a compiled snapshot.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct SnapshotData {
+    pub features: Vec<Feature>,
+    pub meters: Vec<Meter>,
+    /// Ordered cheapest first; a plan's position is its rank.
+    pub plans: Vec<Plan>,
+    /// Ordered cheapest first.
+    pub addons: Vec<Addon>,
+    pub roles: Vec<Role>,
+    pub regions: Vec<String>,
+    pub feature_index: HashMap<String, u32>,
+    pub meter_index: HashMap<String, u32>,
+    pub region_index: HashMap<String, u32>,
+    pub accounts: HashMap<String, Account>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Feature {
+    pub name: String,
+    pub description: String,
+    /// The meter a use of this feature consumes, if any.
+    pub meter: Option<u32>,
+    /// Geo-fence: the regions this feature may be used in (sorted region indices).
+    pub regions: Option<Vec<u32>>,
+    /// Percentage rollout: only accounts whose bucket is below `percent` get the feature.
+    pub rollout: Option<Rollout>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq)]
+pub struct Rollout {
+    /// 0..=100
+    pub percent: u8,
+    /// Hash of the feature name: the bucket of an account depends only on the feature's and
+    /// the account's names, so it is stable across recompiles and catalog edits.
+    pub seed: u64,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq))]
+pub enum Period {
+    Hour,
+    Day,
+    Month,
+    Never,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Meter {
+    pub name: String,
+    pub unit: String,
+    pub period: Period,
+}
+
+/// Limits on one meter. `hard` denies past it; `soft` only marks overage.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub meter: u32,
+    pub soft: Option<u64>,
+    pub hard: Option<u64>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub name: String,
+    /// Price in the smallest currency unit per billing period, used to pick upgrade hints.
+    pub price: Option<u64>,
+    pub features: Vec<u64>,
+    /// Sorted by meter index.
+    pub limits: Vec<Limit>,
+    pub regions: Option<Vec<u32>>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Addon {
+    pub name: String,
+    pub price: Option<u64>,
+    pub features: Vec<u64>,
+    /// Added to the plan's limits. Sorted by meter index.
+    pub limits: Vec<Limit>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Role {
+    pub name: String,
+    pub features: Vec<u64>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[rkyv(derive(Debug, Clone, Copy, PartialEq, Eq))]
+pub enum AccountStatus {
+    Active,
+    Suspended,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct Account {
+    pub status: AccountStatus,
+    pub licenses: Vec<License>,
+    pub users: HashMap<String, User>,
+    /// Activated device ids, sorted.
+    pub devices: Vec<String>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct License {
+    pub id: String,
+    pub plan: u32,
+    pub addons: Vec<u32>,
+    pub seats: u32,
+    pub trial: bool,
+    /// Unix seconds; `None` means since forever.
+    pub starts_at: Option<i64>,
+    /// Unix seconds; `None` means perpetual.
+    pub expires_at: Option<i64>,
+    pub grace_seconds: i64,
+    /// Resolved: plan ∪ add-ons ∪ added overrides, minus removed overrides.
+    pub features: Vec<u64>,
+    /// Resolved: plan limits plus add-on limits, then overrides. Sorted by meter index.
+    pub limits: Vec<Limit>,
+    /// Features an override removed, kept so upgrade hints do not suggest buying them.
+    pub removed: Vec<u64>,
+    pub regions: Option<Vec<u32>>,
+    pub max_devices: Option<u32>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct User {
+    /// Whether the user holds one of the license's seats.
+    pub seat: bool,
+    /// Role indices, from the user's own roles and the roles of their groups.
+    pub roles: Vec<u32>,
+    /// Union of the features of `roles`.
+    pub features: Vec<u64>,
+}
+
+/// Bitset helpers over `u64` words, shared by the compiler (owned) and the engine (archived).
+pub mod bits {
+    /// Number of words for `n_bits` bits.
+    pub const fn words_for(n_bits: usize) -> usize {
+        n_bits.div_ceil(64)
+    }
+
+    pub fn set(words: &mut [u64], idx: u32) {
+        if let Some(word) = words.get_mut(idx as usize / 64) {
+            *word |= 1 << (idx % 64);
+        }
+    }
+
+    pub fn clear(words: &mut [u64], idx: u32) {
+        if let Some(word) = words.get_mut(idx as usize / 64) {
+            *word &= !(1 << (idx % 64));
+        }
+    }
+
+    pub fn contains(words: &[u64], idx: u32) -> bool {
+        words.get(idx as usize / 64).is_some_and(|word| word & (1 << (idx % 64)) != 0)
+    }
+
+    pub fn contains_le(words: &[rkyv::rend::u64_le], idx: u32) -> bool {
+        words
+            .get(idx as usize / 64)
+            .is_some_and(|word| word.to_native() & (1 << (idx % 64)) != 0)
+    }
+
+    pub fn union_into(into: &mut [u64], from: &[u64]) {
+        for (a, b) in into.iter_mut().zip(from) {
+            *a |= b;
+        }
+    }
+
+    pub fn iter(words: &[u64]) -> impl Iterator<Item = u32> + '_ {
+        words.iter().enumerate().flat_map(|(word_idx, &word)| {
+            (0..64u32).filter(move |bit| word & (1 << bit) != 0).map(move |bit| word_idx as u32 * 64 + bit)
+        })
+    }
+
+    pub fn iter_le(words: &[rkyv::rend::u64_le]) -> impl Iterator<Item = u32> + '_ {
+        words.iter().enumerate().flat_map(|(word_idx, word)| {
+            let word = word.to_native();
+            (0..64u32).filter(move |bit| word & (1 << bit) != 0).map(move |bit| word_idx as u32 * 64 + bit)
+        })
+    }
+}
+
+/// The FNV-1a offset basis.
+pub const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+
+/// FNV-1a, continued from `state`: a tiny, stable hash for rollout buckets. It must never
+/// change, or accounts would move in and out of rollouts.
+pub const fn fnv1a64(mut state: u64, bytes: &[u8]) -> u64 {
+    let mut i = 0;
+    while i < bytes.len() {
+        #[expect(clippy::indexing_slicing, reason = "i < bytes.len() is the loop condition")]
+        let byte = bytes[i];
+        state ^= byte as u64;
+        state = state.wrapping_mul(0x0000_0100_0000_01b3);
+        i += 1;
+    }
+    state
+}

@@ -1,0 +1,421 @@
+//! The localhost sidecar: an HTTP/1.1 and h2c server (hyper) over the snapshot store, the
+//! usage store and the metrics. It parses and answers; every decision comes from
+//! `engine::decide` over one loaded snapshot. Shutdown stops accepting, drains in-flight
+//! requests with a grace timeout, then returns.
+
+mod protocols;
+pub mod source;
+pub mod store;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use serde::Serialize;
+use tokio::net::TcpListener;
+
+use crate::engine::{Decision, decide};
+use crate::snapshot::{Snapshot, TrustedKeys};
+use crate::telemetry::{MeterResult, Metrics, Route};
+use crate::usage::{MeterEvent, UsageStore};
+use crate::wire::{BatchBody, BatchJson, CheckBody, DecisionJson, ErrorJson, MeterBody, MeterJson, json_error};
+use store::{SnapshotStore, unix_now_ms};
+
+/// Largest request body accepted by default (1 MiB): room for a batch of about ten
+/// thousand checks.
+pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
+/// Most checks in one batch.
+pub const MAX_BATCH: usize = 10_000;
+/// Longest metering event id.
+const MAX_EVENT_ID: usize = 256;
+
+/// Everything a request handler needs, shared by all connections.
+pub struct Sidecar {
+    pub store: Arc<SnapshotStore>,
+    pub usage: UsageStore,
+    pub metrics: Arc<Metrics>,
+    pub trusted: Arc<TrustedKeys>,
+    pub source: String,
+    pub max_body: usize,
+}
+
+impl std::fmt::Debug for Sidecar {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sidecar").field("source", &self.source).finish()
+    }
+}
+
+impl Sidecar {
+    pub fn new(metrics: Arc<Metrics>, trusted: Arc<TrustedKeys>, source: String) -> Sidecar {
+        Sidecar {
+            store: Arc::new(SnapshotStore::new(Arc::clone(&metrics))),
+            usage: UsageStore::new(),
+            metrics,
+            trusted,
+            source,
+            max_body: DEFAULT_MAX_BODY,
+        }
+    }
+}
+
+/// Serves `sidecar` on `listener` until `shutdown` resolves, then drains open connections
+/// for at most `drain_timeout`.
+pub async fn serve(listener: TcpListener, sidecar: Arc<Sidecar>, shutdown: impl Future<Output = ()>, drain_timeout: Duration) {
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let sidecar = Arc::clone(&sidecar);
+        let service = hyper::service::service_fn(move |request| handle(Arc::clone(&sidecar), request));
+        let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection closed with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections drained"),
+        () = tokio::time::sleep(drain_timeout) => tracing::warn!("drain timed out; closing remaining connections"),
+    }
+}
+
+type HttpResponse = Response<Full<Bytes>>;
+
+fn json_response(status: StatusCode, body: &impl Serialize) -> HttpResponse {
+    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| br#"{"error":{"code":"internal","message":"cannot encode answer"}}"#.to_vec());
+    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> HttpResponse {
+    json_response(status, &ErrorJson::new(code, message))
+}
+
+fn not_ready() -> HttpResponse {
+    error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "no valid snapshot is loaded yet")
+}
+
+fn unix_now() -> i64 {
+    unix_now_ms().div_euclid(1000)
+}
+
+async fn handle(sidecar: Arc<Sidecar>, request: Request<Incoming>) -> Result<HttpResponse, Infallible> {
+    let started = Instant::now();
+    let (route, response) = route(&sidecar, request).await;
+    sidecar.metrics.request(route, started.elapsed().as_secs_f64());
+    Ok(response)
+}
+
+async fn route(sidecar: &Sidecar, request: Request<Incoming>) -> (Route, HttpResponse) {
+    let path = request.uri().path().to_string();
+    let method = request.method().clone();
+    if path == "/ext_authz" || path.starts_with("/ext_authz/") {
+        return (Route::ExtAuthz, protocols::ext_authz(sidecar, &request));
+    }
+    let expected = match path.as_str() {
+        "/v1/check" | "/v1/check/batch" | "/v1/meter" | "/access/v1/evaluation" | "/access/v1/evaluations" => Method::POST,
+        "/v1/status" | "/healthz" | "/readyz" | "/metrics" | "/.well-known/authzen-configuration" => Method::GET,
+        _ if path.starts_with("/v1/entitlements/") => Method::GET,
+        _ => return (Route::NotFound, error_response(StatusCode::NOT_FOUND, "not_found", format!("no endpoint at `{path}`"))),
+    };
+    let route = match path.as_str() {
+        "/v1/check" => Route::Check,
+        "/v1/check/batch" => Route::CheckBatch,
+        "/v1/meter" => Route::Meter,
+        "/access/v1/evaluation" | "/access/v1/evaluations" | "/.well-known/authzen-configuration" => Route::AuthZen,
+        "/v1/status" => Route::Status,
+        "/metrics" => Route::Metrics,
+        "/healthz" | "/readyz" => Route::Probe,
+        _ => Route::Entitlements,
+    };
+    if method != expected && !(expected == Method::GET && method == Method::HEAD) {
+        let mut response = error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("`{path}` takes {expected}"));
+        if let Ok(allow) = HeaderValue::from_str(expected.as_str()) {
+            response.headers_mut().insert(hyper::header::ALLOW, allow);
+        }
+        return (route, response);
+    }
+    let response = match route {
+        Route::Check | Route::CheckBatch | Route::Meter | Route::AuthZen if expected == Method::POST => {
+            match read_body(request, sidecar.max_body).await {
+                Ok(body) => match route {
+                    Route::Check => check(sidecar, &body),
+                    Route::CheckBatch => check_batch(sidecar, &body),
+                    Route::Meter => meter(sidecar, &body),
+                    _ => protocols::authzen(sidecar, &path, &body),
+                },
+                Err(response) => response,
+            }
+        }
+        Route::AuthZen => protocols::authzen_configuration(&request),
+        Route::Entitlements => entitlements(sidecar, &request),
+        Route::Status => status(sidecar),
+        Route::Metrics => metrics(sidecar),
+        _ if path == "/healthz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        _ => readyz(sidecar),
+    };
+    (route, response)
+}
+
+async fn read_body(request: Request<Incoming>, max_body: usize) -> Result<Bytes, HttpResponse> {
+    let too_large = || error_response(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body is larger than {max_body} bytes"));
+    let declared = request.headers().get(CONTENT_LENGTH).and_then(|value| value.to_str().ok()).and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|declared| declared > max_body as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(request.into_body(), max_body).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(error) => Err(error_response(StatusCode::BAD_REQUEST, "body_unreadable", format!("cannot read request body: {error}"))),
+    }
+}
+
+/// Decides one request against `snapshot`, timing the engine for the metrics.
+fn decide_timed(sidecar: &Sidecar, snapshot: &Snapshot, body: &CheckBody<'_>, now: i64) -> Decision {
+    let started = Instant::now();
+    let decision = decide(snapshot.data(), &body.request(), now, &sidecar.usage);
+    sidecar.metrics.decision(decision.reason, started.elapsed().as_secs_f64());
+    decision
+}
+
+fn check(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
+    let check: CheckBody<'_> = match serde_json::from_slice(body) {
+        Ok(check) => check,
+        Err(error) => return json_response(StatusCode::BAD_REQUEST, &json_error(&error)),
+    };
+    let guard = sidecar.store.load();
+    let Some(snapshot) = guard.as_ref() else { return not_ready() };
+    let decision = decide_timed(sidecar, snapshot, &check, unix_now());
+    json_response(StatusCode::OK, &DecisionJson::new(snapshot.data(), &check.account, snapshot.revision(), &decision, false))
+}
+
+fn check_batch(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
+    let batch: BatchBody<'_> = match serde_json::from_slice(body) {
+        Ok(batch) => batch,
+        Err(error) => return json_response(StatusCode::BAD_REQUEST, &json_error(&error)),
+    };
+    if batch.checks.len() > MAX_BATCH {
+        return error_response(
+            StatusCode::BAD_REQUEST,
+            "too_many_checks",
+            format!("`checks` holds {} checks; at most {MAX_BATCH} are allowed", batch.checks.len()),
+        );
+    }
+    let guard = sidecar.store.load();
+    let Some(snapshot) = guard.as_ref() else { return not_ready() };
+    let now = unix_now();
+    let started = Instant::now();
+    let decisions: Vec<Decision> = batch.checks.iter().map(|check| decide(snapshot.data(), &check.request(), now, &sidecar.usage)).collect();
+    let per_decision = started.elapsed().as_secs_f64() / decisions.len().max(1) as f64;
+    let results = batch
+        .checks
+        .iter()
+        .zip(&decisions)
+        .map(|(check, decision)| {
+            sidecar.metrics.decision(decision.reason, per_decision);
+            DecisionJson::new(snapshot.data(), &check.account, snapshot.revision(), decision, false)
+        })
+        .collect();
+    json_response(StatusCode::OK, &BatchJson { results })
+}
+
+fn meter(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
+    let event: MeterBody<'_> = match serde_json::from_slice(body) {
+        Ok(event) => event,
+        Err(error) => return json_response(StatusCode::BAD_REQUEST, &json_error(&error)),
+    };
+    if event.amount == 0 {
+        return error_response(StatusCode::BAD_REQUEST, "invalid_request", "`amount` must be greater than 0");
+    }
+    if event.id.is_empty() || event.id.len() > MAX_EVENT_ID {
+        return error_response(StatusCode::BAD_REQUEST, "invalid_request", format!("`id` must be 1 to {MAX_EVENT_ID} bytes"));
+    }
+    let guard = sidecar.store.load();
+    let Some(snapshot) = guard.as_ref() else { return not_ready() };
+    let data = snapshot.data();
+    if data.accounts.get(event.account.as_ref()).is_none() {
+        return error_response(StatusCode::BAD_REQUEST, "unknown_account", format!("`account` names unknown account `{}`", event.account));
+    }
+    let Some((meter_idx, meter)) = data
+        .meter_index
+        .get(event.meter.as_ref())
+        .and_then(|meter_idx| data.meters.get(meter_idx.to_native() as usize).map(|meter| (meter_idx.to_native(), meter)))
+    else {
+        return error_response(StatusCode::BAD_REQUEST, "unknown_meter", format!("`meter` names unknown meter `{}`", event.meter));
+    };
+    let now = unix_now();
+    let window = meter.period.to_native().window(now);
+    let limit = crate::engine::account_limit(data, &event.account, meter_idx, now);
+    let hard_limit = limit.and_then(|limit| limit.hard);
+    let outcome = sidecar.usage.record(&MeterEvent {
+        account: &event.account,
+        meter: &event.meter,
+        event_id: &event.id,
+        amount: event.amount,
+        period_start: window.start,
+        hard_limit,
+        now,
+    });
+    let result = match (outcome.duplicate, outcome.accepted) {
+        (true, _) => MeterResult::Duplicate,
+        (false, true) => MeterResult::Accepted,
+        (false, false) => MeterResult::Refused,
+    };
+    sidecar.metrics.metered(result, event.amount);
+    let shown_limit = hard_limit.or(limit.and_then(|limit| limit.soft));
+    json_response(
+        StatusCode::OK,
+        &MeterJson {
+            accepted: outcome.accepted,
+            duplicate: outcome.duplicate,
+            used: outcome.used,
+            limit: shown_limit,
+            remaining: shown_limit.map(|limit| limit.saturating_sub(outcome.used)),
+            reset_at: window.reset_at.map(crate::period::format_rfc3339),
+            reason: (!outcome.accepted).then_some("quota_exceeded"),
+            revision: snapshot.revision(),
+        },
+    )
+}
+
+/// Query parameters, percent-decoded.
+fn query_param(request: &Request<Incoming>, name: &str) -> Option<String> {
+    let query = request.uri().query()?;
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_encoding::percent_decode_str(key).decode_utf8().ok()?;
+        (key == name).then(|| percent_encoding::percent_decode_str(&value.replace('+', " ")).decode_utf8_lossy().into_owned())
+    })
+}
+
+fn entitlements(sidecar: &Sidecar, request: &Request<Incoming>) -> HttpResponse {
+    let raw = request.uri().path().trim_start_matches("/v1/entitlements/");
+    let Ok(account) = percent_encoding::percent_decode_str(raw).decode_utf8() else {
+        return error_response(StatusCode::BAD_REQUEST, "invalid_request", "the account in the path is not valid UTF-8");
+    };
+    if account.is_empty() || account.contains('/') {
+        return error_response(StatusCode::NOT_FOUND, "not_found", "expected /v1/entitlements/{account}");
+    }
+    let user = query_param(request, "user");
+    let region = query_param(request, "region");
+    let guard = sidecar.store.load();
+    let Some(snapshot) = guard.as_ref() else { return not_ready() };
+    let data = snapshot.data();
+    let Some(view) = crate::engine::entitlements(data, &account, user.as_deref(), region.as_deref(), unix_now(), &sidecar.usage) else {
+        return error_response(StatusCode::NOT_FOUND, "unknown_account", format!("account `{account}` is not in the snapshot"));
+    };
+    let format_time = |value: Option<i64>| value.map(crate::period::format_rfc3339);
+    let body = serde_json::json!({
+        "account": view.account,
+        "status": if view.active { "active" } else { "suspended" },
+        "revision": snapshot.revision(),
+        "licenses": view.licenses.iter().map(|license| serde_json::json!({
+            "id": license.id,
+            "plan": license.plan,
+            "addons": license.addons,
+            "seats": license.seats,
+            "trial": license.trial,
+            "starts_at": format_time(license.starts_at),
+            "expires_at": format_time(license.expires_at),
+            "valid": license.valid,
+            "grace": license.grace,
+        })).collect::<Vec<_>>(),
+        "features": view.features.iter().map(|feature| {
+            let decision = DecisionJson::new(data, &account, snapshot.revision(), &feature.decision, false);
+            serde_json::json!({
+                "feature": feature.feature,
+                "allow": decision.allow,
+                "reason": decision.reason,
+                "upgrade": decision.upgrade,
+            })
+        }).collect::<Vec<_>>(),
+        "meters": view.meters.iter().map(|meter| serde_json::json!({
+            "meter": meter.meter,
+            "unit": meter.unit,
+            "period": meter.period,
+            "period_start": crate::period::format_rfc3339(meter.period_start),
+            "reset_at": format_time(meter.reset_at),
+            "soft_limit": meter.soft_limit,
+            "hard_limit": meter.hard_limit,
+            "used": meter.used,
+            "remaining": meter.remaining,
+        })).collect::<Vec<_>>(),
+        "seats": view.seats,
+        "seats_assigned": view.seats_assigned,
+        "devices": view.devices,
+        "max_devices": view.max_devices,
+    });
+    json_response(StatusCode::OK, &body)
+}
+
+fn status(sidecar: &Sidecar) -> HttpResponse {
+    let guard = sidecar.store.load();
+    let update = sidecar.store.status();
+    let now_ms = unix_now_ms();
+    let snapshot = guard.as_ref().map(|snapshot| {
+        let header = snapshot.header();
+        serde_json::json!({
+            "revision": header.revision,
+            "key_id": header.key_id,
+            "created_at": crate::period::format_rfc3339(header.created_at_ms.div_euclid(1000)),
+            "age_seconds": (now_ms - header.created_at_ms) as f64 / 1000.0,
+            "size_bytes": snapshot.size(),
+            "counts": header.counts,
+        })
+    });
+    let body = serde_json::json!({
+        "ready": sidecar.store.is_ready(),
+        "revision": guard.as_ref().map(|snapshot| snapshot.revision()),
+        "source": sidecar.source,
+        "snapshot": snapshot,
+        "loaded_at": update.loaded_at_ms.map(|ms| crate::period::format_rfc3339(ms.div_euclid(1000))),
+        "swaps": update.swaps,
+        "rejects": update.rejects,
+        "last_error": update.last_error,
+        "last_error_at": update.last_error_at_ms.map(|ms| crate::period::format_rfc3339(ms.div_euclid(1000))),
+        "trusted_keys": sidecar.trusted.ids().collect::<Vec<_>>(),
+        "usage_event_ids": sidecar.usage.n_events(),
+    });
+    json_response(StatusCode::OK, &body)
+}
+
+fn readyz(sidecar: &Sidecar) -> HttpResponse {
+    if sidecar.store.is_ready() {
+        json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+    } else {
+        error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "no valid snapshot is loaded yet")
+    }
+}
+
+fn metrics(sidecar: &Sidecar) -> HttpResponse {
+    let age = sidecar.store.load().as_ref().map(|snapshot| (unix_now_ms() - snapshot.header().created_at_ms) as f64 / 1000.0);
+    let mut response = Response::new(Full::new(Bytes::from(sidecar.metrics.render(age))));
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+    response
+}

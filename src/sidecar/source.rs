@@ -1,0 +1,158 @@
+//! Where snapshots come from: a signed snapshot file, or (dev mode) a policies directory
+//! compiled in-process and signed with an ephemeral key. Both are watched by polling file
+//! metadata, which also catches a file replaced by an atomic rename. Every candidate goes
+//! through the same verification before it reaches the store.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+
+use super::store::{SnapshotStore, unix_now_ms};
+use crate::policy::{ACCOUNTS_DIR, CATALOG_FILE, PolicyErrors};
+use crate::snapshot::{self, Snapshot, SnapshotError, TrustedKeys};
+use crate::telemetry::RejectCause;
+
+pub enum Source {
+    File(PathBuf),
+    Policies { dir: PathBuf, key: SigningKey },
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot read `{path}`: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Compile(#[from] PolicyErrors),
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+impl LoadError {
+    pub fn cause(&self) -> RejectCause {
+        match self {
+            LoadError::Read { .. } => RejectCause::Read,
+            LoadError::Compile(_) => RejectCause::Compile,
+            LoadError::Snapshot(SnapshotError::UntrustedKey(_)) => RejectCause::UntrustedKey,
+            LoadError::Snapshot(SnapshotError::BadSignature(_)) => RejectCause::Signature,
+            LoadError::Snapshot(SnapshotError::Invalid(_)) => RejectCause::Validation,
+            LoadError::Snapshot(_) => RejectCause::Framing,
+        }
+    }
+}
+
+/// What changes when a watched file changes: size, modification time and inode (a rename
+/// brings a new inode even when size and time match).
+type Fingerprint = Vec<(PathBuf, u64, i64, i64, u64)>;
+
+fn file_fingerprint(path: &Path) -> Option<(PathBuf, u64, i64, i64, u64)> {
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((path.to_path_buf(), metadata.len(), metadata.mtime(), metadata.mtime_nsec(), metadata.ino()))
+}
+
+impl Source {
+    pub fn describe(&self) -> String {
+        match self {
+            Source::File(path) => format!("file:{}", path.display()),
+            Source::Policies { dir, .. } => format!("policies:{}", dir.display()),
+        }
+    }
+
+    fn fingerprint(&self) -> Fingerprint {
+        match self {
+            Source::File(path) => file_fingerprint(path).into_iter().collect(),
+            Source::Policies { dir, .. } => {
+                let mut paths = vec![dir.join(CATALOG_FILE), dir.join(ACCOUNTS_DIR)];
+                if let Ok(entries) = std::fs::read_dir(dir.join(ACCOUNTS_DIR)) {
+                    paths.extend(entries.flatten().map(|entry| entry.path()));
+                }
+                paths.sort();
+                paths.iter().filter_map(|path| file_fingerprint(path)).collect()
+            }
+        }
+    }
+
+    /// Reads (or compiles and signs) and verifies a snapshot. `serving` is the revision in
+    /// use; a compiled snapshot gets a newer one.
+    pub fn load(&self, trusted: &TrustedKeys, serving: Option<u64>) -> Result<Snapshot, LoadError> {
+        match self {
+            Source::File(path) => {
+                let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.display().to_string(), source })?;
+                Ok(Snapshot::verify(&bytes, trusted)?)
+            }
+            Source::Policies { dir, key } => {
+                let data = crate::policy::compile_dir(dir)?;
+                let now_ms = unix_now_ms();
+                let revision = (now_ms.max(0) as u64).max(serving.map_or(0, |serving| serving + 1));
+                let bytes = snapshot::build(&data, revision, now_ms, key)?;
+                Ok(Snapshot::verify(&bytes, trusted)?)
+            }
+        }
+    }
+}
+
+/// Loads the source once and installs the result; failures are recorded as rejects.
+pub fn reload(source: &Source, trusted: &TrustedKeys, store: &SnapshotStore) -> Result<u64, String> {
+    match source.load(trusted, store.revision()) {
+        Ok(snapshot) => store.install(snapshot).map_err(|error| error.to_string()),
+        Err(error) => {
+            let message = error.to_string();
+            store.reject(error.cause(), &message);
+            Err(message)
+        }
+    }
+}
+
+/// Polls the source every `interval` and reloads it when its files change, until
+/// `shutdown` resolves. Loading and verifying run on the blocking pool, off the request path.
+pub async fn watch(
+    source: Arc<Source>,
+    trusted: Arc<TrustedKeys>,
+    store: Arc<SnapshotStore>,
+    interval: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    tokio::pin!(shutdown);
+    let mut last = {
+        let source = Arc::clone(&source);
+        tokio::task::spawn_blocking(move || source.fingerprint()).await.unwrap_or_default()
+    };
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => return,
+            _ = ticker.tick() => {}
+        }
+        let (source_ref, trusted_ref, store_ref) = (Arc::clone(&source), Arc::clone(&trusted), Arc::clone(&store));
+        let last_seen = last.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let fingerprint = source_ref.fingerprint();
+            // Nothing to do when nothing changed, or when the file is momentarily absent
+            // (between an unlink and a rename).
+            if fingerprint == last_seen || fingerprint.is_empty() {
+                return fingerprint;
+            }
+            // Let a writer that is still writing finish before reading.
+            std::thread::sleep(Duration::from_millis(20));
+            let settled = source_ref.fingerprint();
+            if settled != fingerprint {
+                return last_seen;
+            }
+            let _ = reload(&source_ref, &trusted_ref, &store_ref);
+            settled
+        })
+        .await;
+        if let Ok(fingerprint) = outcome {
+            last = fingerprint;
+        }
+    }
+}

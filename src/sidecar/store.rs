@@ -1,0 +1,152 @@
+//! The serving snapshot: an arc-swap cell that readers load without blocking, the install
+//! path that only ever replaces it with a verified, newer snapshot, and the readiness latch.
+//! Old snapshots are dropped on a reaper thread, never on a request.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use arc_swap::Guard;
+
+use crate::snapshot::Snapshot;
+use crate::telemetry::{Metrics, RejectCause};
+
+/// Why an offered snapshot was not installed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("snapshot revision {offered} is not newer than the serving revision {serving}")]
+    NotNewer { offered: u64, serving: u64 },
+}
+
+#[derive(Debug, Clone, Default)]
+struct UpdateStatus {
+    last_error: Option<String>,
+    last_error_at_ms: Option<i64>,
+    loaded_at_ms: Option<i64>,
+}
+
+pub struct SnapshotStore {
+    current: ArcSwapOption<Snapshot>,
+    /// Turns true with the first good snapshot and never back (a latch).
+    ready: AtomicBool,
+    /// Serializes installers so the revision check and the swap are one step.
+    install_lock: Mutex<()>,
+    status: Mutex<UpdateStatus>,
+    swaps: AtomicU64,
+    rejects: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for SnapshotStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotStore").field("ready", &self.is_ready()).finish()
+    }
+}
+
+/// What `/v1/status` reports about updates.
+#[derive(Debug, Clone)]
+pub struct StoreStatus {
+    pub swaps: u64,
+    pub rejects: u64,
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<i64>,
+    pub loaded_at_ms: Option<i64>,
+}
+
+pub fn unix_now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as i64)
+}
+
+impl SnapshotStore {
+    pub fn new(metrics: Arc<Metrics>) -> SnapshotStore {
+        SnapshotStore {
+            current: ArcSwapOption::const_empty(),
+            ready: AtomicBool::new(false),
+            install_lock: Mutex::new(()),
+            status: Mutex::new(UpdateStatus::default()),
+            swaps: AtomicU64::new(0),
+            rejects: AtomicU64::new(0),
+            metrics,
+        }
+    }
+
+    /// The serving snapshot. Keep the guard for a whole request so it sees one revision.
+    pub fn load(&self) -> Guard<Option<Arc<Snapshot>>> {
+        self.current.load()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn revision(&self) -> Option<u64> {
+        self.current.load().as_ref().map(|snapshot| snapshot.revision())
+    }
+
+    /// Installs a verified snapshot if it is newer than the serving one.
+    pub fn install(&self, snapshot: Snapshot) -> Result<u64, InstallError> {
+        let _installing = self.install_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let offered = snapshot.revision();
+        if let Some(serving) = self.revision()
+            && offered <= serving
+        {
+            let error = InstallError::NotNewer { offered, serving };
+            self.reject(RejectCause::NotNewer, &error.to_string());
+            return Err(error);
+        }
+        let n_accounts = snapshot.header().counts.accounts;
+        let old = self.current.swap(Some(Arc::new(snapshot)));
+        self.ready.store(true, Ordering::Release);
+        self.swaps.fetch_add(1, Ordering::Relaxed);
+        self.metrics.swapped(offered, n_accounts);
+        if let Ok(mut status) = self.status.lock() {
+            status.loaded_at_ms = Some(unix_now_ms());
+        }
+        if let Some(old) = old {
+            retire(old);
+        }
+        tracing::info!(revision = offered, accounts = n_accounts, "snapshot installed");
+        Ok(offered)
+    }
+
+    /// Records a rejected update: a log line, a metric and the status's last error. The
+    /// serving snapshot is untouched.
+    pub fn reject(&self, cause: RejectCause, message: &str) {
+        tracing::warn!(cause = cause.as_str(), error = message, "snapshot update rejected");
+        self.rejects.fetch_add(1, Ordering::Relaxed);
+        self.metrics.rejected(cause);
+        if let Ok(mut status) = self.status.lock() {
+            status.last_error = Some(message.to_string());
+            status.last_error_at_ms = Some(unix_now_ms());
+        }
+    }
+
+    pub fn status(&self) -> StoreStatus {
+        let status = self.status.lock().map(|status| status.clone()).unwrap_or_default();
+        StoreStatus {
+            swaps: self.swaps.load(Ordering::Relaxed),
+            rejects: self.rejects.load(Ordering::Relaxed),
+            last_error: status.last_error,
+            last_error_at_ms: status.last_error_at_ms,
+            loaded_at_ms: status.loaded_at_ms,
+        }
+    }
+}
+
+/// Drops a replaced snapshot on a background thread once no request holds it, so freeing a
+/// large archive never lands on a request. arc-swap turns the readers' outstanding guards
+/// into counted references during the swap, so the strong count covers every reader.
+fn retire(old: Arc<Snapshot>) {
+    let spawned = std::thread::Builder::new().name("tollgate-reaper".into()).spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(old);
+    });
+    if let Err(error) = spawned {
+        // Without a thread the old snapshot is dropped by whoever holds it last.
+        tracing::warn!(%error, "cannot start the reaper thread");
+    }
+}

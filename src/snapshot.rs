@@ -1,0 +1,271 @@
+//! Signed snapshot files: the framing, ed25519 signing and verification, and [`Snapshot`],
+//! the only way to hold snapshot data that has passed its signature and rkyv validation.
+//! Key files are read and written here; nothing here decides anything.
+//!
+//! File layout (all integers little-endian):
+//! `magic (8) | header_len u32 (4) | header JSON | signature (64) | rkyv payload`.
+//! The signature covers everything but itself: magic, header length, header and payload.
+
+use std::fmt;
+use std::path::Path;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use rkyv::util::AlignedVec;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::model::{ArchivedSnapshotData, SnapshotData};
+
+const MAGIC: &[u8; 8] = b"TGSNAP\x00\x01";
+const SIGNATURE_LEN: usize = 64;
+/// Headers are a few hundred bytes; anything far larger is not ours.
+const MAX_HEADER_LEN: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot is truncated: {0} bytes is shorter than its framing")]
+    Truncated(usize),
+    #[error("not a tollgate snapshot: bad magic bytes")]
+    BadMagic,
+    #[error("snapshot header length {0} is out of range")]
+    HeaderLength(usize),
+    #[error("snapshot header is not valid: {0}")]
+    Header(serde_json::Error),
+    #[error("snapshot payload is {actual} bytes but its header says {expected}")]
+    PayloadLength { expected: u64, actual: usize },
+    #[error("snapshot is signed by key `{0}`, which is not trusted")]
+    UntrustedKey(String),
+    #[error("snapshot signature does not verify against key `{0}`")]
+    BadSignature(String),
+    #[error("snapshot payload failed validation: {0}")]
+    Invalid(rkyv::rancor::Error),
+    #[error("cannot serialize snapshot: {0}")]
+    Serialize(rkyv::rancor::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read key file `{path}`: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("cannot write key file `{path}`: {source}")]
+    Write { path: String, source: std::io::Error },
+    #[error("key file `{0}` must hold 64 hexadecimal digits (a 32-byte ed25519 key)")]
+    Format(String),
+    #[error("key file `{0}` does not hold a valid ed25519 public key")]
+    InvalidPublic(String),
+    #[error("cannot gather randomness for a new key: {0}")]
+    Random(getrandom::Error),
+}
+
+/// Counts of what a snapshot holds, for `inspect` and `/v1/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub features: u64,
+    pub meters: u64,
+    pub plans: u64,
+    pub addons: u64,
+    pub roles: u64,
+    pub accounts: u64,
+}
+
+/// The signed, human-readable part of a snapshot file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Header {
+    pub format: u32,
+    pub revision: u64,
+    pub key_id: String,
+    /// Unix milliseconds.
+    pub created_at_ms: i64,
+    pub payload_len: u64,
+    pub counts: Counts,
+}
+
+/// A short, stable name for a public key: the first 8 bytes of its SHA-256, in hex.
+pub fn key_id(key: &VerifyingKey) -> String {
+    let digest = Sha256::digest(key.to_bytes());
+    hex::encode(digest.get(..8).unwrap_or_default())
+}
+
+/// The public keys whose signatures a sidecar accepts.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedKeys {
+    keys: Vec<(String, VerifyingKey)>,
+}
+
+impl TrustedKeys {
+    pub fn new(keys: impl IntoIterator<Item = VerifyingKey>) -> TrustedKeys {
+        TrustedKeys { keys: keys.into_iter().map(|key| (key_id(&key), key)).collect() }
+    }
+
+    pub fn add(&mut self, key: VerifyingKey) {
+        self.keys.push((key_id(&key), key));
+    }
+
+    fn find(&self, key_id: &str) -> Option<&VerifyingKey> {
+        self.keys.iter().find(|(id, _)| id == key_id).map(|(_, key)| key)
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|(id, _)| id.as_str())
+    }
+}
+
+/// Snapshot data whose signature and archive have been verified. Read zero-copy.
+pub struct Snapshot {
+    header: Header,
+    payload: AlignedVec,
+    size: usize,
+}
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot").field("header", &self.header).field("size", &self.size).finish()
+    }
+}
+
+impl Snapshot {
+    /// Verifies a snapshot file's bytes: framing, trusted key, signature, then the archive.
+    pub fn verify(bytes: &[u8], trusted: &TrustedKeys) -> Result<Snapshot, SnapshotError> {
+        let (header, header_end, payload) = parse_framing(bytes)?;
+        let key = trusted.find(&header.key_id).ok_or_else(|| SnapshotError::UntrustedKey(header.key_id.clone()))?;
+        let signature_bytes = bytes.get(header_end..header_end + SIGNATURE_LEN).ok_or(SnapshotError::Truncated(bytes.len()))?;
+        let signature = Signature::from_slice(signature_bytes).map_err(|_| SnapshotError::BadSignature(header.key_id.clone()))?;
+        let mut message = Vec::with_capacity(header_end + payload.len());
+        message.extend_from_slice(bytes.get(..header_end).unwrap_or_default());
+        message.extend_from_slice(payload);
+        key.verify_strict(&message, &signature).map_err(|_| SnapshotError::BadSignature(header.key_id.clone()))?;
+        drop(message);
+
+        // rkyv needs the payload aligned; a file's bytes at an arbitrary offset are not.
+        let mut aligned = AlignedVec::with_capacity(payload.len());
+        aligned.extend_from_slice(payload);
+        rkyv::access::<ArchivedSnapshotData, rkyv::rancor::Error>(&aligned).map_err(SnapshotError::Invalid)?;
+        Ok(Snapshot { header, payload: aligned, size: bytes.len() })
+    }
+
+    /// Reads the header without verifying anything: for `inspect`.
+    pub fn read_header(bytes: &[u8]) -> Result<Header, SnapshotError> {
+        parse_framing(bytes).map(|(header, _, _)| header)
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.header.revision
+    }
+
+    /// Size of the snapshot file in bytes.
+    pub fn size(&self) -> usize {
+        self.size
+    }
+
+    pub fn data(&self) -> &ArchivedSnapshotData {
+        // SAFETY: `payload` was validated by `rkyv::access` in `verify`, the only constructor,
+        // and is never mutated afterwards, so the archive is well-formed and aligned.
+        unsafe { rkyv::access_unchecked::<ArchivedSnapshotData>(&self.payload) }
+    }
+}
+
+fn parse_framing(bytes: &[u8]) -> Result<(Header, usize, &[u8]), SnapshotError> {
+    let magic = bytes.get(..MAGIC.len()).ok_or(SnapshotError::Truncated(bytes.len()))?;
+    if magic != MAGIC {
+        return Err(SnapshotError::BadMagic);
+    }
+    let len_bytes: [u8; 4] = bytes
+        .get(MAGIC.len()..MAGIC.len() + 4)
+        .and_then(|slice| slice.try_into().ok())
+        .ok_or(SnapshotError::Truncated(bytes.len()))?;
+    let header_len = u32::from_le_bytes(len_bytes) as usize;
+    if header_len == 0 || header_len > MAX_HEADER_LEN {
+        return Err(SnapshotError::HeaderLength(header_len));
+    }
+    let header_start = MAGIC.len() + 4;
+    let header_end = header_start + header_len;
+    let header_bytes = bytes.get(header_start..header_end).ok_or(SnapshotError::Truncated(bytes.len()))?;
+    let header: Header = serde_json::from_slice(header_bytes).map_err(SnapshotError::Header)?;
+    let payload = bytes.get(header_end + SIGNATURE_LEN..).ok_or(SnapshotError::Truncated(bytes.len()))?;
+    if header.payload_len != payload.len() as u64 {
+        return Err(SnapshotError::PayloadLength { expected: header.payload_len, actual: payload.len() });
+    }
+    Ok((header, header_end, payload))
+}
+
+/// Archives and signs snapshot data into the bytes of a snapshot file.
+pub fn build(data: &SnapshotData, revision: u64, created_at_ms: i64, key: &SigningKey) -> Result<Vec<u8>, SnapshotError> {
+    let payload = rkyv::to_bytes::<rkyv::rancor::Error>(data).map_err(SnapshotError::Serialize)?;
+    let header = Header {
+        format: 1,
+        revision,
+        key_id: key_id(&key.verifying_key()),
+        created_at_ms,
+        payload_len: payload.len() as u64,
+        counts: Counts {
+            features: data.features.len() as u64,
+            meters: data.meters.len() as u64,
+            plans: data.plans.len() as u64,
+            addons: data.addons.len() as u64,
+            roles: data.roles.len() as u64,
+            accounts: data.accounts.len() as u64,
+        },
+    };
+    let header_json = serde_json::to_vec(&header).map_err(SnapshotError::Header)?;
+    let mut bytes = Vec::with_capacity(MAGIC.len() + 4 + header_json.len() + SIGNATURE_LEN + payload.len());
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&(header_json.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&header_json);
+    let mut message = bytes.clone();
+    message.extend_from_slice(&payload);
+    let signature = key.sign(&message);
+    bytes.extend_from_slice(&signature.to_bytes());
+    bytes.extend_from_slice(&payload);
+    Ok(bytes)
+}
+
+/// A new random signing key.
+pub fn generate_key() -> Result<SigningKey, KeyError> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(KeyError::Random)?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+fn read_hex_key(path: &Path) -> Result<[u8; 32], KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.display().to_string(), source })?;
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut bytes).map_err(|_| KeyError::Format(path.display().to_string()))?;
+    Ok(bytes)
+}
+
+pub fn read_signing_key(path: &Path) -> Result<SigningKey, KeyError> {
+    read_hex_key(path).map(|seed| SigningKey::from_bytes(&seed))
+}
+
+pub fn read_public_key(path: &Path) -> Result<VerifyingKey, KeyError> {
+    let bytes = read_hex_key(path)?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::InvalidPublic(path.display().to_string()))
+}
+
+/// Writes `DIR/tollgate.key` (mode 0600) and `DIR/tollgate.pub`; refuses to overwrite a key.
+pub fn write_key_pair(dir: &Path, key: &SigningKey) -> Result<(), KeyError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let write_error = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| KeyError::Write { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(write_error(dir))?;
+    let secret_path = dir.join("tollgate.key");
+    let public_path = dir.join("tollgate.pub");
+    let mut secret = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&secret_path)
+        .map_err(write_error(&secret_path))?;
+    secret.write_all(format!("{}\n", hex::encode(key.to_bytes())).as_bytes()).map_err(write_error(&secret_path))?;
+    secret.sync_all().map_err(write_error(&secret_path))?;
+    std::fs::write(&public_path, format!("{}\n", hex::encode(key.verifying_key().to_bytes()))).map_err(write_error(&public_path))?;
+    Ok(())
+}
