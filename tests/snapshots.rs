@@ -1,0 +1,177 @@
+//! Snapshot trust and hot swap: tampered, truncated, wrong-key and older snapshots are
+//! rejected while the good one keeps serving; swaps under load lose no request and every
+//! answer comes from one revision.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::TestServer;
+use serde_json::json;
+use tollgate::snapshot::{Snapshot, SnapshotError, TrustedKeys};
+use tollgate::sidecar::source::{Source, reload};
+
+fn trusted() -> TrustedKeys {
+    TrustedKeys::new([common::test_key(1).verifying_key()])
+}
+
+#[test]
+fn verification_rejects_every_kind_of_bad_snapshot() {
+    let data = common::example_data();
+    let good = common::signed(&data, 5, &common::test_key(1));
+    assert!(Snapshot::verify(&good, &trusted()).is_ok());
+
+    let mut tampered = good.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0x01;
+    assert!(matches!(Snapshot::verify(&tampered, &trusted()), Err(SnapshotError::BadSignature(_))));
+
+    // A header edit (say, a bumped revision) breaks the signature too.
+    let needle = b"\"revision\":5";
+    let position = good.windows(needle.len()).position(|window| window == needle).unwrap() + needle.len() - 1;
+    let mut bumped = good.clone();
+    bumped[position] = b'9';
+    let bumped_result = Snapshot::verify(&bumped, &trusted());
+    assert!(matches!(bumped_result, Err(SnapshotError::BadSignature(_))), "{bumped_result:?}");
+
+    for cut in [0, 5, 11, 40, good.len() / 2, good.len() - 1] {
+        assert!(Snapshot::verify(&good[..cut], &trusted()).is_err(), "truncated to {cut} bytes");
+    }
+
+    let wrong_key = common::signed(&data, 5, &common::test_key(2));
+    assert!(matches!(Snapshot::verify(&wrong_key, &trusted()), Err(SnapshotError::UntrustedKey(_))));
+
+    let mut not_ours = good.clone();
+    not_ours[0] = b'X';
+    assert!(matches!(Snapshot::verify(&not_ours, &trusted()), Err(SnapshotError::BadMagic)));
+}
+
+#[test]
+fn a_signed_but_malformed_archive_fails_validation() {
+    // Sign garbage with a trusted key: the signature holds, rkyv validation must not.
+    let data = common::example_data();
+    let good = common::signed(&data, 5, &common::test_key(1));
+    let header = Snapshot::read_header(&good).unwrap();
+    let header_len = u32::from_le_bytes(good[8..12].try_into().unwrap()) as usize;
+    let payload_start = 12 + header_len + 64;
+    let mut payload = good[payload_start..].to_vec();
+    let middle = payload.len() / 2;
+    for byte in &mut payload[middle..middle + 64] {
+        *byte = 0xff;
+    }
+    let mut message = good[..12 + header_len].to_vec();
+    message.extend_from_slice(&payload);
+    use ed25519_dalek::Signer;
+    let signature = common::test_key(1).sign(&message);
+    let mut forged = good[..12 + header_len].to_vec();
+    forged.extend_from_slice(&signature.to_bytes());
+    forged.extend_from_slice(&payload);
+    assert_eq!(header.payload_len as usize, payload.len());
+    assert!(matches!(Snapshot::verify(&forged, &trusted()), Err(SnapshotError::Invalid(_))));
+}
+
+#[tokio::test]
+async fn rejected_updates_keep_the_last_good_snapshot_serving() {
+    let data = common::example_data();
+    let server = TestServer::start(Some(common::verified(&data, 10))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("snapshot.bin");
+    let source = Source::File(path.clone());
+    let store = &server.sidecar.store;
+
+    let good = common::signed(&data, 11, &common::test_key(1));
+    let mut tampered = good.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 0xff;
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("tampered", tampered),
+        ("truncated", good[..good.len() / 3].to_vec()),
+        ("wrong key", common::signed(&data, 12, &common::test_key(9))),
+        ("older revision", common::signed(&data, 9, &common::test_key(1))),
+        ("same revision", common::signed(&data, 10, &common::test_key(1))),
+        ("empty", Vec::new()),
+    ];
+    for (name, bytes) in cases {
+        std::fs::write(&path, &bytes).unwrap();
+        assert!(reload(&source, &trusted(), store).is_err(), "{name} snapshot was accepted");
+        assert_eq!(store.revision(), Some(10), "{name} snapshot replaced the good one");
+        let mut client = server.client().await;
+        let answer = client.post("/v1/check", &json!({"account": "acme", "feature": "sso"})).await.json();
+        assert_eq!(answer["allow"], true);
+        assert_eq!(answer["revision"], 10);
+    }
+    let status = server.client().await.get("/v1/status").await.json();
+    assert_eq!(status["rejects"], 6);
+    assert!(status["last_error"].as_str().unwrap().contains("truncated"), "{status}");
+    assert_eq!(server.client().await.get("/readyz").await.status, 200, "readiness is a latch");
+    let metrics = server.client().await.get("/metrics").await.text();
+    assert!(metrics.contains(r#"tollgate_snapshot_rejects_total{cause="signature"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"tollgate_snapshot_rejects_total{cause="untrusted_key"} 1"#), "{metrics}");
+    assert!(metrics.contains(r#"tollgate_snapshot_rejects_total{cause="not_newer"} 2"#), "{metrics}");
+
+    std::fs::write(&path, &good).unwrap();
+    assert_eq!(reload(&source, &trusted(), store), Ok(11));
+    server.stop().await;
+}
+
+/// Two catalogs that answer differently: in revision parity 0 `sso` is on the plan, in
+/// parity 1 it is not. An answer's `allow` must match its own `revision`.
+fn flip_flop(revision: u64) -> tollgate::model::SnapshotData {
+    let features = if revision % 2 == 0 { "[\"sso\", \"reports\"]" } else { "[\"reports\"]" };
+    common::compile_inline(
+        &format!("[features.sso]\n[features.reports]\n[[plans]]\nid = \"pro\"\nfeatures = {features}\n"),
+        "[accounts.a]\n[[accounts.a.licenses]]\nplan = \"pro\"\n",
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hot_swaps_under_load_lose_nothing_and_answer_from_one_revision() {
+    let server = TestServer::start(Some(common::verified(&flip_flop(0), 0))).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let mut client = server.client().await;
+        let stop = Arc::clone(&stop);
+        clients.push(tokio::spawn(async move {
+            let mut answers = 0u64;
+            let mut revisions = std::collections::BTreeSet::new();
+            while !stop.load(Ordering::Relaxed) {
+                let reply = client.post("/v1/check/batch", &json!({"checks": [{"account": "a", "feature": "sso"}, {"account": "a", "feature": "sso"}]})).await;
+                assert_eq!(reply.status, 200);
+                let body = reply.json();
+                let results = body["results"].as_array().unwrap();
+                let revision = results[0]["revision"].as_u64().unwrap();
+                for result in results {
+                    assert_eq!(result["revision"].as_u64().unwrap(), revision, "one batch, one revision");
+                    assert_eq!(result["allow"].as_bool().unwrap(), revision % 2 == 0, "answer inconsistent with revision {revision}");
+                }
+                revisions.insert(revision);
+                answers += 1;
+            }
+            (answers, revisions.len())
+        }));
+    }
+    let store = Arc::clone(&server.sidecar.store);
+    let n_swaps = 200u64;
+    let swapper = tokio::task::spawn_blocking(move || {
+        for revision in 1..=n_swaps {
+            store.install(common::verified(&flip_flop(revision), revision)).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    });
+    swapper.await.unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let mut total = 0;
+    let mut seen_revisions = 0;
+    for client in clients {
+        let (answers, revisions) = client.await.unwrap();
+        total += answers;
+        seen_revisions = seen_revisions.max(revisions);
+    }
+    assert!(total > 0);
+    assert!(seen_revisions > 1, "clients saw the swaps");
+    assert_eq!(server.sidecar.store.revision(), Some(n_swaps));
+    server.stop().await;
+}
