@@ -74,7 +74,9 @@ pub fn catalog(options: &GenOptions) -> String {
     text
 }
 
-fn account(text: &mut String, account_idx: usize, random: &mut SplitMix) {
+fn account(text: &mut String, account_idx: usize, seed: u64) {
+    // Each account draws from its own stream, so any range of accounts can be generated alone.
+    let random = &mut SplitMix(seed ^ (account_idx as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let id = format!("acct-{account_idx}");
     let plan = ["free", "team", "business", "enterprise"][random.below(N_PLANS as u64) as usize];
     let _ = writeln!(text, "[accounts.{id}]");
@@ -114,18 +116,22 @@ pub fn write(dir: &Path, options: &GenOptions) -> std::io::Result<()> {
     let accounts_dir = dir.join(crate::policy::ACCOUNTS_DIR);
     std::fs::create_dir_all(&accounts_dir)?;
     std::fs::write(dir.join(crate::policy::CATALOG_FILE), catalog(options))?;
-    let mut random = SplitMix(options.seed);
     let mut start = 0;
     let mut file_idx = 0;
     while start < options.n_accounts {
         let end = (start + ACCOUNTS_PER_FILE).min(options.n_accounts);
-        let mut text = String::with_capacity((end - start) * 260);
-        for account_idx in start..end {
-            account(&mut text, account_idx, &mut random);
-        }
-        std::fs::write(accounts_dir.join(format!("accounts-{file_idx:05}.toml")), text)?;
+        std::fs::write(accounts_dir.join(format!("accounts-{file_idx:05}.toml")), accounts(options, start..end))?;
         start = end;
         file_idx += 1;
     }
     Ok(())
+}
+
+/// The text of an accounts file holding accounts `range`.
+pub fn accounts(options: &GenOptions, range: std::ops::Range<usize>) -> String {
+    let mut text = String::with_capacity(range.len() * 260);
+    for account_idx in range {
+        account(&mut text, account_idx, options.seed);
+    }
+    text
 }

@@ -1,0 +1,244 @@
+//! The `tollgate` binary end to end: keygen, compile, inspect, check, and the sidecar
+//! watching a snapshot file (atomic renames included), dev mode, bad configuration, and a
+//! clean drain on SIGTERM.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+fn tollgate(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tollgate")).args(args).env("TOLLGATE_LOG", "warn").output().unwrap()
+}
+
+fn ok(output: &Output) -> String {
+    assert!(output.status.success(), "failed: {}\n{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn path(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Running {
+    child: Child,
+    addr: std::net::SocketAddr,
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Running {
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("sidecar")
+            .args(["--listen", &listen, "--watch-interval-ms", "50"])
+            .args(args)
+            .env("TOLLGATE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let addr = listen.parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(Instant::now() < deadline, "sidecar did not start listening");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Running { child, addr }
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "sidecar did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn wait_for_revision(client: &mut common::Client, revision: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = client.get("/v1/status").await.json();
+        if status["revision"] == revision {
+            return;
+        }
+        assert!(Instant::now() < deadline, "revision {revision} never served; status {status}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[test]
+fn keygen_compile_inspect_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    ok(&tollgate(&["keygen", "--out", path(&keys)]));
+    let secret = keys.join("tollgate.key");
+    assert_eq!(std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(!tollgate(&["keygen", "--out", path(&keys)]).status.success(), "keygen must not overwrite a key");
+
+    let snapshot = dir.path().join("snapshot.bin");
+    let policies = common::repo_root().join("policies");
+    ok(&tollgate(&["compile", path(&policies), "--key", path(&secret), "--out", path(&snapshot), "--revision", "77"]));
+    let inspected: serde_json::Value = serde_json::from_str(&ok(&tollgate(&["inspect", path(&snapshot), "--trust-key", path(&keys.join("tollgate.pub"))]))).unwrap();
+    assert_eq!(inspected["revision"], 77);
+    assert_eq!(inspected["counts"]["accounts"], 9);
+    assert_eq!(inspected["signature"]["ok"], true);
+
+    let other = dir.path().join("other");
+    ok(&tollgate(&["keygen", "--out", path(&other)]));
+    let wrong = tollgate(&["inspect", path(&snapshot), "--trust-key", path(&other.join("tollgate.pub"))]);
+    assert!(!wrong.status.success());
+    assert!(String::from_utf8_lossy(&wrong.stdout).contains("not trusted"));
+
+    let answer: serde_json::Value = serde_json::from_str(&ok(&tollgate(&[
+        "check", "--snapshot", path(&snapshot), "--trust-key", path(&keys.join("tollgate.pub")),
+        "--account", "acme", "--feature", "export", "--user", "carol", "--now", "2026-11-28T00:00:00Z",
+    ])))
+    .unwrap();
+    assert_eq!(answer["reason"], "role_forbidden");
+    assert_eq!(answer["revision"], 77);
+
+    let untrusted = tollgate(&["check", "--snapshot", path(&snapshot), "--trust-key", path(&other.join("tollgate.pub")), "--account", "acme", "--feature", "sso"]);
+    assert!(!untrusted.status.success());
+
+    // Compile-time revisions grow by default.
+    ok(&tollgate(&["compile", path(&policies), "--key", path(&secret), "--out", path(&snapshot)]));
+    let later: serde_json::Value = serde_json::from_str(&ok(&tollgate(&["inspect", path(&snapshot)]))).unwrap();
+    assert!(later["revision"].as_u64().unwrap() > 1_700_000_000_000);
+}
+
+#[test]
+fn bad_configuration_exits_non_zero_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("policies");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("catalog.toml"), "[features.x]\nmeter = \"missing\"\n").unwrap();
+    let output = tollgate(&["sidecar", "--listen", "127.0.0.1:0", "--policies", path(&broken)]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("catalog.toml:2: feature `x` names unknown meter `missing`"), "{stderr}");
+
+    let no_key = tollgate(&["sidecar", "--snapshot", "/nonexistent"]);
+    assert!(!no_key.status.success());
+    assert!(String::from_utf8_lossy(&no_key.stderr).contains("--trust-key"));
+
+    let garbage_key = dir.path().join("bad.pub");
+    std::fs::write(&garbage_key, "not hex").unwrap();
+    let bad_key = tollgate(&["sidecar", "--snapshot", "/nonexistent", "--trust-key", path(&garbage_key)]);
+    assert!(String::from_utf8_lossy(&bad_key.stderr).contains("64 hexadecimal digits"), "{}", String::from_utf8_lossy(&bad_key.stderr));
+
+    let bad_listen = tollgate(&["sidecar", "--listen", "localhost", "--policies", "policies"]);
+    assert!(String::from_utf8_lossy(&bad_listen.stderr).contains("`--listen`"));
+}
+
+#[tokio::test]
+async fn sidecar_follows_a_watched_snapshot_file_and_drains_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    ok(&tollgate(&["keygen", "--out", path(&keys)]));
+    let secret = keys.join("tollgate.key");
+    let public = keys.join("tollgate.pub");
+    let snapshot = dir.path().join("snapshot.bin");
+    let policies = common::repo_root().join("policies");
+
+    // Starts unready with no file, then picks one up when it appears.
+    let sidecar = Running::start(&["--trust-key", path(&public), "--snapshot", path(&snapshot)]);
+    let mut client = common::Client::connect(sidecar.addr).await;
+    assert_eq!(client.get("/readyz").await.status, 503);
+    ok(&tollgate(&["compile", path(&policies), "--key", path(&secret), "--out", path(&snapshot), "--revision", "1"]));
+    wait_for_revision(&mut client, 1).await;
+    assert_eq!(client.get("/readyz").await.status, 200);
+
+    // `compile` replaces the file by an atomic rename.
+    ok(&tollgate(&["compile", path(&policies), "--key", path(&secret), "--out", path(&snapshot), "--revision", "2"]));
+    wait_for_revision(&mut client, 2).await;
+
+    // A file written in place is picked up too.
+    let staged = dir.path().join("staged.bin");
+    ok(&tollgate(&["compile", path(&policies), "--key", path(&secret), "--out", path(&staged), "--revision", "3"]));
+    std::fs::copy(&staged, &snapshot).unwrap();
+    wait_for_revision(&mut client, 3).await;
+
+    // Garbage is rejected; revision 3 keeps serving. (The missing file at start-up already
+    // counted as one reject.)
+    let rejects_before = client.get("/v1/status").await.json()["rejects"].as_u64().unwrap();
+    std::fs::write(&snapshot, b"this is not a tollgate snapshot").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = client.get("/v1/status").await.json();
+        if status["rejects"].as_u64().unwrap() > rejects_before {
+            assert_eq!(status["revision"], 3);
+            assert!(status["last_error"].as_str().unwrap().contains("magic"), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "garbage was never noticed");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(client.post("/v1/check", &json!({"account": "acme", "feature": "sso"})).await.json()["revision"], 3);
+    drop(client);
+
+    let status = sidecar.terminate();
+    assert!(status.success(), "sidecar exited with {status}");
+}
+
+#[tokio::test]
+async fn dev_mode_recompiles_when_policies_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(policies.join("accounts")).unwrap();
+    std::fs::write(policies.join("catalog.toml"), "[features.sso]\n[features.reports]\n[[plans]]\nid = \"pro\"\nfeatures = [\"reports\"]\n").unwrap();
+    std::fs::write(policies.join("accounts/a.toml"), "[accounts.a]\n[[accounts.a.licenses]]\nplan = \"pro\"\n").unwrap();
+    let sidecar = Running::start(&["--policies", path(&policies)]);
+    let mut client = common::Client::connect(sidecar.addr).await;
+    assert_eq!(client.post("/v1/check", &json!({"account": "a", "feature": "sso"})).await.json()["reason"], "not_entitled");
+    let first = client.get("/v1/status").await.json()["revision"].as_u64().unwrap();
+
+    std::fs::write(policies.join("catalog.toml"), "[features.sso]\n[features.reports]\n[[plans]]\nid = \"pro\"\nfeatures = [\"reports\", \"sso\"]\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = client.post("/v1/check", &json!({"account": "a", "feature": "sso"})).await.json();
+        if answer["allow"] == true {
+            assert!(answer["revision"].as_u64().unwrap() > first);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the policy change was never served");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+
+    // A broken edit is rejected and the last good policies keep serving.
+    std::fs::write(policies.join("catalog.toml"), "[features.sso\n").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = client.get("/v1/status").await.json();
+        if status["rejects"].as_u64().unwrap() >= 1 {
+            assert!(status["last_error"].as_str().unwrap().contains("catalog.toml:1"), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(client.post("/v1/check", &json!({"account": "a", "feature": "sso"})).await.json()["allow"], true);
+    drop(client);
+    assert!(sidecar.terminate().success());
+}

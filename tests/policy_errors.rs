@@ -1,0 +1,161 @@
+//! Policy mistakes are reported with file, line and what is wrong, all of them at once.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use tollgate::policy::{PolicyError, Source, compile};
+
+fn source(path: &str, text: &str) -> Source {
+    Source { path: path.into(), text: text.to_string() }
+}
+
+fn errors(catalog: &str, accounts: &[(&str, &str)]) -> Vec<PolicyError> {
+    let accounts: Vec<Source> = accounts.iter().map(|(path, text)| source(path, text)).collect();
+    compile(&source("catalog.toml", catalog), &accounts).expect_err("policies with mistakes compiled").0
+}
+
+fn has(errors: &[PolicyError], file: &str, line: usize, fragment: &str) -> bool {
+    errors.iter().any(|error| error.file.to_str() == Some(file) && error.line == Some(line) && error.message.contains(fragment))
+}
+
+const CATALOG: &str = r#"regions = ["us", "eu", "us"]
+
+[meters.calls]
+period = "fortnight"
+
+[features.export]
+meter = "nope"
+
+[features.beta]
+rollout = 150
+
+[[plans]]
+id = "free"
+features = ["export", "exprot"]
+limits = { calls = -5 }
+
+[[plans]]
+id = "free"
+
+[[addons]]
+id = "extra"
+limits = { calls = { soft = 10, hard = 5 } }
+
+[roles.admin]
+features = ["*", "missing"]
+"#;
+
+#[test]
+fn catalog_mistakes_are_all_reported_with_lines() {
+    let errors = errors(CATALOG, &[]);
+    let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let expected = [
+        (1, "duplicate region `us`"),
+        (4, "unknown period `fortnight`"),
+        (7, "unknown meter `nope`"),
+        (10, "rollout 150"),
+        (14, "unknown feature `exprot`"),
+        (15, "negative limit -5"),
+        (18, "duplicate plan `free`"),
+        (22, "soft limit 10 above hard limit 5"),
+        (25, "unknown feature `missing`"),
+    ];
+    for (line, fragment) in expected {
+        assert!(has(&errors, "catalog.toml", line, fragment), "no error at line {line} saying {fragment:?} in:\n{}", rendered.join("\n"));
+    }
+    assert_eq!(errors.len(), expected.len(), "{}", rendered.join("\n"));
+    assert!(rendered[0].starts_with("catalog.toml:"), "{}", rendered[0]);
+}
+
+const GOOD_CATALOG: &str = r#"regions = ["us"]
+[meters.calls]
+period = "month"
+[features.export]
+[[plans]]
+id = "pro"
+features = ["export"]
+[roles.member]
+features = ["export"]
+"#;
+
+#[test]
+fn account_mistakes_are_all_reported_across_files() {
+    let first = r#"[accounts.acme]
+status = "gone"
+
+[[accounts.acme.licenses]]
+plan = "platinum"
+
+[[accounts.acme.licenses]]
+plan = "pro"
+seats = -1
+starts_at = 2026-05-01
+expires_at = 2026-01-01
+regions = ["mars"]
+
+[accounts.acme.users.bob]
+roles = ["wizard"]
+groups = ["nobody"]
+"#;
+    let second = r#"[accounts.acme]
+
+[[accounts.acme.licenses]]
+plan = "pro"
+expires_at = 2026-13-45
+"#;
+    let errors = errors(GOOD_CATALOG, &[("accounts/a.toml", first), ("accounts/b.toml", second)]);
+    let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    for (file, line, fragment) in [
+        ("accounts/a.toml", 2, "unknown status `gone`"),
+        ("accounts/a.toml", 5, "unknown plan `platinum`"),
+        ("accounts/a.toml", 9, "`seats` = -1"),
+        ("accounts/a.toml", 11, "expires before it starts"),
+        ("accounts/a.toml", 12, "unknown region `mars`"),
+        ("accounts/a.toml", 15, "unknown role `wizard`"),
+        ("accounts/a.toml", 16, "unknown group `nobody`"),
+    ] {
+        assert!(has(&errors, file, line, fragment), "no error at {file}:{line} saying {fragment:?} in:\n{}", rendered.join("\n"));
+    }
+    // A TOML syntax error (month 13) in the second file is reported alongside.
+    assert!(errors.iter().any(|error| error.file.to_str() == Some("accounts/b.toml") && error.line == Some(5)), "{}", rendered.join("\n"));
+}
+
+#[test]
+fn duplicate_accounts_across_files_name_both_places() {
+    let account = "[accounts.acme]\n[[accounts.acme.licenses]]\nplan = \"pro\"\n";
+    let errors = errors(GOOD_CATALOG, &[("accounts/a.toml", account), ("accounts/b.toml", account)]);
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].to_string().starts_with("accounts/b.toml:1: duplicate account `acme` (first defined at accounts/a.toml:1)"), "{}", errors[0]);
+}
+
+#[test]
+fn seat_and_device_limits_are_enforced_at_compile_time() {
+    let account = r#"[accounts.acme]
+devices = ["a", "b", "c"]
+[[accounts.acme.licenses]]
+plan = "pro"
+seats = 1
+max_devices = 2
+[accounts.acme.users.one]
+roles = ["member"]
+[accounts.acme.users.two]
+roles = ["member"]
+"#;
+    let errors = errors(GOOD_CATALOG, &[("accounts/a.toml", account)]);
+    let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert!(rendered.iter().any(|error| error.contains("assigns 2 seats but its licenses allow at most 1")), "{rendered:?}");
+    assert!(rendered.iter().any(|error| error.contains("activates 3 devices but its licenses allow at most 2")), "{rendered:?}");
+}
+
+#[test]
+fn unknown_keys_and_wrong_types_name_the_line() {
+    let errors = errors("[features.export]\ndescriptoin = \"typo\"\n", &[]);
+    assert_eq!(errors.len(), 1);
+    assert_eq!(errors[0].line, Some(2));
+    assert!(errors[0].message.contains("descriptoin"), "{}", errors[0]);
+}
+
+#[test]
+fn the_shipped_example_policies_compile() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
+    let data = tollgate::policy::compile_dir(&dir).unwrap_or_else(|errors| panic!("{errors}"));
+    assert!(data.plans.len() >= 3 && data.addons.len() >= 2 && data.meters.len() >= 2 && data.roles.len() >= 3);
+}

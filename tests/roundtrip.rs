@@ -1,0 +1,74 @@
+//! Property tests: compile → archive → verify → access round-trips exactly, and decisions
+//! keep their invariants over generated policies of random shape.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use proptest::prelude::*;
+use tollgate::engine::{NoUsage, Reason, Request, decide};
+use tollgate::generate::{GenOptions, accounts, catalog};
+use tollgate::model::{AccountStatus, SnapshotData, bits};
+use tollgate::policy::{Source, compile};
+
+fn generated(options: &GenOptions) -> SnapshotData {
+    let catalog = Source { path: "catalog.toml".into(), text: catalog(options) };
+    let accounts = Source { path: "accounts/a.toml".into(), text: accounts(options, 0..options.n_accounts) };
+    compile(&catalog, &[accounts]).unwrap_or_else(|errors| panic!("{errors}"))
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn archive_round_trips(n_accounts in 1usize..40, n_features in 8usize..140, seed in any::<u64>()) {
+        let data = generated(&GenOptions { n_accounts, n_features, seed });
+        let snapshot = common::verified(&data, 3);
+        let back: SnapshotData = rkyv::deserialize::<SnapshotData, rkyv::rancor::Error>(snapshot.data()).unwrap();
+        prop_assert_eq!(back, data);
+    }
+
+    #[test]
+    fn decisions_keep_their_invariants(
+        n_accounts in 1usize..30,
+        seed in any::<u64>(),
+        probes in proptest::collection::vec((0usize..40, 0usize..70, proptest::option::of(0usize..4), proptest::option::of(0usize..4), 0i64..4_000_000_000), 1..40),
+    ) {
+        let options = GenOptions { n_accounts, n_features: 64, seed };
+        let data = generated(&options);
+        let snapshot = common::verified(&data, 1);
+        let recompiled = common::verified(&generated(&options), 2);
+        let regions = ["us", "eu", "apac", "mars"];
+        for (account_idx, feature_idx, user_idx, region_idx, now) in probes {
+            let account_id = format!("acct-{account_idx}");
+            let feature = format!("feature-{feature_idx}");
+            let user = user_idx.map(|idx| format!("user-{idx}"));
+            let request = Request {
+                account: &account_id,
+                feature: &feature,
+                user: user.as_deref(),
+                region: region_idx.map(|idx| regions[idx]),
+                device: None,
+                amount: None,
+            };
+            let decision = decide(snapshot.data(), &request, now, &NoUsage);
+            prop_assert_eq!(decision, decide(recompiled.data(), &request, now, &NoUsage), "a recompile changed the answer");
+            match data.accounts.get(&account_id) {
+                None => prop_assert_eq!(decision.reason, Reason::UnknownAccount),
+                Some(account) if account.status != AccountStatus::Active => prop_assert_eq!(decision.reason, Reason::AccountSuspended),
+                Some(_) if feature_idx >= 64 => prop_assert_eq!(decision.reason, Reason::UnknownFeature),
+                Some(account) => {
+                    if decision.allow() {
+                        let license = &account.licenses[decision.license.unwrap() as usize];
+                        let feature_bit = data.feature_index[&feature];
+                        prop_assert!(bits::contains(&license.features, feature_bit));
+                        prop_assert!(license.starts_at.is_none_or(|starts| now >= starts));
+                        prop_assert!(license.expires_at.is_none_or(|expires| now < expires + license.grace_seconds));
+                        if let Some(user) = &user {
+                            prop_assert!(bits::contains(&account.users[user].features, feature_bit));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
