@@ -3,12 +3,12 @@
 //! allocates and never panics; usage counts come in through [`UsageLookup`], which the
 //! caller implements.
 
-use rkyv::rend::{i64_le, u32_le};
-use rkyv::vec::ArchivedVec;
 use rkyv::option::ArchivedOption;
+use rkyv::rend::{u32_le, u64_le};
+use rkyv::vec::ArchivedVec;
 
 use crate::model::{
-    ArchivedAccount, ArchivedAccountStatus, ArchivedLicense, ArchivedLimit, ArchivedSnapshotData, bits, fnv1a64,
+    ArchivedAccount, ArchivedAccountStatus, ArchivedLicense, ArchivedLimit, ArchivedSnapshotData, NEVER_EXPIRES, SINCE_FOREVER, bits, fnv1a64,
 };
 
 /// One question: may `account` (and `user`) use `feature`, here and now, for `amount`?
@@ -145,8 +145,26 @@ impl Decision {
     }
 }
 
-fn native_i64(value: &ArchivedOption<i64_le>) -> Option<i64> {
-    value.as_ref().map(|value| value.to_native())
+fn starts_at(license: &ArchivedLicense) -> Option<i64> {
+    let starts_at = license.starts_at.to_native();
+    (starts_at != SINCE_FOREVER).then_some(starts_at)
+}
+
+fn expires_at(license: &ArchivedLicense) -> Option<i64> {
+    let expires_at = license.expires_at.to_native();
+    (expires_at != NEVER_EXPIRES).then_some(expires_at)
+}
+
+fn feature_set<'s>(snapshot: &'s ArchivedSnapshotData, set_idx: &u32_le) -> &'s [u64_le] {
+    snapshot.feature_sets.get(set_idx.to_native() as usize).map_or(&[], |set| set.as_slice())
+}
+
+fn limit_set<'s>(snapshot: &'s ArchivedSnapshotData, license: &ArchivedLicense) -> &'s [ArchivedLimit] {
+    snapshot.limit_sets.get(license.limits.to_native() as usize).map_or(&[], |set| set.as_slice())
+}
+
+fn grants(snapshot: &ArchivedSnapshotData, license: &ArchivedLicense, feature_idx: u32) -> bool {
+    bits::contains_le(feature_set(snapshot, &license.features), feature_idx)
 }
 
 /// Whether a license is valid at `now`, and whether only by its grace period.
@@ -158,10 +176,10 @@ enum Validity {
 }
 
 fn validity(license: &ArchivedLicense, now: i64) -> Validity {
-    if native_i64(&license.starts_at).is_some_and(|starts_at| now < starts_at) {
+    if now < license.starts_at.to_native() {
         return Validity::Invalid;
     }
-    match native_i64(&license.expires_at) {
+    match expires_at(license) {
         None => Validity::Valid,
         Some(expires_at) if now < expires_at => Validity::Valid,
         Some(expires_at) if now < expires_at.saturating_add(license.grace_seconds.to_native()) => Validity::Grace,
@@ -240,7 +258,7 @@ pub fn decide(snapshot: &ArchivedSnapshotData, request: &Request<'_>, now: i64, 
     let Some((_, _, _)) = best_license(account, now, |_| true) else {
         return Decision::deny(Reason::LicenseExpired);
     };
-    let Some((license_idx, license, license_validity)) = best_license(account, now, |license| bits::contains_le(&license.features, feature_idx))
+    let Some((license_idx, license, license_validity)) = best_license(account, now, |license| grants(snapshot, license, feature_idx))
     else {
         let mut decision = Decision::deny(Reason::NotEntitled);
         decision.upgrade = upgrade_for_feature(snapshot, account, now, feature_idx);
@@ -249,7 +267,7 @@ pub fn decide(snapshot: &ArchivedSnapshotData, request: &Request<'_>, now: i64, 
     let mut decision = Decision {
         reason: Reason::Ok,
         license: Some(license_idx),
-        expires_at: native_i64(&license.expires_at),
+        expires_at: expires_at(license),
         grace: license_validity == Validity::Grace,
         quota: None,
         upgrade: None,
@@ -277,13 +295,22 @@ pub fn decide(snapshot: &ArchivedSnapshotData, request: &Request<'_>, now: i64, 
     }
 
     if let Some(user_id) = request.user {
-        let Some(user) = account.users.get(user_id) else {
+        let Some(user) = account
+            .users
+            .binary_search_by(|user| user.id.as_str().cmp(user_id))
+            .ok()
+            .and_then(|position| account.users.get(position))
+        else {
             return deny(decision, Reason::UnknownUser);
         };
         if !user.seat {
             return deny(decision, Reason::NoSeat);
         }
-        if !bits::contains_le(&user.features, feature_idx) {
+        let role_grants = user
+            .roles
+            .iter()
+            .any(|role_idx| snapshot.roles.get(role_idx.to_native() as usize).is_some_and(|role| bits::contains_le(&role.features, feature_idx)));
+        if !role_grants {
             return deny(decision, Reason::RoleForbidden);
         }
     }
@@ -301,7 +328,7 @@ pub fn decide(snapshot: &ArchivedSnapshotData, request: &Request<'_>, now: i64, 
         let used = usage.used(request.account, meter.name.as_str(), window.start);
         let amount = request.amount.unwrap_or(1);
         let after = used.saturating_add(amount);
-        let limit = find_limit(&license.limits, meter_idx);
+        let limit = find_limit(limit_set(snapshot, license), meter_idx);
         let hard = limit.and_then(|limit| limit.hard.as_ref().map(|hard| hard.to_native()));
         let soft = limit.and_then(|limit| limit.soft.as_ref().map(|soft| soft.to_native()));
         let shown_limit = hard.or(soft);
@@ -342,7 +369,7 @@ fn cheaper(snapshot: &ArchivedSnapshotData, plan: Option<u32>, addon: Option<u32
 fn upgrade_for_feature(snapshot: &ArchivedSnapshotData, account: &ArchivedAccount, now: i64, feature_idx: u32) -> Option<Upgrade> {
     let current = best_license(account, now, |_| true);
     // A feature an override took away was taken on purpose; no purchase brings it back.
-    if current.is_some_and(|(_, license, _)| bits::contains_le(&license.removed, feature_idx)) {
+    if current.is_some_and(|(_, license, _)| bits::contains_le(feature_set(snapshot, &license.removed), feature_idx)) {
         return None;
     }
     let first_plan = current.map_or(0, |(_, license, _)| license.plan.to_native() as usize + 1);
@@ -465,8 +492,8 @@ pub fn entitlements<'s>(
                     .collect(),
                 seats: license.seats.to_native(),
                 trial: license.trial,
-                starts_at: native_i64(&license.starts_at),
-                expires_at: native_i64(&license.expires_at),
+                starts_at: starts_at(license),
+                expires_at: expires_at(license),
                 valid: license_validity != Validity::Invalid,
                 grace: license_validity == Validity::Grace,
             }
@@ -487,7 +514,7 @@ pub fn entitlements<'s>(
         .enumerate()
         .map(|(meter_idx, meter)| {
             let window = meter.period.to_native().window(now);
-            let limit = primary.and_then(|license| find_limit(&license.limits, meter_idx as u32));
+            let limit = primary.and_then(|license| find_limit(limit_set(snapshot, license), meter_idx as u32));
             let soft_limit = limit.and_then(|limit| limit.soft.as_ref().map(|soft| soft.to_native()));
             let hard_limit = limit.and_then(|limit| limit.hard.as_ref().map(|hard| hard.to_native()));
             let used = usage.used(account_id, meter.name.as_str(), window.start);
@@ -516,7 +543,7 @@ pub fn entitlements<'s>(
         features,
         meters,
         seats: primary.map_or(0, |license| license.seats.to_native()),
-        seats_assigned: account.users.values().filter(|user| user.seat).count() as u32,
+        seats_assigned: account.users.iter().filter(|user| user.seat).count() as u32,
         devices: account.devices.iter().map(|device| device.as_str()).collect(),
         max_devices,
     })
@@ -527,7 +554,7 @@ pub fn entitlements<'s>(
 pub fn account_limit(snapshot: &ArchivedSnapshotData, account: &str, meter_idx: u32, now: i64) -> Option<crate::model::Limit> {
     let account = snapshot.accounts.get(account)?;
     let (_, license, _) = best_license(account, now, |_| true)?;
-    find_limit(&license.limits, meter_idx).map(|limit| crate::model::Limit {
+    find_limit(limit_set(snapshot, license), meter_idx).map(|limit| crate::model::Limit {
         meter: meter_idx,
         soft: limit.soft.as_ref().map(|soft| soft.to_native()),
         hard: limit.hard.as_ref().map(|hard| hard.to_native()),

@@ -22,8 +22,21 @@ pub struct SnapshotData {
     pub feature_index: HashMap<String, u32>,
     pub meter_index: HashMap<String, u32>,
     pub region_index: HashMap<String, u32>,
+    /// Distinct feature bitsets that licenses point into; set 0 is the empty set. Most
+    /// licenses share a handful of plan and add-on combinations, so this keeps a snapshot of a
+    /// million accounts small.
+    pub feature_sets: Vec<Vec<u64>>,
+    /// Distinct resolved limit lists that licenses point into, each sorted by meter.
+    pub limit_sets: Vec<Vec<Limit>>,
     pub accounts: HashMap<String, Account>,
 }
+
+/// The index of the empty feature set in [`SnapshotData::feature_sets`].
+pub const EMPTY_FEATURE_SET: u32 = 0;
+/// `License::starts_at` of a license valid since forever.
+pub const SINCE_FOREVER: i64 = i64::MIN;
+/// `License::expires_at` of a perpetual license.
+pub const NEVER_EXPIRES: i64 = i64::MAX;
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct Feature {
@@ -63,7 +76,7 @@ pub struct Meter {
 }
 
 /// Limits on one meter. `hard` denies past it; `soft` only marks overage.
-#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Limit {
     pub meter: u32,
     pub soft: Option<u64>,
@@ -107,7 +120,8 @@ pub enum AccountStatus {
 pub struct Account {
     pub status: AccountStatus,
     pub licenses: Vec<License>,
-    pub users: HashMap<String, User>,
+    /// Sorted by id.
+    pub users: Vec<User>,
     /// Activated device ids, sorted.
     pub devices: Vec<String>,
 }
@@ -119,29 +133,30 @@ pub struct License {
     pub addons: Vec<u32>,
     pub seats: u32,
     pub trial: bool,
-    /// Unix seconds; `None` means since forever.
-    pub starts_at: Option<i64>,
-    /// Unix seconds; `None` means perpetual.
-    pub expires_at: Option<i64>,
+    /// Unix seconds; [`SINCE_FOREVER`] when unset.
+    pub starts_at: i64,
+    /// Unix seconds; [`NEVER_EXPIRES`] for a perpetual license.
+    pub expires_at: i64,
     pub grace_seconds: i64,
-    /// Resolved: plan ∪ add-ons ∪ added overrides, minus removed overrides.
-    pub features: Vec<u64>,
-    /// Resolved: plan limits plus add-on limits, then overrides. Sorted by meter index.
-    pub limits: Vec<Limit>,
-    /// Features an override removed, kept so upgrade hints do not suggest buying them.
-    pub removed: Vec<u64>,
+    /// Feature set (index into `feature_sets`), resolved: plan ∪ add-ons ∪ added overrides,
+    /// minus removed overrides.
+    pub features: u32,
+    /// Limit set (index into `limit_sets`), resolved: plan limits plus add-on limits, then
+    /// overrides.
+    pub limits: u32,
+    /// Feature set an override removed, kept so upgrade hints do not suggest buying them.
+    pub removed: u32,
     pub regions: Option<Vec<u32>>,
     pub max_devices: Option<u32>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub struct User {
+    pub id: String,
     /// Whether the user holds one of the license's seats.
     pub seat: bool,
-    /// Role indices, from the user's own roles and the roles of their groups.
+    /// Role indices, sorted, from the user's own roles and the roles of their groups.
     pub roles: Vec<u32>,
-    /// Union of the features of `roles`.
-    pub features: Vec<u64>,
 }
 
 /// Bitset helpers over `u64` words, shared by the compiler (owned) and the engine (archived).

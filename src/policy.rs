@@ -1,7 +1,7 @@
 //! The policy files: the TOML formats of `catalog.toml` and `accounts/*.toml` (documented in
 //! `policies/README.md`), reading a policies directory, and compiling it into a
 //! [`SnapshotData`]. Every mistake is reported with file, line and what is wrong, all at once.
-//! Reads files only in [`load_dir`]; everything else is pure.
+//! Reads files only in [`compile_dir`]; everything else is pure.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
@@ -181,41 +181,25 @@ pub const CATALOG_FILE: &str = "catalog.toml";
 /// The folder of account files in a policies directory.
 pub const ACCOUNTS_DIR: &str = "accounts";
 
-/// Reads `DIR/catalog.toml` and every `DIR/accounts/*.toml` (in name order).
-pub fn load_dir(dir: &Path) -> Result<(Source, Vec<Source>), PolicyErrors> {
-    let catalog_path = dir.join(CATALOG_FILE);
-    let catalog = read_source(&catalog_path).map_err(|error| PolicyErrors(vec![error]))?;
+/// The account files of a policies directory, in name order.
+fn account_paths(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     let accounts_dir = dir.join(ACCOUNTS_DIR);
-    let mut accounts = Vec::new();
-    let mut errors = Vec::new();
-    if accounts_dir.is_dir() {
-        let mut paths = Vec::new();
-        match std::fs::read_dir(&accounts_dir) {
-            Ok(entries) => {
-                for entry in entries.flatten() {
-                    let path = entry.path();
-                    if path.extension().is_some_and(|ext| ext == "toml") {
-                        paths.push(path);
-                    }
-                }
-            }
-            Err(error) => errors.push(whole_file_error(&accounts_dir, format!("cannot list directory: {error}"))),
-        }
-        paths.sort();
-        for path in paths {
-            match read_source(&path) {
-                Ok(source) => accounts.push(source),
-                Err(error) => errors.push(error),
-            }
-        }
+    if !accounts_dir.is_dir() {
+        return Ok(Vec::new());
     }
-    if errors.is_empty() { Ok((catalog, accounts)) } else { Err(PolicyErrors(errors)) }
+    let entries = std::fs::read_dir(&accounts_dir).map_err(|error| whole_file_error(&accounts_dir, format!("cannot list directory: {error}")))?;
+    let mut paths: Vec<PathBuf> = entries.flatten().map(|entry| entry.path()).filter(|path| path.extension().is_some_and(|ext| ext == "toml")).collect();
+    paths.sort();
+    Ok(paths)
 }
 
-/// Reads and compiles a policies directory.
+/// Reads and compiles a policies directory: `DIR/catalog.toml` and every
+/// `DIR/accounts/*.toml` in name order. Account files are read one at a time, so memory
+/// holds one file's text and the compiled result, not every file at once.
 pub fn compile_dir(dir: &Path) -> Result<SnapshotData, PolicyErrors> {
-    let (catalog, accounts) = load_dir(dir)?;
-    compile(&catalog, &accounts)
+    let catalog = read_source(&dir.join(CATALOG_FILE)).map_err(|error| PolicyErrors(vec![error]))?;
+    let paths = account_paths(dir).map_err(|error| PolicyErrors(vec![error]))?;
+    compile_sources(&catalog, paths.iter().map(|path| read_source(path)))
 }
 
 fn read_source(path: &Path) -> Result<Source, PolicyError> {
@@ -236,20 +220,33 @@ fn whole_file_error(path: &Path, message: String) -> PolicyError {
 struct Diagnostics<'a> {
     source: &'a Source,
     errors: &'a mut Vec<PolicyError>,
+    /// Offsets of the file's newlines, built on the first error only.
+    newlines: std::cell::OnceCell<Vec<usize>>,
 }
 
-impl Diagnostics<'_> {
+impl<'a> Diagnostics<'a> {
+    fn new(source: &'a Source, errors: &'a mut Vec<PolicyError>) -> Diagnostics<'a> {
+        Diagnostics { source, errors, newlines: std::cell::OnceCell::new() }
+    }
+
+    fn line(&self, offset: usize) -> usize {
+        let newlines = self.newlines.get_or_init(|| newline_offsets(&self.source.text));
+        newlines.partition_point(|&newline| newline < offset) + 1
+    }
+
     fn at(&mut self, span: std::ops::Range<usize>, message: String) {
-        let line = line_of(&self.source.text, span.start);
+        let line = self.line(span.start);
         self.errors.push(PolicyError { file: self.source.path.clone(), line: Some(line), message });
     }
 }
 
-fn line_of(text: &str, offset: usize) -> usize {
-    let end = offset.min(text.len());
-    text.as_bytes().get(..end).map_or(0, |before| before.iter().filter(|&&byte| byte == b'\n').count()) + 1
+fn newline_offsets(text: &str) -> Vec<usize> {
+    text.bytes().enumerate().filter(|(_, byte)| *byte == b'\n').map(|(offset, _)| offset).collect()
 }
 
+fn line_of(text: &str, offset: usize) -> usize {
+    newline_offsets(text).partition_point(|&newline| newline < offset) + 1
+}
 fn parse_toml<T: serde::de::DeserializeOwned>(source: &Source, errors: &mut Vec<PolicyError>) -> Option<T> {
     match toml::from_str::<T>(&source.text) {
         Ok(value) => Some(value),
@@ -275,13 +272,55 @@ struct Names {
 
 /// Compiles a catalog and account files into snapshot data, or every mistake found.
 pub fn compile(catalog: &Source, accounts: &[Source]) -> Result<SnapshotData, PolicyErrors> {
+    compile_sources(catalog, accounts.iter().map(|source| Ok(source.clone())))
+}
+
+/// Deduplicates feature sets and limit lists so licenses can point at shared copies.
+struct Interner {
+    feature_sets: Vec<Vec<u64>>,
+    feature_set_index: HashMap<Vec<u64>, u32>,
+    limit_sets: Vec<Vec<Limit>>,
+    limit_set_index: HashMap<Vec<Limit>, u32>,
+}
+
+impl Interner {
+    fn new() -> Interner {
+        let mut interner = Interner { feature_sets: Vec::new(), feature_set_index: HashMap::new(), limit_sets: Vec::new(), limit_set_index: HashMap::new() };
+        // Set 0 is the empty feature set (model::EMPTY_FEATURE_SET).
+        interner.features(Vec::new());
+        interner
+    }
+
+    fn features(&mut self, mut set: Vec<u64>) -> u32 {
+        // Trailing zero words change nothing; dropping them lets equal sets meet.
+        while set.last() == Some(&0) {
+            set.pop();
+        }
+        if let Some(&idx) = self.feature_set_index.get(&set) {
+            return idx;
+        }
+        let idx = self.feature_sets.len() as u32;
+        self.feature_set_index.insert(set.clone(), idx);
+        self.feature_sets.push(set);
+        idx
+    }
+
+    fn limits(&mut self, set: Vec<Limit>) -> u32 {
+        if let Some(&idx) = self.limit_set_index.get(&set) {
+            return idx;
+        }
+        let idx = self.limit_sets.len() as u32;
+        self.limit_set_index.insert(set.clone(), idx);
+        self.limit_sets.push(set);
+        idx
+    }
+}
+
+/// Compiles a catalog and a stream of account files (each parsed, compiled and dropped in
+/// turn), or reports every mistake found.
+pub fn compile_sources(catalog: &Source, accounts: impl Iterator<Item = Result<Source, PolicyError>>) -> Result<SnapshotData, PolicyErrors> {
     let mut errors = Vec::new();
     let parsed_catalog = parse_toml::<CatalogFile>(catalog, &mut errors);
-    let parsed_accounts: Vec<(&Source, Option<AccountsFile>)> =
-        accounts.iter().map(|source| (source, parse_toml::<AccountsFile>(source, &mut errors))).collect();
-    let Some(parsed_catalog) = parsed_catalog else {
-        return Err(PolicyErrors(errors));
-    };
 
     let mut data = SnapshotData {
         features: Vec::new(),
@@ -293,30 +332,46 @@ pub fn compile(catalog: &Source, accounts: &[Source]) -> Result<SnapshotData, Po
         feature_index: HashMap::new(),
         meter_index: HashMap::new(),
         region_index: HashMap::new(),
+        feature_sets: Vec::new(),
+        limit_sets: Vec::new(),
         accounts: HashMap::new(),
     };
-    let names = compile_catalog(&parsed_catalog, &mut data, &mut Diagnostics { source: catalog, errors: &mut errors });
+    let names = parsed_catalog.as_ref().map(|parsed| compile_catalog(parsed, &mut data, &mut Diagnostics::new(catalog, &mut errors)));
+    let mut interner = Interner::new();
 
-    let mut account_origin: HashMap<String, (PathBuf, usize)> = HashMap::new();
-    for (source, parsed) in parsed_accounts {
-        let Some(parsed) = parsed else { continue };
-        let mut diagnostics = Diagnostics { source, errors: &mut errors };
-        for (account_id, account_file) in parsed.accounts {
-            let line = line_of(&source.text, account_id.span().start);
-            if let Some((first_file, first_line)) = account_origin.get(account_id.get_ref()) {
-                diagnostics.at(
-                    account_id.span(),
-                    format!("duplicate account `{}` (first defined at {}:{first_line})", account_id.get_ref(), first_file.display()),
-                );
+    // Where each account was first defined: the file and the line of its id.
+    let mut account_origin: HashMap<String, (usize, usize)> = HashMap::new();
+    let mut files: Vec<PathBuf> = Vec::new();
+    for source in accounts {
+        let source = match source {
+            Ok(source) => source,
+            Err(error) => {
+                errors.push(error);
                 continue;
             }
-            account_origin.insert(account_id.get_ref().clone(), (source.path.clone(), line));
-            if let Some(account) = compile_account(&account_id, &account_file, &data, &names, &mut diagnostics) {
+        };
+        // Without a catalog the accounts are still parsed, to report their syntax errors.
+        let Some(parsed) = parse_toml::<AccountsFile>(&source, &mut errors) else { continue };
+        let Some(names) = names.as_ref() else { continue };
+        let file_idx = files.len();
+        files.push(source.path.clone());
+        let mut diagnostics = Diagnostics::new(&source, &mut errors);
+        for (account_id, account_file) in parsed.accounts {
+            if let Some((first_file, first_line)) = account_origin.get(account_id.get_ref()) {
+                let first_path = files.get(*first_file).map_or_else(String::new, |path| path.display().to_string());
+                diagnostics.at(account_id.span(), format!("duplicate account `{}` (first defined at {first_path}:{first_line})", account_id.get_ref()));
+                continue;
+            }
+            let line = diagnostics.line(account_id.span().start);
+            account_origin.insert(account_id.get_ref().clone(), (file_idx, line));
+            if let Some(account) = compile_account(&account_id, &account_file, &data, names, &mut interner, &mut diagnostics) {
                 data.accounts.insert(account_id.into_inner(), account);
             }
         }
     }
 
+    data.feature_sets = interner.feature_sets;
+    data.limit_sets = interner.limit_sets;
     if errors.is_empty() { Ok(data) } else { Err(PolicyErrors(errors)) }
 }
 
@@ -551,6 +606,7 @@ fn compile_account(
     file: &AccountFile,
     data: &SnapshotData,
     names: &Names,
+    interner: &mut Interner,
     diagnostics: &mut Diagnostics<'_>,
 ) -> Option<Account> {
     let n_errors_before = diagnostics.errors.len();
@@ -602,7 +658,10 @@ fn compile_account(
                 bits::set(&mut features, feature_idx);
             }
         }
-        let mut removed = vec![0u64; names.n_words];
+        let mut removed = Vec::new();
+        if !overrides.remove_features.is_empty() {
+            removed = vec![0u64; names.n_words];
+        }
         for feature in &overrides.remove_features {
             if let Some(feature_idx) = resolve(feature, &names.features, "feature", &license_owner, diagnostics) {
                 bits::clear(&mut features, feature_idx);
@@ -629,12 +688,12 @@ fn compile_account(
             addons,
             seats,
             trial: license_file.trial,
-            starts_at,
-            expires_at,
+            starts_at: starts_at.unwrap_or(model::SINCE_FOREVER),
+            expires_at: expires_at.unwrap_or(model::NEVER_EXPIRES),
             grace_seconds: i64::from(grace_days) * 86_400,
-            features,
-            limits: limits.into_values().collect(),
-            removed,
+            features: interner.features(features),
+            limits: interner.limits(limits.into_values().collect()),
+            removed: interner.features(removed),
             regions,
             max_devices,
         });
@@ -647,7 +706,7 @@ fn compile_account(
         groups.insert(group.get_ref(), resolved);
     }
 
-    let mut users = HashMap::new();
+    let mut users = Vec::new();
     let mut n_seated = 0u32;
     let mut seat_span = account_id.span();
     for (user_id, user_file) in &file.users {
@@ -662,19 +721,14 @@ fn compile_account(
         }
         roles.sort_unstable();
         roles.dedup();
-        let mut features = vec![0u64; names.n_words];
-        for role_idx in &roles {
-            if let Some(role) = data.roles.get(*role_idx as usize) {
-                bits::union_into(&mut features, &role.features);
-            }
-        }
         let seat = user_file.seat.unwrap_or(true);
         if seat {
             n_seated += 1;
             seat_span = user_id.span();
         }
-        users.insert(user_id.get_ref().clone(), User { seat, roles, features });
+        users.push(User { id: user_id.get_ref().clone(), seat, roles });
     }
+    users.sort_by(|a, b| a.id.cmp(&b.id));
     let max_seats = licenses.iter().map(|license| license.seats).max().unwrap_or(0);
     if n_seated > max_seats {
         diagnostics.at(seat_span, format!("{owner} assigns {n_seated} seats but its licenses allow at most {max_seats}"));

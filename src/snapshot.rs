@@ -3,8 +3,10 @@
 //! Key files are read and written here; nothing here decides anything.
 //!
 //! File layout (all integers little-endian):
-//! `magic (8) | header_len u32 (4) | header JSON | signature (64) | rkyv payload`.
-//! The signature covers everything but itself: magic, header length, header and payload.
+//! `magic (8) | header_len u32 (4) | header JSON | rkyv payload | signature (64)`.
+//! The header is padded with spaces so the payload starts at a multiple of 16 bytes: a file
+//! read into an aligned buffer is then accessed in place, with no copy. The signature covers
+//! everything before it.
 
 use std::fmt;
 use std::path::Path;
@@ -18,6 +20,8 @@ use crate::model::{ArchivedSnapshotData, SnapshotData};
 
 const MAGIC: &[u8; 8] = b"TGSNAP\x00\x01";
 const SIGNATURE_LEN: usize = 64;
+/// The payload's offset in the file is a multiple of this.
+const PAYLOAD_ALIGN: usize = 16;
 /// Headers are a few hundred bytes; anything far larger is not ours.
 const MAX_HEADER_LEN: usize = 64 * 1024;
 
@@ -27,7 +31,7 @@ pub enum SnapshotError {
     Truncated(usize),
     #[error("not a tollgate snapshot: bad magic bytes")]
     BadMagic,
-    #[error("snapshot header length {0} is out of range")]
+    #[error("snapshot header length {0} is out of range or leaves the payload unaligned")]
     HeaderLength(usize),
     #[error("snapshot header is not valid: {0}")]
     Header(serde_json::Error),
@@ -114,39 +118,58 @@ impl TrustedKeys {
 /// Snapshot data whose signature and archive have been verified. Read zero-copy.
 pub struct Snapshot {
     header: Header,
-    payload: AlignedVec,
-    size: usize,
+    /// The whole file; the archive is `bytes[payload]`.
+    bytes: AlignedVec,
+    payload: std::ops::Range<usize>,
 }
 
 impl fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Snapshot").field("header", &self.header).field("size", &self.size).finish()
+        f.debug_struct("Snapshot").field("header", &self.header).field("size", &self.bytes.len()).finish()
     }
+}
+
+/// Where the parts of a snapshot file lie.
+struct Framing {
+    header: Header,
+    payload: std::ops::Range<usize>,
+    signed: std::ops::Range<usize>,
 }
 
 impl Snapshot {
     /// Verifies a snapshot file's bytes: framing, trusted key, signature, then the archive.
     pub fn verify(bytes: &[u8], trusted: &TrustedKeys) -> Result<Snapshot, SnapshotError> {
-        let (header, header_end, payload) = parse_framing(bytes)?;
-        let key = trusted.find(&header.key_id).ok_or_else(|| SnapshotError::UntrustedKey(header.key_id.clone()))?;
-        let signature_bytes = bytes.get(header_end..header_end + SIGNATURE_LEN).ok_or(SnapshotError::Truncated(bytes.len()))?;
-        let signature = Signature::from_slice(signature_bytes).map_err(|_| SnapshotError::BadSignature(header.key_id.clone()))?;
-        let mut message = Vec::with_capacity(header_end + payload.len());
-        message.extend_from_slice(bytes.get(..header_end).unwrap_or_default());
-        message.extend_from_slice(payload);
-        key.verify_strict(&message, &signature).map_err(|_| SnapshotError::BadSignature(header.key_id.clone()))?;
-        drop(message);
+        let mut aligned = AlignedVec::with_capacity(bytes.len());
+        aligned.extend_from_slice(bytes);
+        Snapshot::verify_owned(aligned, trusted)
+    }
 
-        // rkyv needs the payload aligned; a file's bytes at an arbitrary offset are not.
-        let mut aligned = AlignedVec::with_capacity(payload.len());
-        aligned.extend_from_slice(payload);
-        rkyv::access::<ArchivedSnapshotData, rkyv::rancor::Error>(&aligned).map_err(SnapshotError::Invalid)?;
-        Ok(Snapshot { header, payload: aligned, size: bytes.len() })
+    /// Verifies a snapshot file already in an aligned buffer, without copying it.
+    pub fn verify_owned(bytes: AlignedVec, trusted: &TrustedKeys) -> Result<Snapshot, SnapshotError> {
+        let Framing { header, payload, signed } = parse_framing(&bytes)?;
+        let key = trusted.find(&header.key_id).ok_or_else(|| SnapshotError::UntrustedKey(header.key_id.clone()))?;
+        let bad_signature = || SnapshotError::BadSignature(header.key_id.clone());
+        let signature = bytes.get(signed.end..).and_then(|slice| Signature::from_slice(slice).ok()).ok_or_else(bad_signature)?;
+        let message = bytes.get(signed).ok_or_else(bad_signature)?;
+        key.verify_strict(message, &signature).map_err(|_| bad_signature())?;
+        let archive = bytes.get(payload.clone()).ok_or(SnapshotError::Truncated(bytes.len()))?;
+        rkyv::access::<ArchivedSnapshotData, rkyv::rancor::Error>(archive).map_err(SnapshotError::Invalid)?;
+        Ok(Snapshot { header, bytes, payload })
+    }
+
+    /// Reads a snapshot file into an aligned buffer and verifies it.
+    pub fn read_file(path: &Path, trusted: &TrustedKeys) -> Result<Snapshot, ReadError> {
+        let read_error = |source| ReadError::Io { path: path.display().to_string(), source };
+        let mut file = std::fs::File::open(path).map_err(read_error)?;
+        let len = file.metadata().map_err(read_error)?.len();
+        let mut bytes = AlignedVec::with_capacity(usize::try_from(len).unwrap_or(0));
+        bytes.extend_from_reader(&mut file).map_err(read_error)?;
+        Ok(Snapshot::verify_owned(bytes, trusted)?)
     }
 
     /// Reads the header without verifying anything: for `inspect`.
     pub fn read_header(bytes: &[u8]) -> Result<Header, SnapshotError> {
-        parse_framing(bytes).map(|(header, _, _)| header)
+        parse_framing(bytes).map(|framing| framing.header)
     }
 
     pub fn header(&self) -> &Header {
@@ -159,17 +182,28 @@ impl Snapshot {
 
     /// Size of the snapshot file in bytes.
     pub fn size(&self) -> usize {
-        self.size
+        self.bytes.len()
     }
 
     pub fn data(&self) -> &ArchivedSnapshotData {
-        // SAFETY: `payload` was validated by `rkyv::access` in `verify`, the only constructor,
-        // and is never mutated afterwards, so the archive is well-formed and aligned.
-        unsafe { rkyv::access_unchecked::<ArchivedSnapshotData>(&self.payload) }
+        // `payload` lies inside `bytes`: `verify_owned` checked it.
+        let archive = self.bytes.get(self.payload.clone()).unwrap_or_default();
+        // SAFETY: `archive` was validated by `rkyv::access` in `verify_owned`, the only
+        // constructor; `bytes` is never mutated afterwards, and the payload's offset is a
+        // multiple of 16 inside a 16-aligned buffer, so the archive is well-formed and aligned.
+        unsafe { rkyv::access_unchecked::<ArchivedSnapshotData>(archive) }
     }
 }
 
-fn parse_framing(bytes: &[u8]) -> Result<(Header, usize, &[u8]), SnapshotError> {
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read `{path}`: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+fn parse_framing(bytes: &[u8]) -> Result<Framing, SnapshotError> {
     let magic = bytes.get(..MAGIC.len()).ok_or(SnapshotError::Truncated(bytes.len()))?;
     if magic != MAGIC {
         return Err(SnapshotError::BadMagic);
@@ -179,18 +213,19 @@ fn parse_framing(bytes: &[u8]) -> Result<(Header, usize, &[u8]), SnapshotError> 
         .and_then(|slice| slice.try_into().ok())
         .ok_or(SnapshotError::Truncated(bytes.len()))?;
     let header_len = u32::from_le_bytes(len_bytes) as usize;
-    if header_len == 0 || header_len > MAX_HEADER_LEN {
-        return Err(SnapshotError::HeaderLength(header_len));
-    }
     let header_start = MAGIC.len() + 4;
     let header_end = header_start + header_len;
+    if header_len == 0 || header_len > MAX_HEADER_LEN || header_end % PAYLOAD_ALIGN != 0 {
+        return Err(SnapshotError::HeaderLength(header_len));
+    }
     let header_bytes = bytes.get(header_start..header_end).ok_or(SnapshotError::Truncated(bytes.len()))?;
     let header: Header = serde_json::from_slice(header_bytes).map_err(SnapshotError::Header)?;
-    let payload = bytes.get(header_end + SIGNATURE_LEN..).ok_or(SnapshotError::Truncated(bytes.len()))?;
-    if header.payload_len != payload.len() as u64 {
-        return Err(SnapshotError::PayloadLength { expected: header.payload_len, actual: payload.len() });
+    let signed_end = bytes.len().checked_sub(SIGNATURE_LEN).filter(|&end| end >= header_end).ok_or(SnapshotError::Truncated(bytes.len()))?;
+    let payload_len = signed_end - header_end;
+    if header.payload_len != payload_len as u64 {
+        return Err(SnapshotError::PayloadLength { expected: header.payload_len, actual: payload_len });
     }
-    Ok((header, header_end, payload))
+    Ok(Framing { header, payload: header_end..signed_end, signed: 0..signed_end })
 }
 
 /// Archives and signs snapshot data into the bytes of a snapshot file.
@@ -211,16 +246,17 @@ pub fn build(data: &SnapshotData, revision: u64, created_at_ms: i64, key: &Signi
             accounts: data.accounts.len() as u64,
         },
     };
-    let header_json = serde_json::to_vec(&header).map_err(SnapshotError::Header)?;
-    let mut bytes = Vec::with_capacity(MAGIC.len() + 4 + header_json.len() + SIGNATURE_LEN + payload.len());
+    let mut header_json = serde_json::to_vec(&header).map_err(SnapshotError::Header)?;
+    while (MAGIC.len() + 4 + header_json.len()) % PAYLOAD_ALIGN != 0 {
+        header_json.push(b' ');
+    }
+    let mut bytes = Vec::with_capacity(MAGIC.len() + 4 + header_json.len() + payload.len() + SIGNATURE_LEN);
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&(header_json.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&header_json);
-    let mut message = bytes.clone();
-    message.extend_from_slice(&payload);
-    let signature = key.sign(&message);
-    bytes.extend_from_slice(&signature.to_bytes());
     bytes.extend_from_slice(&payload);
+    let signature = key.sign(&bytes);
+    bytes.extend_from_slice(&signature.to_bytes());
     Ok(bytes)
 }
 

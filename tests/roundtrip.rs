@@ -60,11 +60,13 @@ proptest! {
                     if decision.allow() {
                         let license = &account.licenses[decision.license.unwrap() as usize];
                         let feature_bit = data.feature_index[&feature];
-                        prop_assert!(bits::contains(&license.features, feature_bit));
-                        prop_assert!(license.starts_at.is_none_or(|starts| now >= starts));
-                        prop_assert!(license.expires_at.is_none_or(|expires| now < expires + license.grace_seconds));
+                        prop_assert!(bits::contains(&data.feature_sets[license.features as usize], feature_bit));
+                        prop_assert!(now >= license.starts_at);
+                        prop_assert!(now < license.expires_at.saturating_add(license.grace_seconds));
                         if let Some(user) = &user {
-                            prop_assert!(bits::contains(&account.users[user].features, feature_bit));
+                            let user = account.users.iter().find(|candidate| &candidate.id == user).unwrap();
+                            prop_assert!(user.seat);
+                            prop_assert!(user.roles.iter().any(|role| bits::contains(&data.roles[*role as usize].features, feature_bit)));
                         }
                     }
                 }

@@ -12,7 +12,7 @@ use ed25519_dalek::SigningKey;
 
 use super::store::{SnapshotStore, unix_now_ms};
 use crate::policy::{ACCOUNTS_DIR, CATALOG_FILE, PolicyErrors};
-use crate::snapshot::{self, Snapshot, SnapshotError, TrustedKeys};
+use crate::snapshot::{self, ReadError, Snapshot, SnapshotError, TrustedKeys};
 use crate::telemetry::RejectCause;
 
 pub enum Source {
@@ -33,6 +33,8 @@ pub enum LoadError {
     #[error(transparent)]
     Compile(#[from] PolicyErrors),
     #[error(transparent)]
+    Build(SnapshotError),
+    #[error(transparent)]
     Snapshot(#[from] SnapshotError),
 }
 
@@ -40,7 +42,7 @@ impl LoadError {
     pub fn cause(&self) -> RejectCause {
         match self {
             LoadError::Read { .. } => RejectCause::Read,
-            LoadError::Compile(_) => RejectCause::Compile,
+            LoadError::Compile(_) | LoadError::Build(_) => RejectCause::Compile,
             LoadError::Snapshot(SnapshotError::UntrustedKey(_)) => RejectCause::UntrustedKey,
             LoadError::Snapshot(SnapshotError::BadSignature(_)) => RejectCause::Signature,
             LoadError::Snapshot(SnapshotError::Invalid(_)) => RejectCause::Validation,
@@ -85,14 +87,16 @@ impl Source {
     pub fn load(&self, trusted: &TrustedKeys, serving: Option<u64>) -> Result<Snapshot, LoadError> {
         match self {
             Source::File(path) => {
-                let bytes = std::fs::read(path).map_err(|source| LoadError::Read { path: path.display().to_string(), source })?;
-                Ok(Snapshot::verify(&bytes, trusted)?)
+                Snapshot::read_file(path, trusted).map_err(|error| match error {
+                    ReadError::Io { path, source } => LoadError::Read { path, source },
+                    ReadError::Snapshot(error) => LoadError::Snapshot(error),
+                })
             }
             Source::Policies { dir, key } => {
                 let data = crate::policy::compile_dir(dir)?;
                 let now_ms = unix_now_ms();
                 let revision = (now_ms.max(0) as u64).max(serving.map_or(0, |serving| serving + 1));
-                let bytes = snapshot::build(&data, revision, now_ms, key)?;
+                let bytes = snapshot::build(&data, revision, now_ms, key).map_err(LoadError::Build)?;
                 Ok(Snapshot::verify(&bytes, trusted)?)
             }
         }
