@@ -123,6 +123,15 @@ pub struct Snapshot {
     payload: std::ops::Range<usize>,
 }
 
+/// A copy of a verified snapshot is still verified: the bytes are the same.
+impl Clone for Snapshot {
+    fn clone(&self) -> Snapshot {
+        let mut bytes = AlignedVec::with_capacity(self.bytes.len());
+        bytes.extend_from_slice(&self.bytes);
+        Snapshot { header: self.header.clone(), bytes, payload: self.payload.clone() }
+    }
+}
+
 impl fmt::Debug for Snapshot {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Snapshot").field("header", &self.header).field("size", &self.bytes.len()).finish()

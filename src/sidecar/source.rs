@@ -105,8 +105,20 @@ impl Source {
 
 /// Loads the source once and installs the result; failures are recorded as rejects.
 pub fn reload(source: &Source, trusted: &TrustedKeys, store: &SnapshotStore) -> Result<u64, String> {
+    let started = std::time::Instant::now();
     match source.load(trusted, store.revision()) {
-        Ok(snapshot) => store.install(snapshot).map_err(|error| error.to_string()),
+        Ok(snapshot) => {
+            let loaded = started.elapsed();
+            let revision = store.install(snapshot).map_err(|error| error.to_string())?;
+            tracing::info!(
+                revision,
+                load_verify_ms = loaded.as_secs_f64() * 1e3,
+                total_ms = started.elapsed().as_secs_f64() * 1e3,
+                source = %source.describe(),
+                "snapshot loaded, verified and swapped"
+            );
+            Ok(revision)
+        }
         Err(error) => {
             let message = error.to_string();
             store.reject(error.cause(), &message);
