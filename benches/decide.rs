@@ -75,7 +75,11 @@ fn bench_decide(c: &mut Criterion) {
         let data = compile(n_accounts);
         let bytes = snapshot::build(&data, 1, 0, &key()).unwrap();
         drop(data);
-        eprintln!("snapshot of {n_accounts} accounts: {} bytes, {:.0} bytes per account", bytes.len(), bytes.len() as f64 / n_accounts as f64);
+        eprintln!(
+            "snapshot of {n_accounts} accounts: {} bytes, {:.0} bytes per account",
+            bytes.len(),
+            bytes.len() as f64 / n_accounts as f64
+        );
         let snapshot = Snapshot::verify(&bytes, &trusted()).unwrap();
         drop(bytes);
         let owned = requests(n_accounts);

@@ -8,7 +8,8 @@ use rkyv::rend::{u32_le, u64_le};
 use rkyv::vec::ArchivedVec;
 
 use crate::model::{
-    ArchivedAccount, ArchivedAccountStatus, ArchivedLicense, ArchivedLimit, ArchivedSnapshotData, NEVER_EXPIRES, SINCE_FOREVER, bits, fnv1a64,
+    ArchivedAccount, ArchivedAccountStatus, ArchivedLicense, ArchivedLimit, ArchivedSnapshotData, NEVER_EXPIRES, SINCE_FOREVER, bits,
+    fnv1a64,
 };
 
 /// One question: may `account` (and `user`) use `feature`, here and now, for `amount`?
@@ -222,10 +223,7 @@ fn fence_allows(fence: &ArchivedOption<ArchivedVec<u32_le>>, region_idx: Option<
 }
 
 fn find_limit(limits: &[ArchivedLimit], meter_idx: u32) -> Option<&ArchivedLimit> {
-    limits
-        .binary_search_by_key(&meter_idx, |limit| limit.meter.to_native())
-        .ok()
-        .and_then(|position| limits.get(position))
+    limits.binary_search_by_key(&meter_idx, |limit| limit.meter.to_native()).ok().and_then(|position| limits.get(position))
 }
 
 /// The rollout bucket (0..100) of an account for a feature whose seed is `seed`.
@@ -295,21 +293,17 @@ pub fn decide(snapshot: &ArchivedSnapshotData, request: &Request<'_>, now: i64, 
     }
 
     if let Some(user_id) = request.user {
-        let Some(user) = account
-            .users
-            .binary_search_by(|user| user.id.as_str().cmp(user_id))
-            .ok()
-            .and_then(|position| account.users.get(position))
+        let Some(user) =
+            account.users.binary_search_by(|user| user.id.as_str().cmp(user_id)).ok().and_then(|position| account.users.get(position))
         else {
             return deny(decision, Reason::UnknownUser);
         };
         if !user.seat {
             return deny(decision, Reason::NoSeat);
         }
-        let role_grants = user
-            .roles
-            .iter()
-            .any(|role_idx| snapshot.roles.get(role_idx.to_native() as usize).is_some_and(|role| bits::contains_le(&role.features, feature_idx)));
+        let role_grants = user.roles.iter().any(|role_idx| {
+            snapshot.roles.get(role_idx.to_native() as usize).is_some_and(|role| bits::contains_le(&role.features, feature_idx))
+        });
         if !role_grants {
             return deny(decision, Reason::RoleForbidden);
         }
@@ -380,11 +374,7 @@ fn upgrade_for_feature(snapshot: &ArchivedSnapshotData, account: &ArchivedAccoun
         .skip(first_plan)
         .find(|(_, plan)| bits::contains_le(&plan.features, feature_idx))
         .map(|(plan_idx, _)| plan_idx as u32);
-    let addon = snapshot
-        .addons
-        .iter()
-        .position(|addon| bits::contains_le(&addon.features, feature_idx))
-        .map(|addon_idx| addon_idx as u32);
+    let addon = snapshot.addons.iter().position(|addon| bits::contains_le(&addon.features, feature_idx)).map(|addon_idx| addon_idx as u32);
     cheaper(snapshot, plan, addon)
 }
 
@@ -395,15 +385,15 @@ fn upgrade_for_quota(snapshot: &ArchivedSnapshotData, license: &ArchivedLicense,
         .enumerate()
         .skip(license.plan.to_native() as usize + 1)
         .find(|(_, plan)| {
-            find_limit(&plan.limits, meter_idx)
-                .and_then(|limit| limit.hard.as_ref())
-                .is_none_or(|hard| hard.to_native() > current_hard)
+            find_limit(&plan.limits, meter_idx).and_then(|limit| limit.hard.as_ref()).is_none_or(|hard| hard.to_native() > current_hard)
         })
         .map(|(plan_idx, _)| plan_idx as u32);
     let addon = snapshot
         .addons
         .iter()
-        .position(|addon| find_limit(&addon.limits, meter_idx).and_then(|limit| limit.hard.as_ref()).is_some_and(|hard| hard.to_native() > 0))
+        .position(|addon| {
+            find_limit(&addon.limits, meter_idx).and_then(|limit| limit.hard.as_ref()).is_some_and(|hard| hard.to_native() > 0)
+        })
         .map(|addon_idx| addon_idx as u32);
     cheaper(snapshot, plan, addon)
 }

@@ -54,7 +54,8 @@ pub fn catalog(options: &GenOptions) -> String {
         text.push('\n');
     }
     let names = ["free", "team", "business", "enterprise"];
-    let limits = ["{ api_calls = 1000, exports = 10 }", "{ api_calls = 50000, exports = 100 }", "{ api_calls = 500000, exports = 1000 }", "{}"];
+    let limits =
+        ["{ api_calls = 1000, exports = 10 }", "{ api_calls = 50000, exports = 100 }", "{ api_calls = 500000, exports = 1000 }", "{}"];
     for (plan_idx, (name, limit)) in names.iter().zip(limits).enumerate() {
         let n_granted = (n_features * (plan_idx + 1) / N_PLANS).max(5);
         let features: Vec<String> = (0..n_granted.min(n_features)).map(|idx| format!("\"feature-{idx}\"")).collect();

@@ -5,13 +5,13 @@
 //! usage store, metrics, the JSON wire types, the sidecar server, and the synthetic policy
 //! generator.
 
+pub mod engine;
+pub mod generate;
 pub mod model;
 pub mod period;
 pub mod policy;
-pub mod engine;
-pub mod snapshot;
-pub mod usage;
-pub mod telemetry;
-pub mod wire;
 pub mod sidecar;
-pub mod generate;
+pub mod snapshot;
+pub mod telemetry;
+pub mod usage;
+pub mod wire;

@@ -140,7 +140,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Keygen { out } => {
             let key = snapshot::generate_key()?;
             snapshot::write_key_pair(&out, &key)?;
-            println!("wrote {} and {} (key id {})", out.join("tollgate.key").display(), out.join("tollgate.pub").display(), snapshot::key_id(&key.verifying_key()));
+            println!(
+                "wrote {} and {} (key id {})",
+                out.join("tollgate.key").display(),
+                out.join("tollgate.pub").display(),
+                snapshot::key_id(&key.verifying_key())
+            );
             Ok(())
         }
         Command::Compile { policy_dir, key, out, revision } => {
@@ -197,7 +202,8 @@ fn run(cli: Cli) -> Result<()> {
                 (None, None) => bail!("give `--snapshot FILE --trust-key KEY` or `--policies DIR`"),
             };
             let now = match now {
-                Some(text) => tollgate::period::parse_rfc3339(&text).with_context(|| format!("`--now` value `{text}` is not an RFC 3339 timestamp"))?,
+                Some(text) => tollgate::period::parse_rfc3339(&text)
+                    .with_context(|| format!("`--now` value `{text}` is not an RFC 3339 timestamp"))?,
                 None => sidecar_mod::store::unix_now_ms().div_euclid(1000),
             };
             let request = Request {
@@ -250,7 +256,8 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 fn run_sidecar(args: SidecarArgs) -> Result<()> {
-    let listen: std::net::SocketAddr = args.listen.parse().with_context(|| format!("`--listen` value `{}` is not an address like 127.0.0.1:8181", args.listen))?;
+    let listen: std::net::SocketAddr =
+        args.listen.parse().with_context(|| format!("`--listen` value `{}` is not an address like 127.0.0.1:8181", args.listen))?;
     if args.max_body == 0 {
         bail!("`--max-body` must be greater than 0");
     }

@@ -183,9 +183,7 @@ pub mod bits {
     }
 
     pub fn contains_le(words: &[rkyv::rend::u64_le], idx: u32) -> bool {
-        words
-            .get(idx as usize / 64)
-            .is_some_and(|word| word.to_native() & (1 << (idx % 64)) != 0)
+        words.get(idx as usize / 64).is_some_and(|word| word.to_native() & (1 << (idx % 64)) != 0)
     }
 
     pub fn union_into(into: &mut [u64], from: &[u64]) {
@@ -195,9 +193,10 @@ pub mod bits {
     }
 
     pub fn iter(words: &[u64]) -> impl Iterator<Item = u32> + '_ {
-        words.iter().enumerate().flat_map(|(word_idx, &word)| {
-            (0..64u32).filter(move |bit| word & (1 << bit) != 0).map(move |bit| word_idx as u32 * 64 + bit)
-        })
+        words
+            .iter()
+            .enumerate()
+            .flat_map(|(word_idx, &word)| (0..64u32).filter(move |bit| word & (1 << bit) != 0).map(move |bit| word_idx as u32 * 64 + bit))
     }
 
     pub fn iter_le(words: &[rkyv::rend::u64_le]) -> impl Iterator<Item = u32> + '_ {

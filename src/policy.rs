@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use toml::Spanned;
 
-use crate::model::{self, Account, AccountStatus, Addon, Feature, License, Limit, Meter, Period, Plan, Role, Rollout, SnapshotData, User, bits};
+use crate::model::{
+    self, Account, AccountStatus, Addon, Feature, License, Limit, Meter, Period, Plan, Role, Rollout, SnapshotData, User, bits,
+};
 
 /// One policy file's name and contents.
 #[derive(Debug, Clone)]
@@ -187,8 +189,10 @@ fn account_paths(dir: &Path) -> Result<Vec<PathBuf>, PolicyError> {
     if !accounts_dir.is_dir() {
         return Ok(Vec::new());
     }
-    let entries = std::fs::read_dir(&accounts_dir).map_err(|error| whole_file_error(&accounts_dir, format!("cannot list directory: {error}")))?;
-    let mut paths: Vec<PathBuf> = entries.flatten().map(|entry| entry.path()).filter(|path| path.extension().is_some_and(|ext| ext == "toml")).collect();
+    let entries =
+        std::fs::read_dir(&accounts_dir).map_err(|error| whole_file_error(&accounts_dir, format!("cannot list directory: {error}")))?;
+    let mut paths: Vec<PathBuf> =
+        entries.flatten().map(|entry| entry.path()).filter(|path| path.extension().is_some_and(|ext| ext == "toml")).collect();
     paths.sort();
     Ok(paths)
 }
@@ -285,7 +289,12 @@ struct Interner {
 
 impl Interner {
     fn new() -> Interner {
-        let mut interner = Interner { feature_sets: Vec::new(), feature_set_index: HashMap::new(), limit_sets: Vec::new(), limit_set_index: HashMap::new() };
+        let mut interner = Interner {
+            feature_sets: Vec::new(),
+            feature_set_index: HashMap::new(),
+            limit_sets: Vec::new(),
+            limit_set_index: HashMap::new(),
+        };
         // Set 0 is the empty feature set (model::EMPTY_FEATURE_SET).
         interner.features(Vec::new());
         interner
@@ -318,7 +327,10 @@ impl Interner {
 
 /// Compiles a catalog and a stream of account files (each parsed, compiled and dropped in
 /// turn), or reports every mistake found.
-pub fn compile_sources(catalog: &Source, accounts: impl Iterator<Item = Result<Source, PolicyError>>) -> Result<SnapshotData, PolicyErrors> {
+pub fn compile_sources(
+    catalog: &Source,
+    accounts: impl Iterator<Item = Result<Source, PolicyError>>,
+) -> Result<SnapshotData, PolicyErrors> {
     let mut errors = Vec::new();
     let parsed_catalog = parse_toml::<CatalogFile>(catalog, &mut errors);
 
@@ -359,7 +371,10 @@ pub fn compile_sources(catalog: &Source, accounts: impl Iterator<Item = Result<S
         for (account_id, account_file) in parsed.accounts {
             if let Some((first_file, first_line)) = account_origin.get(account_id.get_ref()) {
                 let first_path = files.get(*first_file).map_or_else(String::new, |path| path.display().to_string());
-                diagnostics.at(account_id.span(), format!("duplicate account `{}` (first defined at {first_path}:{first_line})", account_id.get_ref()));
+                diagnostics.at(
+                    account_id.span(),
+                    format!("duplicate account `{}` (first defined at {first_path}:{first_line})", account_id.get_ref()),
+                );
                 continue;
             }
             let line = diagnostics.line(account_id.span().start);
@@ -425,11 +440,15 @@ fn compile_catalog(catalog: &CatalogFile, data: &mut SnapshotData, diagnostics: 
             }
             found
         });
-        let regions = feature.regions.as_ref().map(|regions| resolve_regions(regions, &data.region_index, &format!("feature `{}`", name.get_ref()), diagnostics));
+        let regions = feature
+            .regions
+            .as_ref()
+            .map(|regions| resolve_regions(regions, &data.region_index, &format!("feature `{}`", name.get_ref()), diagnostics));
         let rollout = feature.rollout.as_ref().map(|percent| {
             let value = *percent.get_ref();
             if !(0..=100).contains(&value) {
-                diagnostics.at(percent.span(), format!("feature `{}` has rollout {value}, expected a percentage from 0 to 100", name.get_ref()));
+                diagnostics
+                    .at(percent.span(), format!("feature `{}` has rollout {value}, expected a percentage from 0 to 100", name.get_ref()));
             }
             Rollout { percent: value.clamp(0, 100) as u8, seed: model::fnv1a64(model::FNV_OFFSET, name.get_ref().as_bytes()) }
         });
@@ -470,7 +489,8 @@ fn compile_catalog(catalog: &CatalogFile, data: &mut SnapshotData, diagnostics: 
             let limits = resolve_limits(&file.limits, &data.meter_index, &owner, diagnostics);
             let regions = file.regions.as_ref().map(|regions| {
                 if kind == "add-on" {
-                    diagnostics.at(file.id.span(), format!("{owner} cannot carry `regions`; geo-fences belong on features, plans and licenses"));
+                    diagnostics
+                        .at(file.id.span(), format!("{owner} cannot carry `regions`; geo-fences belong on features, plans and licenses"));
                 }
                 resolve_regions(regions, &data.region_index, &owner, diagnostics)
             });
@@ -503,7 +523,13 @@ fn compile_catalog(catalog: &CatalogFile, data: &mut SnapshotData, diagnostics: 
     names
 }
 
-fn resolve(name: &Spanned<String>, index: &HashMap<String, u32>, kind: &str, owner: &str, diagnostics: &mut Diagnostics<'_>) -> Option<u32> {
+fn resolve(
+    name: &Spanned<String>,
+    index: &HashMap<String, u32>,
+    kind: &str,
+    owner: &str,
+    diagnostics: &mut Diagnostics<'_>,
+) -> Option<u32> {
     let found = index.get(name.get_ref()).copied();
     if found.is_none() {
         diagnostics.at(name.span(), format!("{owner} names unknown {kind} `{}`", name.get_ref()));
@@ -528,7 +554,10 @@ fn parse_limit(meter_idx: u32, value: &Spanned<toml::Value>, owner: &str, meter:
                 None
             }
             other => {
-                diagnostics.at(value.span(), format!("{owner} has a {which}limit for meter `{meter}` that is a {}, expected a whole number", other.type_str()));
+                diagnostics.at(
+                    value.span(),
+                    format!("{owner} has a {which}limit for meter `{meter}` that is a {}, expected a whole number", other.type_str()),
+                );
                 None
             }
         }
@@ -541,7 +570,10 @@ fn parse_limit(meter_idx: u32, value: &Spanned<toml::Value>, owner: &str, meter:
                     "soft" => limit.soft = check(number, "soft ")?.into(),
                     "hard" => limit.hard = check(number, "hard ")?.into(),
                     other => {
-                        diagnostics.at(value.span(), format!("{owner} has unknown key `{other}` in the limit for meter `{meter}` (expected `soft` or `hard`)"));
+                        diagnostics.at(
+                            value.span(),
+                            format!("{owner} has unknown key `{other}` in the limit for meter `{meter}` (expected `soft` or `hard`)"),
+                        );
                         return None;
                     }
                 }
@@ -580,7 +612,12 @@ fn datetime_to_unix(value: &Spanned<toml::value::Datetime>, owner: &str, field: 
         (Some(date), None, None) => crate::period::parse_rfc3339(&format!("{date}T00:00:00Z")),
         (Some(_), Some(_), Some(_)) => crate::period::parse_rfc3339(&datetime.to_string()),
         _ => {
-            diagnostics.at(value.span(), format!("{owner} has `{field}` = {datetime}, expected a date (2026-01-31) or a date-time with offset (2026-01-31T12:00:00Z)"));
+            diagnostics.at(
+                value.span(),
+                format!(
+                    "{owner} has `{field}` = {datetime}, expected a date (2026-01-31) or a date-time with offset (2026-01-31T12:00:00Z)"
+                ),
+            );
             return None;
         }
     };
@@ -595,7 +632,8 @@ fn non_negative(value: &Option<Spanned<i64>>, owner: &str, field: &str, diagnost
     match u32::try_from(*value.get_ref()) {
         Ok(n) => Some(n),
         Err(_) => {
-            diagnostics.at(value.span(), format!("{owner} has `{field}` = {}, expected a whole number from 0 to {}", value.get_ref(), u32::MAX));
+            diagnostics
+                .at(value.span(), format!("{owner} has `{field}` = {}, expected a whole number from 0 to {}", value.get_ref(), u32::MAX));
             None
         }
     }
@@ -628,7 +666,8 @@ fn compile_account(
     for (license_number, license_file) in file.licenses.iter().enumerate() {
         let span = license_file.span();
         let license_file = license_file.get_ref();
-        let id = license_file.id.as_ref().map_or_else(|| format!("{}-{}", account_id.get_ref(), license_number + 1), |id| id.get_ref().clone());
+        let id =
+            license_file.id.as_ref().map_or_else(|| format!("{}-{}", account_id.get_ref(), license_number + 1), |id| id.get_ref().clone());
         let license_owner = format!("license `{id}` of {owner}");
         if !license_ids.insert(id.clone()) {
             diagnostics.at(span.clone(), format!("{owner} has duplicate license id `{id}`"));
@@ -672,7 +711,8 @@ fn compile_account(
             limits.insert(limit.meter, limit);
         }
         let starts_at = license_file.starts_at.as_ref().and_then(|value| datetime_to_unix(value, &license_owner, "starts_at", diagnostics));
-        let expires_at = license_file.expires_at.as_ref().and_then(|value| datetime_to_unix(value, &license_owner, "expires_at", diagnostics));
+        let expires_at =
+            license_file.expires_at.as_ref().and_then(|value| datetime_to_unix(value, &license_owner, "expires_at", diagnostics));
         if let (Some(starts), Some(expires), Some(value)) = (starts_at, expires_at, &license_file.expires_at)
             && expires <= starts
         {
@@ -712,7 +752,8 @@ fn compile_account(
     for (user_id, user_file) in &file.users {
         check_id(user_id, "user", diagnostics);
         let user_owner = format!("user `{}` of {owner}", user_id.get_ref());
-        let mut roles: Vec<u32> = user_file.roles.iter().filter_map(|role| resolve(role, &names.roles, "role", &user_owner, diagnostics)).collect();
+        let mut roles: Vec<u32> =
+            user_file.roles.iter().filter_map(|role| resolve(role, &names.roles, "role", &user_owner, diagnostics)).collect();
         for group in &user_file.groups {
             match groups.get(group.get_ref().as_str()) {
                 Some(group_roles) => roles.extend(group_roles),

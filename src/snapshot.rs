@@ -217,10 +217,8 @@ fn parse_framing(bytes: &[u8]) -> Result<Framing, SnapshotError> {
     if magic != MAGIC {
         return Err(SnapshotError::BadMagic);
     }
-    let len_bytes: [u8; 4] = bytes
-        .get(MAGIC.len()..MAGIC.len() + 4)
-        .and_then(|slice| slice.try_into().ok())
-        .ok_or(SnapshotError::Truncated(bytes.len()))?;
+    let len_bytes: [u8; 4] =
+        bytes.get(MAGIC.len()..MAGIC.len() + 4).and_then(|slice| slice.try_into().ok()).ok_or(SnapshotError::Truncated(bytes.len()))?;
     let header_len = u32::from_le_bytes(len_bytes) as usize;
     let header_start = MAGIC.len() + 4;
     let header_end = header_start + header_len;
@@ -229,7 +227,8 @@ fn parse_framing(bytes: &[u8]) -> Result<Framing, SnapshotError> {
     }
     let header_bytes = bytes.get(header_start..header_end).ok_or(SnapshotError::Truncated(bytes.len()))?;
     let header: Header = serde_json::from_slice(header_bytes).map_err(SnapshotError::Header)?;
-    let signed_end = bytes.len().checked_sub(SIGNATURE_LEN).filter(|&end| end >= header_end).ok_or(SnapshotError::Truncated(bytes.len()))?;
+    let signed_end =
+        bytes.len().checked_sub(SIGNATURE_LEN).filter(|&end| end >= header_end).ok_or(SnapshotError::Truncated(bytes.len()))?;
     let payload_len = signed_end - header_end;
     if header.payload_len != payload_len as u64 {
         return Err(SnapshotError::PayloadLength { expected: header.payload_len, actual: payload_len });
@@ -303,12 +302,8 @@ pub fn write_key_pair(dir: &Path, key: &SigningKey) -> Result<(), KeyError> {
     std::fs::create_dir_all(dir).map_err(write_error(dir))?;
     let secret_path = dir.join("tollgate.key");
     let public_path = dir.join("tollgate.pub");
-    let mut secret = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&secret_path)
-        .map_err(write_error(&secret_path))?;
+    let mut secret =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&secret_path).map_err(write_error(&secret_path))?;
     secret.write_all(format!("{}\n", hex::encode(key.to_bytes())).as_bytes()).map_err(write_error(&secret_path))?;
     secret.sync_all().map_err(write_error(&secret_path))?;
     std::fs::write(&public_path, format!("{}\n", hex::encode(key.verifying_key().to_bytes()))).map_err(write_error(&public_path))?;

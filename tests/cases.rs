@@ -58,7 +58,9 @@ fn check(path: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap();
     let case: CaseFile = toml::from_str(&text).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
     let data = match (&case.policies, &case.catalog, &case.accounts) {
-        (Some(dir), None, None) => tollgate::policy::compile_dir(&common::repo_root().join(dir)).unwrap_or_else(|errors| panic!("{errors}")),
+        (Some(dir), None, None) => {
+            tollgate::policy::compile_dir(&common::repo_root().join(dir)).unwrap_or_else(|errors| panic!("{errors}"))
+        }
         (None, Some(catalog), accounts) => common::compile_inline(catalog, accounts.as_deref().unwrap_or("")),
         _ => panic!("{}: give either `policies` or inline `catalog` (and `accounts`)", path.display()),
     };
@@ -69,9 +71,11 @@ fn check(path: &Path) -> Vec<String> {
         let now_text = check.now.as_deref().unwrap_or(&case.now);
         let now = parse_rfc3339(now_text).unwrap_or_else(|| panic!("{}: bad `now` {now_text}", path.display()));
         let request_json = serde_json::to_string(&check.request).unwrap();
-        let body: CheckBody<'_> = serde_json::from_str(&request_json).unwrap_or_else(|error| panic!("{}: {}: {error}", path.display(), check.name));
+        let body: CheckBody<'_> =
+            serde_json::from_str(&request_json).unwrap_or_else(|error| panic!("{}: {}: {error}", path.display(), check.name));
         let decision = decide(snapshot.data(), &body.request(), now, &usage);
-        let actual = serde_json::to_value(DecisionJson::new(snapshot.data(), &body.account, snapshot.revision(), &decision, false)).unwrap();
+        let actual =
+            serde_json::to_value(DecisionJson::new(snapshot.data(), &body.account, snapshot.revision(), &decision, false)).unwrap();
         for (key, expected) in &check.expect {
             let expected = serde_json::to_value(expected).unwrap();
             let found = actual.get(key);
@@ -83,7 +87,12 @@ fn check(path: &Path) -> Vec<String> {
                 (_, None) => false,
             };
             if !matches {
-                failures.push(format!("{} / {}: `{key}` expected {expected}, got {}; whole answer {actual}", path.display(), check.name, found.map_or("nothing".to_string(), |found| found.to_string())));
+                failures.push(format!(
+                    "{} / {}: `{key}` expected {expected}, got {}; whole answer {actual}",
+                    path.display(),
+                    check.name,
+                    found.map_or("nothing".to_string(), |found| found.to_string())
+                ));
             }
         }
     }
@@ -93,7 +102,11 @@ fn check(path: &Path) -> Vec<String> {
 #[test]
 fn decision_cases() {
     let dir = common::repo_root().join("tests/cases");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|entry| entry.unwrap().path()).filter(|path| path.extension().is_some_and(|ext| ext == "toml")).collect();
+    let mut paths: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+        .collect();
     paths.sort();
     assert!(!paths.is_empty(), "no case files in {}", dir.display());
     let failures: Vec<String> = paths.iter().flat_map(|path| check(path)).collect();

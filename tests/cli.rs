@@ -100,7 +100,8 @@ fn keygen_compile_inspect_check() {
     let snapshot = dir.path().join("snapshot.bin");
     let policies = common::repo_root().join("policies");
     ok(&tollgate(&["compile", path(&policies), "--key", path(&secret), "--out", path(&snapshot), "--revision", "77"]));
-    let inspected: serde_json::Value = serde_json::from_str(&ok(&tollgate(&["inspect", path(&snapshot), "--trust-key", path(&keys.join("tollgate.pub"))]))).unwrap();
+    let inspected: serde_json::Value =
+        serde_json::from_str(&ok(&tollgate(&["inspect", path(&snapshot), "--trust-key", path(&keys.join("tollgate.pub"))]))).unwrap();
     assert_eq!(inspected["revision"], 77);
     assert_eq!(inspected["counts"]["accounts"], 9);
     assert_eq!(inspected["signature"]["ok"], true);
@@ -112,14 +113,35 @@ fn keygen_compile_inspect_check() {
     assert!(String::from_utf8_lossy(&wrong.stdout).contains("not trusted"));
 
     let answer: serde_json::Value = serde_json::from_str(&ok(&tollgate(&[
-        "check", "--snapshot", path(&snapshot), "--trust-key", path(&keys.join("tollgate.pub")),
-        "--account", "acme", "--feature", "export", "--user", "carol", "--now", "2026-11-28T00:00:00Z",
+        "check",
+        "--snapshot",
+        path(&snapshot),
+        "--trust-key",
+        path(&keys.join("tollgate.pub")),
+        "--account",
+        "acme",
+        "--feature",
+        "export",
+        "--user",
+        "carol",
+        "--now",
+        "2026-11-28T00:00:00Z",
     ])))
     .unwrap();
     assert_eq!(answer["reason"], "role_forbidden");
     assert_eq!(answer["revision"], 77);
 
-    let untrusted = tollgate(&["check", "--snapshot", path(&snapshot), "--trust-key", path(&other.join("tollgate.pub")), "--account", "acme", "--feature", "sso"]);
+    let untrusted = tollgate(&[
+        "check",
+        "--snapshot",
+        path(&snapshot),
+        "--trust-key",
+        path(&other.join("tollgate.pub")),
+        "--account",
+        "acme",
+        "--feature",
+        "sso",
+    ]);
     assert!(!untrusted.status.success());
 
     // Compile-time revisions grow by default.
@@ -207,14 +229,22 @@ async fn dev_mode_recompiles_when_policies_change() {
     let dir = tempfile::tempdir().unwrap();
     let policies = dir.path().join("policies");
     std::fs::create_dir_all(policies.join("accounts")).unwrap();
-    std::fs::write(policies.join("catalog.toml"), "[features.sso]\n[features.reports]\n[[plans]]\nid = \"pro\"\nfeatures = [\"reports\"]\n").unwrap();
+    std::fs::write(
+        policies.join("catalog.toml"),
+        "[features.sso]\n[features.reports]\n[[plans]]\nid = \"pro\"\nfeatures = [\"reports\"]\n",
+    )
+    .unwrap();
     std::fs::write(policies.join("accounts/a.toml"), "[accounts.a]\n[[accounts.a.licenses]]\nplan = \"pro\"\n").unwrap();
     let sidecar = Running::start(&["--policies", path(&policies)]);
     let mut client = common::Client::connect(sidecar.addr).await;
     assert_eq!(client.post("/v1/check", &json!({"account": "a", "feature": "sso"})).await.json()["reason"], "not_entitled");
     let first = client.get("/v1/status").await.json()["revision"].as_u64().unwrap();
 
-    std::fs::write(policies.join("catalog.toml"), "[features.sso]\n[features.reports]\n[[plans]]\nid = \"pro\"\nfeatures = [\"reports\", \"sso\"]\n").unwrap();
+    std::fs::write(
+        policies.join("catalog.toml"),
+        "[features.sso]\n[features.reports]\n[[plans]]\nid = \"pro\"\nfeatures = [\"reports\", \"sso\"]\n",
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let answer = client.post("/v1/check", &json!({"account": "a", "feature": "sso"})).await.json();

@@ -7,7 +7,20 @@ fn engine_imports_no_io_or_logging() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     for file in ["engine.rs", "model.rs", "period.rs"] {
         let source = std::fs::read_to_string(root.join(file)).unwrap();
-        for forbidden in ["tokio", "hyper", "std::net", "std::fs", "serde_json", "tracing", "std::sync::Mutex", "RwLock", "dashmap", "println!", "SystemTime", "Instant"] {
+        for forbidden in [
+            "tokio",
+            "hyper",
+            "std::net",
+            "std::fs",
+            "serde_json",
+            "tracing",
+            "std::sync::Mutex",
+            "RwLock",
+            "dashmap",
+            "println!",
+            "SystemTime",
+            "Instant",
+        ] {
             assert!(!source.contains(forbidden), "src/{file} mentions `{forbidden}`");
         }
     }

@@ -49,7 +49,8 @@ async fn batch_answers_in_order() {
         )
         .await;
     assert_eq!(reply.status, 200);
-    let reasons: Vec<String> = reply.json()["results"].as_array().unwrap().iter().map(|result| result["reason"].as_str().unwrap().to_string()).collect();
+    let reasons: Vec<String> =
+        reply.json()["results"].as_array().unwrap().iter().map(|result| result["reason"].as_str().unwrap().to_string()).collect();
     assert_eq!(reasons, ["ok", "account_suspended", "role_forbidden"]);
     server.stop().await;
 }
@@ -202,7 +203,8 @@ async fn oversize_body_without_content_length_is_refused() {
 async fn ext_authz_allows_with_200_and_denies_with_403() {
     let server = example_server().await;
     let mut client = server.client().await;
-    let allowed = client.send("GET", "/ext_authz/projects/1", "", &[("x-tollgate-account", "acme"), ("x-tollgate-feature", "reports")]).await;
+    let allowed =
+        client.send("GET", "/ext_authz/projects/1", "", &[("x-tollgate-account", "acme"), ("x-tollgate-feature", "reports")]).await;
     assert_eq!(allowed.status, 200);
     assert_eq!(allowed.headers["x-tollgate-reason"], "ok");
     let denied = client.send("POST", "/ext_authz/sso", "", &[("x-tollgate-account", "hooli"), ("x-tollgate-feature", "sso")]).await;

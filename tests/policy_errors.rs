@@ -123,7 +123,11 @@ fn duplicate_accounts_across_files_name_both_places() {
     let account = "[accounts.acme]\n[[accounts.acme.licenses]]\nplan = \"pro\"\n";
     let errors = errors(GOOD_CATALOG, &[("accounts/a.toml", account), ("accounts/b.toml", account)]);
     assert_eq!(errors.len(), 1);
-    assert!(errors[0].to_string().starts_with("accounts/b.toml:1: duplicate account `acme` (first defined at accounts/a.toml:1)"), "{}", errors[0]);
+    assert!(
+        errors[0].to_string().starts_with("accounts/b.toml:1: duplicate account `acme` (first defined at accounts/a.toml:1)"),
+        "{}",
+        errors[0]
+    );
 }
 
 #[test]

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::TestServer;
 use serde_json::json;
-use tollgate::snapshot::{Snapshot, SnapshotError, TrustedKeys};
 use tollgate::sidecar::source::{Source, reload};
+use tollgate::snapshot::{Snapshot, SnapshotError, TrustedKeys};
 
 fn trusted() -> TrustedKeys {
     TrustedKeys::new([common::test_key(1).verifying_key()])
@@ -136,7 +136,9 @@ async fn hot_swaps_under_load_lose_nothing_and_answer_from_one_revision() {
             let mut answers = 0u64;
             let mut revisions = std::collections::BTreeSet::new();
             while !stop.load(Ordering::Relaxed) {
-                let reply = client.post("/v1/check/batch", &json!({"checks": [{"account": "a", "feature": "sso"}, {"account": "a", "feature": "sso"}]})).await;
+                let reply = client
+                    .post("/v1/check/batch", &json!({"checks": [{"account": "a", "feature": "sso"}, {"account": "a", "feature": "sso"}]}))
+                    .await;
                 assert_eq!(reply.status, 200);
                 let body = reply.json();
                 let results = body["results"].as_array().unwrap();

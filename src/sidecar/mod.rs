@@ -184,7 +184,8 @@ async fn route(sidecar: &Sidecar, request: Request<Incoming>) -> (Route, HttpRes
 }
 
 async fn read_body(request: Request<Incoming>, max_body: usize) -> Result<Bytes, HttpResponse> {
-    let too_large = || error_response(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body is larger than {max_body} bytes"));
+    let too_large =
+        || error_response(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body is larger than {max_body} bytes"));
     let declared = request.headers().get(CONTENT_LENGTH).and_then(|value| value.to_str().ok()).and_then(|value| value.parse::<u64>().ok());
     if declared.is_some_and(|declared| declared > max_body as u64) {
         return Err(too_large());
@@ -232,7 +233,8 @@ pub fn check_batch(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
     let Some(snapshot) = guard.as_ref() else { return not_ready() };
     let now = unix_now();
     let started = Instant::now();
-    let decisions: Vec<Decision> = batch.checks.iter().map(|check| decide(snapshot.data(), &check.request(), now, &sidecar.usage)).collect();
+    let decisions: Vec<Decision> =
+        batch.checks.iter().map(|check| decide(snapshot.data(), &check.request(), now, &sidecar.usage)).collect();
     let per_decision = started.elapsed().as_secs_f64() / decisions.len().max(1) as f64;
     let results = batch
         .checks

@@ -125,7 +125,8 @@ fn to_check(evaluation: &Evaluation) -> Result<CheckBody<'static>, String> {
         .or_else(|| evaluation.action.as_ref().and_then(|action| action.name.clone()))
         .ok_or("no feature: use a resource of type `feature` or an action name")?;
     let context = evaluation.context.as_ref();
-    let context_str = |name: &str| context.and_then(|context| context.get(name)).and_then(Value::as_str).map(|value| Cow::Owned(value.to_string()));
+    let context_str =
+        |name: &str| context.and_then(|context| context.get(name)).and_then(Value::as_str).map(|value| Cow::Owned(value.to_string()));
     Ok(CheckBody {
         account: Cow::Owned(account.to_string()),
         feature: Cow::Owned(feature),
@@ -176,12 +177,8 @@ pub fn authzen(sidecar: &Sidecar, path: &str, body: &[u8]) -> HttpResponse {
     if items.len() > super::MAX_BATCH {
         return error_response(StatusCode::BAD_REQUEST, "too_many_checks", format!("at most {} evaluations are allowed", super::MAX_BATCH));
     }
-    let semantic = parsed
-        .options
-        .as_ref()
-        .and_then(|options| options.get("evaluations_semantic"))
-        .and_then(Value::as_str)
-        .unwrap_or("execute_all");
+    let semantic =
+        parsed.options.as_ref().and_then(|options| options.get("evaluations_semantic")).and_then(Value::as_str).unwrap_or("execute_all");
     let stop_on = match semantic {
         "execute_all" => None,
         "deny_on_first_deny" => Some(false),

@@ -86,12 +86,10 @@ impl Source {
     /// use; a compiled snapshot gets a newer one.
     pub fn load(&self, trusted: &TrustedKeys, serving: Option<u64>) -> Result<Snapshot, LoadError> {
         match self {
-            Source::File(path) => {
-                Snapshot::read_file(path, trusted).map_err(|error| match error {
-                    ReadError::Io { path, source } => LoadError::Read { path, source },
-                    ReadError::Snapshot(error) => LoadError::Snapshot(error),
-                })
-            }
+            Source::File(path) => Snapshot::read_file(path, trusted).map_err(|error| match error {
+                ReadError::Io { path, source } => LoadError::Read { path, source },
+                ReadError::Snapshot(error) => LoadError::Snapshot(error),
+            }),
             Source::Policies { dir, key } => {
                 let data = crate::policy::compile_dir(dir)?;
                 let now_ms = unix_now_ms();
