@@ -48,7 +48,10 @@ fn trusted() -> TrustedKeys {
 
 /// A fixed, varied set of requests: allowed and denied, with and without user, region,
 /// device and amount, over accounts spread across the snapshot.
-fn requests(n_accounts: usize) -> Vec<(String, String, Option<String>, Option<&'static str>, Option<String>)> {
+/// account, feature, user, region, device
+type OwnedRequest = (String, String, Option<String>, Option<&'static str>, Option<String>);
+
+fn requests(n_accounts: usize) -> Vec<OwnedRequest> {
     let mut state = 0x2545_f491_4f6c_dd1du64;
     let mut next = move || {
         state ^= state << 13;

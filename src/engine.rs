@@ -190,11 +190,11 @@ fn validity(license: &ArchivedLicense, now: i64) -> Validity {
 
 /// Among the licenses valid at `now` for which `accept` holds, the best: one out of grace
 /// before one in grace, then the higher plan.
-fn best_license<'s>(
-    account: &'s ArchivedAccount,
+fn best_license(
+    account: &ArchivedAccount,
     now: i64,
     accept: impl Fn(&ArchivedLicense) -> bool,
-) -> Option<(u32, &'s ArchivedLicense, Validity)> {
+) -> Option<(u32, &ArchivedLicense, Validity)> {
     let mut best: Option<(u32, &ArchivedLicense, Validity)> = None;
     for (license_idx, license) in account.licenses.iter().enumerate() {
         let license_validity = validity(license, now);
@@ -281,16 +281,30 @@ pub fn decide(snapshot: &ArchivedSnapshotData, request: &Request<'_>, now: i64, 
         return deny(decision, Reason::NotInRollout);
     }
 
-    let fenced = feature.regions.is_some()
-        || license.regions.is_some()
-        || snapshot.plans.get(license.plan.to_native() as usize).is_some_and(|plan| plan.regions.is_some());
-    if fenced {
-        let region_idx = request.region.and_then(|region| snapshot.region_index.get(region)).map(|idx| idx.to_native());
-        let plan_allows = snapshot.plans.get(license.plan.to_native() as usize).is_none_or(|plan| fence_allows(&plan.regions, region_idx));
-        if !fence_allows(&feature.regions, region_idx) || !plan_allows || !fence_allows(&license.regions, region_idx) {
-            return deny(decision, Reason::RegionBlocked);
-        }
+    // Geo-fences: the feature's applies whatever the license; the plan's and the license's
+    // apply to the license the request rests on. When the best granting license is fenced
+    // out, another granting license that the region satisfies serves instead.
+    let region_idx = request.region.and_then(|region| snapshot.region_index.get(region)).map(|idx| idx.to_native());
+    if !fence_allows(&feature.regions, region_idx) {
+        return deny(decision, Reason::RegionBlocked);
     }
+    let in_region = |license: &ArchivedLicense| {
+        fence_allows(&license.regions, region_idx)
+            && snapshot.plans.get(license.plan.to_native() as usize).is_none_or(|plan| fence_allows(&plan.regions, region_idx))
+    };
+    let license = if in_region(license) {
+        license
+    } else {
+        let Some((other_idx, other, other_validity)) =
+            best_license(account, now, |candidate| grants(snapshot, candidate, feature_idx) && in_region(candidate))
+        else {
+            return deny(decision, Reason::RegionBlocked);
+        };
+        decision.license = Some(other_idx);
+        decision.expires_at = expires_at(other);
+        decision.grace = other_validity == Validity::Grace;
+        other
+    };
 
     if let Some(user_id) = request.user {
         let Some(user) =
@@ -335,7 +349,7 @@ pub fn decide(snapshot: &ArchivedSnapshotData, request: &Request<'_>, now: i64, 
             overage: soft.is_some_and(|soft| after > soft),
         });
         if hard.is_some_and(|hard| after > hard) {
-            decision.upgrade = upgrade_for_quota(snapshot, license, meter_idx, hard.unwrap_or(0));
+            decision.upgrade = upgrade_for_quota(snapshot, license, feature_idx, meter_idx, hard.unwrap_or(0));
             return deny(decision, Reason::QuotaExceeded);
         }
     }
@@ -378,23 +392,39 @@ fn upgrade_for_feature(snapshot: &ArchivedSnapshotData, account: &ArchivedAccoun
     cheaper(snapshot, plan, addon)
 }
 
-fn upgrade_for_quota(snapshot: &ArchivedSnapshotData, license: &ArchivedLicense, meter_idx: u32, current_hard: u64) -> Option<Upgrade> {
+fn upgrade_for_quota(
+    snapshot: &ArchivedSnapshotData,
+    license: &ArchivedLicense,
+    feature_idx: u32,
+    meter_idx: u32,
+    current_hard: u64,
+) -> Option<Upgrade> {
+    // A limit set by an override is a negotiated figure that no purchase changes.
+    if license.overridden_meters.iter().any(|meter| meter.to_native() == meter_idx) {
+        return None;
+    }
     let plan = snapshot
         .plans
         .iter()
         .enumerate()
         .skip(license.plan.to_native() as usize + 1)
         .find(|(_, plan)| {
-            find_limit(&plan.limits, meter_idx).and_then(|limit| limit.hard.as_ref()).is_none_or(|hard| hard.to_native() > current_hard)
+            bits::contains_le(&plan.features, feature_idx)
+                && find_limit(&plan.limits, meter_idx)
+                    .and_then(|limit| limit.hard.as_ref())
+                    .is_none_or(|hard| hard.to_native() > current_hard)
         })
         .map(|(plan_idx, _)| plan_idx as u32);
     let addon = snapshot
         .addons
         .iter()
-        .position(|addon| {
-            find_limit(&addon.limits, meter_idx).and_then(|limit| limit.hard.as_ref()).is_some_and(|hard| hard.to_native() > 0)
+        .enumerate()
+        .find(|(addon_idx, addon)| {
+            // An add-on already on the license cannot be bought again.
+            !license.addons.iter().any(|held| held.to_native() as usize == *addon_idx)
+                && find_limit(&addon.limits, meter_idx).and_then(|limit| limit.hard.as_ref()).is_some_and(|hard| hard.to_native() > 0)
         })
-        .map(|addon_idx| addon_idx as u32);
+        .map(|(addon_idx, _)| addon_idx as u32);
     cheaper(snapshot, plan, addon)
 }
 

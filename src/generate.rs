@@ -79,7 +79,7 @@ fn account(text: &mut String, account_idx: usize, seed: u64) {
     // Each account draws from its own stream, so any range of accounts can be generated alone.
     let random = &mut SplitMix(seed ^ (account_idx as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
     let id = format!("acct-{account_idx}");
-    let plan = ["free", "team", "business", "enterprise"][random.below(N_PLANS as u64) as usize];
+    let plan = ["free", "team", "business", "enterprise"].get(random.below(N_PLANS as u64) as usize).copied().unwrap_or("free");
     let _ = writeln!(text, "[accounts.{id}]");
     // One account in fifty is suspended.
     if random.below(50) == 0 {

@@ -241,7 +241,7 @@ fn read_trusted(paths: &[PathBuf]) -> Result<TrustedKeys> {
 fn dev_source(dir: PathBuf) -> Result<(Source, TrustedKeys)> {
     let key = snapshot::generate_key()?;
     let trusted = TrustedKeys::new([key.verifying_key()]);
-    Ok((Source::Policies { dir, key }, trusted))
+    Ok((Source::Policies { dir, key: Box::new(key) }, trusted))
 }
 
 /// Writes through a temporary file and a rename, so a watcher never reads half a file.

@@ -146,6 +146,8 @@ pub struct License {
     pub limits: u32,
     /// Feature set an override removed, kept so upgrade hints do not suggest buying them.
     pub removed: u32,
+    /// Meters whose limit an override set outright, sorted: no purchase changes those.
+    pub overridden_meters: Vec<u32>,
     pub regions: Option<Vec<u32>>,
     pub max_devices: Option<u32>,
 }

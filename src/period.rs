@@ -84,12 +84,25 @@ fn first_of_month(year: i32, month: Month) -> Option<i64> {
     Some(date.with_time(Time::MIDNIGHT).assume_utc().unix_timestamp())
 }
 
-/// Formats unix seconds as RFC 3339 in UTC, e.g. `2026-12-01T00:00:00Z`.
+/// Formats unix seconds as RFC 3339 in UTC, e.g. `2026-12-01T00:00:00Z`. Answers carry up
+/// to two of these per decision, so this writes the fixed layout directly instead of going
+/// through `time`'s general formatter (three times slower).
 pub fn format_rfc3339(unix_seconds: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(unix_seconds)
-        .ok()
-        .and_then(|moment| moment.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| unix_seconds.to_string())
+    match OffsetDateTime::from_unix_timestamp(unix_seconds) {
+        Ok(moment) if (0..=9999).contains(&moment.year()) => {
+            let (date, clock) = (moment.date(), moment.time());
+            format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+                date.year(),
+                u8::from(date.month()),
+                date.day(),
+                clock.hour(),
+                clock.minute(),
+                clock.second()
+            )
+        }
+        _ => unix_seconds.to_string(),
+    }
 }
 
 /// Parses an RFC 3339 timestamp into unix seconds.
@@ -107,6 +120,13 @@ mod tests {
         let window = Period::Month.window(now);
         assert_eq!(format_rfc3339(window.start), "2026-12-01T00:00:00Z");
         assert_eq!(format_rfc3339(window.reset_at.unwrap()), "2027-01-01T00:00:00Z");
+    }
+
+    #[test]
+    fn formats_and_parses_rfc3339() {
+        for text in ["1970-01-01T00:00:00Z", "2026-02-28T23:59:59Z", "2099-12-31T00:00:01Z"] {
+            assert_eq!(format_rfc3339(parse_rfc3339(text).unwrap()), text);
+        }
     }
 
     #[test]

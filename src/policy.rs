@@ -387,7 +387,14 @@ pub fn compile_sources(
 
     data.feature_sets = interner.feature_sets;
     data.limit_sets = interner.limit_sets;
-    if errors.is_empty() { Ok(data) } else { Err(PolicyErrors(errors)) }
+    if errors.is_empty() {
+        return Ok(data);
+    }
+    // Files in the order they were read, each file's errors in line order.
+    let file_order: HashMap<PathBuf, usize> =
+        std::iter::once(catalog.path.clone()).chain(files).enumerate().map(|(idx, path)| (path, idx)).collect();
+    errors.sort_by_key(|error| (file_order.get(&error.file).copied().unwrap_or(usize::MAX), error.line));
+    Err(PolicyErrors(errors))
 }
 
 fn check_id(id: &Spanned<String>, what: &str, diagnostics: &mut Diagnostics<'_>) {
@@ -662,6 +669,7 @@ fn compile_account(
     };
 
     let mut licenses = Vec::new();
+    let mut license_failed = false;
     let mut license_ids = HashSet::new();
     for (license_number, license_file) in file.licenses.iter().enumerate() {
         let span = license_file.span();
@@ -672,14 +680,24 @@ fn compile_account(
         if !license_ids.insert(id.clone()) {
             diagnostics.at(span.clone(), format!("{owner} has duplicate license id `{id}`"));
         }
-        let Some(plan_idx) = resolve(&license_file.plan, &names.plans, "plan", &license_owner, diagnostics) else { continue };
-        let Some(plan) = data.plans.get(plan_idx as usize) else { continue };
-        let mut features = plan.features.clone();
-        let mut limits: BTreeMap<u32, Limit> = plan.limits.iter().map(|limit| (limit.meter, *limit)).collect();
+        if let Some(id) = &license_file.id {
+            check_id(id, "license", diagnostics);
+        }
+        // An unknown plan still lets the rest of the license be checked, so every mistake in
+        // it is reported; the license itself is then left out.
+        let plan = resolve(&license_file.plan, &names.plans, "plan", &license_owner, diagnostics)
+            .and_then(|plan_idx| data.plans.get(plan_idx as usize).map(|plan| (plan_idx, plan)));
+        let mut features = plan.map_or_else(|| vec![0u64; names.n_words], |(_, plan)| plan.features.clone());
+        let mut limits: BTreeMap<u32, Limit> =
+            plan.map_or_else(BTreeMap::new, |(_, plan)| plan.limits.iter().map(|limit| (limit.meter, *limit)).collect());
         let mut addons = Vec::new();
         for addon_name in &license_file.addons {
             let Some(addon_idx) = resolve(addon_name, &names.addons, "add-on", &license_owner, diagnostics) else { continue };
             let Some(addon) = data.addons.get(addon_idx as usize) else { continue };
+            if addons.contains(&addon_idx) {
+                diagnostics.at(addon_name.span(), format!("{license_owner} lists add-on `{}` more than once", addon_name.get_ref()));
+                continue;
+            }
             addons.push(addon_idx);
             bits::union_into(&mut features, &addon.features);
             for addon_limit in &addon.limits {
@@ -707,7 +725,10 @@ fn compile_account(
                 bits::set(&mut removed, feature_idx);
             }
         }
-        for limit in resolve_limits(&overrides.limits, &names.meters, &license_owner, diagnostics) {
+        let override_limits = resolve_limits(&overrides.limits, &names.meters, &license_owner, diagnostics);
+        let mut overridden_meters: Vec<u32> = override_limits.iter().map(|limit| limit.meter).collect();
+        overridden_meters.sort_unstable();
+        for limit in override_limits {
             limits.insert(limit.meter, limit);
         }
         let starts_at = license_file.starts_at.as_ref().and_then(|value| datetime_to_unix(value, &license_owner, "starts_at", diagnostics));
@@ -722,6 +743,10 @@ fn compile_account(
         let seats = non_negative(&license_file.seats, &license_owner, "seats", diagnostics).unwrap_or(1);
         let max_devices = non_negative(&license_file.max_devices, &license_owner, "max_devices", diagnostics);
         let regions = license_file.regions.as_ref().map(|regions| resolve_regions(regions, &names.regions, &license_owner, diagnostics));
+        let Some((plan_idx, _)) = plan else {
+            license_failed = true;
+            continue;
+        };
         licenses.push(License {
             id,
             plan: plan_idx,
@@ -734,6 +759,7 @@ fn compile_account(
             features: interner.features(features),
             limits: interner.limits(limits.into_values().collect()),
             removed: interner.features(removed),
+            overridden_meters,
             regions,
             max_devices,
         });
@@ -741,6 +767,7 @@ fn compile_account(
 
     let mut groups: HashMap<&str, Vec<u32>> = HashMap::new();
     for (group, roles) in &file.groups {
+        check_id(group, "group", diagnostics);
         let group_owner = format!("group `{}` of {owner}", group.get_ref());
         let resolved = roles.iter().filter_map(|role| resolve(role, &names.roles, "role", &group_owner, diagnostics)).collect();
         groups.insert(group.get_ref(), resolved);
@@ -770,8 +797,9 @@ fn compile_account(
         users.push(User { id: user_id.get_ref().clone(), seat, roles });
     }
     users.sort_by(|a, b| a.id.cmp(&b.id));
+    // Seat and device counts are only meaningful once every license compiled.
     let max_seats = licenses.iter().map(|license| license.seats).max().unwrap_or(0);
-    if n_seated > max_seats {
+    if !license_failed && n_seated > max_seats {
         diagnostics.at(seat_span, format!("{owner} assigns {n_seated} seats but its licenses allow at most {max_seats}"));
     }
 
@@ -791,7 +819,7 @@ fn compile_account(
     } else {
         licenses.iter().filter_map(|license| license.max_devices).max()
     };
-    if let (Some(limit), Some(first)) = (device_limit, file.devices.first())
+    if let (Some(limit), Some(first), false) = (device_limit, file.devices.first(), license_failed)
         && devices.len() > limit as usize
     {
         diagnostics.at(first.span(), format!("{owner} activates {} devices but its licenses allow at most {limit}", devices.len()));

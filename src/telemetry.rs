@@ -187,6 +187,11 @@ impl Metrics {
         self.decision_seconds.record(seconds);
     }
 
+    /// Records how long one decision took, for decisions counted with `decision_count`.
+    pub fn decision_latency(&self, seconds: f64) {
+        self.decision_seconds.record(seconds);
+    }
+
     /// Counts decisions made in bulk, timed as a whole.
     pub fn decision_count(&self, reason: Reason) {
         if let Some(counter) = self.decisions.get(reason.index()) {

@@ -103,7 +103,7 @@ fn keygen_compile_inspect_check() {
     let inspected: serde_json::Value =
         serde_json::from_str(&ok(&tollgate(&["inspect", path(&snapshot), "--trust-key", path(&keys.join("tollgate.pub"))]))).unwrap();
     assert_eq!(inspected["revision"], 77);
-    assert_eq!(inspected["counts"]["accounts"], 9);
+    assert_eq!(inspected["counts"]["accounts"], 10);
     assert_eq!(inspected["signature"]["ok"], true);
 
     let other = dir.path().join("other");

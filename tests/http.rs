@@ -130,7 +130,7 @@ async fn status_probes_and_metrics() {
     let status = client.get("/v1/status").await.json();
     assert_eq!(status["revision"], 42, "revision is a JSON number");
     assert_eq!(status["ready"], true);
-    assert_eq!(status["snapshot"]["counts"]["accounts"], 9);
+    assert_eq!(status["snapshot"]["counts"]["accounts"], 10);
     client.post("/v1/check", &json!({"account": "globex", "feature": "reports"})).await;
     let metrics = client.get("/metrics").await.text();
     assert!(metrics.contains(r#"tollgate_decisions_total{result="deny",reason="account_suspended"} 1"#), "{metrics}");

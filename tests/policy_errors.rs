@@ -163,3 +163,24 @@ fn the_shipped_example_policies_compile() {
     let data = tollgate::policy::compile_dir(&dir).unwrap_or_else(|errors| panic!("{errors}"));
     assert!(data.plans.len() >= 3 && data.addons.len() >= 2 && data.meters.len() >= 2 && data.roles.len() >= 3);
 }
+
+#[test]
+fn an_unknown_plan_does_not_hide_the_rest_of_the_license() {
+    let account = r#"[accounts.acme]
+[[accounts.acme.licenses]]
+plan = "platinum"
+addons = ["turbo"]
+seats = 3
+[accounts.acme.users.a]
+[accounts.acme.users.b]
+"#;
+    let errors = errors(GOOD_CATALOG, &[("accounts/a.toml", account)]);
+    let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert!(has(&errors, "accounts/a.toml", 3, "unknown plan `platinum`"), "{rendered:?}");
+    assert!(has(&errors, "accounts/a.toml", 4, "unknown add-on `turbo`"), "{rendered:?}");
+    assert!(!rendered.iter().any(|error| error.contains("seats")), "no invented seat error: {rendered:?}");
+    let lines: Vec<Option<usize>> = errors.iter().map(|error| error.line).collect();
+    let mut sorted = lines.clone();
+    sorted.sort();
+    assert_eq!(lines, sorted, "errors are in line order");
+}

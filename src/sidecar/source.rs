@@ -17,7 +17,7 @@ use crate::telemetry::RejectCause;
 
 pub enum Source {
     File(PathBuf),
-    Policies { dir: PathBuf, key: SigningKey },
+    Policies { dir: PathBuf, key: Box<SigningKey> },
 }
 
 impl std::fmt::Debug for Source {
