@@ -254,7 +254,12 @@ pub fn build(data: &SnapshotData, revision: u64, created_at_ms: i64, key: &Signi
             accounts: data.accounts.len() as u64,
         },
     };
-    let mut header_json = serde_json::to_vec(&header).map_err(SnapshotError::Header)?;
+    frame(&header, &payload, key)
+}
+
+/// Lays out and signs a snapshot file from its header and archived payload.
+fn frame(header: &Header, payload: &[u8], key: &SigningKey) -> Result<Vec<u8>, SnapshotError> {
+    let mut header_json = serde_json::to_vec(header).map_err(SnapshotError::Header)?;
     while (MAGIC.len() + 4 + header_json.len()) % PAYLOAD_ALIGN != 0 {
         header_json.push(b' ');
     }
@@ -262,10 +267,21 @@ pub fn build(data: &SnapshotData, revision: u64, created_at_ms: i64, key: &Signi
     bytes.extend_from_slice(MAGIC);
     bytes.extend_from_slice(&(header_json.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&header_json);
-    bytes.extend_from_slice(&payload);
+    bytes.extend_from_slice(payload);
     let signature = key.sign(&bytes);
     bytes.extend_from_slice(&signature.to_bytes());
     Ok(bytes)
+}
+
+/// Re-signs a snapshot file's payload under another revision (and `key`): the same data as a
+/// new revision without recompiling, for load tests that swap a large snapshot every second.
+/// The payload is copied as is; it is not validated here (the sidecar does that on load).
+pub fn resign(bytes: &[u8], revision: u64, created_at_ms: i64, key: &SigningKey) -> Result<Vec<u8>, SnapshotError> {
+    let Framing { mut header, payload, .. } = parse_framing(bytes)?;
+    header.revision = revision;
+    header.created_at_ms = created_at_ms;
+    header.key_id = key_id(&key.verifying_key());
+    frame(&header, bytes.get(payload).ok_or(SnapshotError::Truncated(bytes.len()))?, key)
 }
 
 /// A new random signing key.

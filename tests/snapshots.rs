@@ -175,3 +175,16 @@ async fn hot_swaps_under_load_lose_nothing_and_answer_from_one_revision() {
     assert_eq!(server.sidecar.store.revision(), Some(n_swaps));
     server.stop().await;
 }
+
+#[test]
+fn resigning_gives_a_new_revision_of_the_same_data() {
+    let data = common::example_data();
+    let original = common::signed(&data, 5, &common::test_key(1));
+    let resigned = tollgate::snapshot::resign(&original, 6, 42, &common::test_key(1)).unwrap();
+    let snapshot = Snapshot::verify(&resigned, &trusted()).unwrap();
+    assert_eq!(snapshot.revision(), 6);
+    assert_eq!(snapshot.header().created_at_ms, 42);
+    let back: tollgate::model::SnapshotData = rkyv::deserialize::<_, rkyv::rancor::Error>(snapshot.data()).unwrap();
+    assert_eq!(back, data);
+    assert!(tollgate::snapshot::resign(b"garbage that is not a snapshot", 6, 0, &common::test_key(1)).is_err());
+}
