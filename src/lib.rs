@@ -5,6 +5,7 @@
 //! usage store, metrics, the JSON wire types, the sidecar server, and the synthetic policy
 //! generator.
 
+pub mod container;
 pub mod engine;
 pub mod generate;
 pub mod model;

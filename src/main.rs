@@ -1,6 +1,6 @@
-//! The `tollgate` command line: keygen, compile, inspect, check, gen and sidecar. Parses
-//! arguments, reads files, and hands off to the library; bad configuration exits non-zero
-//! before anything serves.
+//! The `tollgate` command line: keygen, compile, inspect, check, gen, sidecar, and the probes
+//! health and ready. Parses arguments, reads files, and hands off to the library; bad
+//! configuration exits non-zero before anything serves.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -87,6 +87,21 @@ enum Command {
     },
     /// Serve the decision API on localhost.
     Sidecar(SidecarArgs),
+    /// Liveness probe: exit 0 when the local sidecar answers `/healthz`, 1 otherwise.
+    Health(ProbeArgs),
+    /// Readiness probe: exit 0 when the local sidecar answers `/readyz` (a valid snapshot is
+    /// loaded), 1 otherwise.
+    Ready(ProbeArgs),
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// The sidecar's `--listen` address.
+    #[arg(long, default_value = "127.0.0.1:8181")]
+    addr: String,
+    /// Give up after this many milliseconds.
+    #[arg(long, default_value_t = 2000)]
+    timeout_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -116,9 +131,26 @@ struct SidecarArgs {
     /// How long metering event ids are remembered for deduplication, in seconds.
     #[arg(long, default_value_t = 86_400)]
     dedupe_window_secs: i64,
-    /// Worker threads; defaults to the number of CPUs the process may use.
+    /// Worker threads; defaults to the cgroup CPU quota in whole CPUs (rounded up), or the
+    /// CPUs the process may run on when there is no quota.
     #[arg(long)]
     workers: Option<usize>,
+    /// Envoy ext_authz: the request header naming the account.
+    #[arg(long, default_value = tollgate::sidecar::protocols::HEADER_ACCOUNT)]
+    ext_authz_account_header: String,
+    /// Envoy ext_authz: the request header naming the user.
+    #[arg(long, default_value = tollgate::sidecar::protocols::HEADER_USER)]
+    ext_authz_user_header: String,
+    /// Envoy ext_authz: the request header naming the feature (a route in the catalog's
+    /// `[routes]` map matching the path wins over it).
+    #[arg(long, default_value = tollgate::sidecar::protocols::HEADER_FEATURE)]
+    ext_authz_feature_header: String,
+    /// Envoy ext_authz: the request header naming the region.
+    #[arg(long, default_value = tollgate::sidecar::protocols::HEADER_REGION)]
+    ext_authz_region_header: String,
+    /// Envoy ext_authz: the request header naming the device.
+    #[arg(long, default_value = tollgate::sidecar::protocols::HEADER_DEVICE)]
+    ext_authz_device_header: String,
 }
 
 fn main() -> std::process::ExitCode {
@@ -226,7 +258,15 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Sidecar(args) => run_sidecar(args),
+        Command::Health(args) => probe(&args, "/healthz"),
+        Command::Ready(args) => probe(&args, "/readyz"),
     }
+}
+
+/// `tollgate health` and `tollgate ready`: the exit status is the answer.
+fn probe(args: &ProbeArgs, path: &str) -> Result<()> {
+    tollgate::container::probe(&args.addr, path, Duration::from_millis(args.timeout_ms.max(1)))?;
+    Ok(())
 }
 
 fn read_trusted(paths: &[PathBuf]) -> Result<TrustedKeys> {
@@ -284,6 +324,16 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
     let trusted = Arc::new(trusted);
     let mut sidecar = Sidecar::new(Arc::clone(&metrics), Arc::clone(&trusted), source.describe());
     sidecar.max_body = args.max_body;
+    {
+        use tollgate::sidecar::protocols::header_name;
+        sidecar.ext_authz = tollgate::sidecar::protocols::ExtAuthzHeaders {
+            account: header_name(&args.ext_authz_account_header).context("`--ext-authz-account-header`")?,
+            user: header_name(&args.ext_authz_user_header).context("`--ext-authz-user-header`")?,
+            feature: header_name(&args.ext_authz_feature_header).context("`--ext-authz-feature-header`")?,
+            region: header_name(&args.ext_authz_region_header).context("`--ext-authz-region-header`")?,
+            device: header_name(&args.ext_authz_device_header).context("`--ext-authz-device-header`")?,
+        };
+    }
     let sidecar = Arc::new(sidecar);
 
     // The first load happens before serving. A policies directory with mistakes is bad
@@ -297,9 +347,12 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
 
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all();
-    if let Some(workers) = args.workers {
-        runtime.worker_threads(workers.max(1));
-    }
+    // Workers follow the container's CPU limit, not the node's cores: more threads than the
+    // quota only get throttled together. Snapshot loading runs on the blocking pool, capped
+    // small so background work cannot fan out over the quota (deploy/README.md).
+    let workers = args.workers.unwrap_or_else(tollgate::container::worker_threads).max(1);
+    runtime.worker_threads(workers).max_blocking_threads(4);
+    tracing::info!(workers, "async runtime");
     let runtime = runtime.build().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on `{listen}`"))?;

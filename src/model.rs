@@ -29,6 +29,17 @@ pub struct SnapshotData {
     /// Distinct resolved limit lists that licenses point into, each sorted by meter.
     pub limit_sets: Vec<Vec<Limit>>,
     pub accounts: HashMap<String, Account>,
+    /// The catalog's route-to-feature map for Envoy ext_authz, longest prefix first, so the
+    /// first match is the most specific one.
+    pub routes: Vec<RouteRule>,
+}
+
+/// Requests whose path starts with `prefix` use feature `feature` (an index into `features`)
+/// when no feature header names one.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct RouteRule {
+    pub prefix: String,
+    pub feature: u32,
 }
 
 /// The index of the empty feature set in [`SnapshotData::feature_sets`].

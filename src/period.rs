@@ -84,25 +84,43 @@ fn first_of_month(year: i32, month: Month) -> Option<i64> {
     Some(date.with_time(Time::MIDNIGHT).assume_utc().unix_timestamp())
 }
 
-/// Formats unix seconds as RFC 3339 in UTC, e.g. `2026-12-01T00:00:00Z`. Answers carry up
-/// to two of these per decision, so this writes the fixed layout directly instead of going
-/// through `time`'s general formatter (three times slower).
-pub fn format_rfc3339(unix_seconds: i64) -> String {
-    match OffsetDateTime::from_unix_timestamp(unix_seconds) {
-        Ok(moment) if (0..=9999).contains(&moment.year()) => {
-            let (date, clock) = (moment.date(), moment.time());
-            format!(
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
-                date.year(),
-                u8::from(date.month()),
-                date.day(),
-                clock.hour(),
-                clock.minute(),
-                clock.second()
-            )
+/// Unix seconds shown as RFC 3339 in UTC, e.g. `2026-12-01T00:00:00Z`. Answers carry up to
+/// two timestamps per decision, so this writes the fixed layout straight into the output (as
+/// `Display` and as a serde string) without an intermediate `String` or `time`'s general
+/// formatter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rfc3339(pub i64);
+
+impl std::fmt::Display for Rfc3339 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match OffsetDateTime::from_unix_timestamp(self.0) {
+            Ok(moment) if (0..=9999).contains(&moment.year()) => {
+                let (date, clock) = (moment.date(), moment.time());
+                write!(
+                    f,
+                    "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+                    date.year(),
+                    u8::from(date.month()),
+                    date.day(),
+                    clock.hour(),
+                    clock.minute(),
+                    clock.second()
+                )
+            }
+            _ => write!(f, "{}", self.0),
         }
-        _ => unix_seconds.to_string(),
     }
+}
+
+impl serde::Serialize for Rfc3339 {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+/// Formats unix seconds as RFC 3339 in UTC, e.g. `2026-12-01T00:00:00Z`.
+pub fn format_rfc3339(unix_seconds: i64) -> String {
+    Rfc3339(unix_seconds).to_string()
 }
 
 /// Parses an RFC 3339 timestamp into unix seconds.

@@ -73,6 +73,9 @@ struct CatalogFile {
     addons: Vec<PlanFile>,
     #[serde(default)]
     roles: BTreeMap<Spanned<String>, RoleFile>,
+    /// Envoy ext_authz route-to-feature map: path prefix to feature name.
+    #[serde(default)]
+    routes: BTreeMap<Spanned<String>, Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -279,22 +282,37 @@ pub fn compile(catalog: &Source, accounts: &[Source]) -> Result<SnapshotData, Po
     compile_sources(catalog, accounts.iter().map(|source| Ok(source.clone())))
 }
 
+/// A list of distinct values, each named by its position.
+struct Dedup<T> {
+    items: Vec<T>,
+    index: HashMap<T, u32>,
+}
+
+impl<T: std::hash::Hash + Eq + Clone> Dedup<T> {
+    fn new() -> Dedup<T> {
+        Dedup { items: Vec::new(), index: HashMap::new() }
+    }
+
+    fn intern(&mut self, item: T) -> u32 {
+        if let Some(&idx) = self.index.get(&item) {
+            return idx;
+        }
+        let idx = self.items.len() as u32;
+        self.index.insert(item.clone(), idx);
+        self.items.push(item);
+        idx
+    }
+}
+
 /// Deduplicates feature sets and limit lists so licenses can point at shared copies.
 struct Interner {
-    feature_sets: Vec<Vec<u64>>,
-    feature_set_index: HashMap<Vec<u64>, u32>,
-    limit_sets: Vec<Vec<Limit>>,
-    limit_set_index: HashMap<Vec<Limit>, u32>,
+    feature_sets: Dedup<Vec<u64>>,
+    limit_sets: Dedup<Vec<Limit>>,
 }
 
 impl Interner {
     fn new() -> Interner {
-        let mut interner = Interner {
-            feature_sets: Vec::new(),
-            feature_set_index: HashMap::new(),
-            limit_sets: Vec::new(),
-            limit_set_index: HashMap::new(),
-        };
+        let mut interner = Interner { feature_sets: Dedup::new(), limit_sets: Dedup::new() };
         // Set 0 is the empty feature set (model::EMPTY_FEATURE_SET).
         interner.features(Vec::new());
         interner
@@ -305,23 +323,11 @@ impl Interner {
         while set.last() == Some(&0) {
             set.pop();
         }
-        if let Some(&idx) = self.feature_set_index.get(&set) {
-            return idx;
-        }
-        let idx = self.feature_sets.len() as u32;
-        self.feature_set_index.insert(set.clone(), idx);
-        self.feature_sets.push(set);
-        idx
+        self.feature_sets.intern(set)
     }
 
     fn limits(&mut self, set: Vec<Limit>) -> u32 {
-        if let Some(&idx) = self.limit_set_index.get(&set) {
-            return idx;
-        }
-        let idx = self.limit_sets.len() as u32;
-        self.limit_set_index.insert(set.clone(), idx);
-        self.limit_sets.push(set);
-        idx
+        self.limit_sets.intern(set)
     }
 }
 
@@ -347,6 +353,7 @@ pub fn compile_sources(
         feature_sets: Vec::new(),
         limit_sets: Vec::new(),
         accounts: HashMap::new(),
+        routes: Vec::new(),
     };
     let names = parsed_catalog.as_ref().map(|parsed| compile_catalog(parsed, &mut data, &mut Diagnostics::new(catalog, &mut errors)));
     let mut interner = Interner::new();
@@ -385,8 +392,8 @@ pub fn compile_sources(
         }
     }
 
-    data.feature_sets = interner.feature_sets;
-    data.limit_sets = interner.limit_sets;
+    data.feature_sets = interner.feature_sets.items;
+    data.limit_sets = interner.limit_sets.items;
     if errors.is_empty() {
         return Ok(data);
     }
@@ -527,7 +534,29 @@ fn compile_catalog(catalog: &CatalogFile, data: &mut SnapshotData, diagnostics: 
         names.roles.insert(name.get_ref().clone(), data.roles.len() as u32);
         data.roles.push(Role { name: name.get_ref().clone(), features });
     }
+
+    compile_routes(&catalog.routes, data, diagnostics);
     names
+}
+
+/// The `[routes]` table: each key a path prefix starting with `/`, each value a feature.
+fn compile_routes(routes: &BTreeMap<Spanned<String>, Spanned<String>>, data: &mut SnapshotData, diagnostics: &mut Diagnostics<'_>) {
+    for (prefix, feature) in routes {
+        let valid = prefix.get_ref().starts_with('/') && prefix.get_ref().len() <= 1024 && !prefix.get_ref().contains(['?', '#', ' ']);
+        if !valid {
+            diagnostics.at(
+                prefix.span(),
+                format!("route `{}` must be a path prefix starting with `/`, without `?`, `#` or spaces", prefix.get_ref()),
+            );
+            continue;
+        }
+        let owner = format!("route `{}`", prefix.get_ref());
+        if let Some(feature_idx) = resolve(feature, &data.feature_index, "feature", &owner, diagnostics) {
+            data.routes.push(model::RouteRule { prefix: prefix.get_ref().clone(), feature: feature_idx });
+        }
+    }
+    // Longest prefix first; equal lengths in name order, so compiles are reproducible.
+    data.routes.sort_by(|a, b| b.prefix.len().cmp(&a.prefix.len()).then_with(|| a.prefix.cmp(&b.prefix)));
 }
 
 fn resolve(

@@ -19,6 +19,9 @@ use sha2::{Digest, Sha256};
 use crate::model::{ArchivedSnapshotData, SnapshotData};
 
 const MAGIC: &[u8; 8] = b"TGSNAP\x00\x01";
+/// Version of the archived data model; bumped whenever `model` changes shape, so an old file
+/// is refused with a clear message instead of failing validation.
+pub const FORMAT: u32 = 2;
 const SIGNATURE_LEN: usize = 64;
 /// The payload's offset in the file is a multiple of this.
 const PAYLOAD_ALIGN: usize = 16;
@@ -31,6 +34,8 @@ pub enum SnapshotError {
     Truncated(usize),
     #[error("not a tollgate snapshot: bad magic bytes")]
     BadMagic,
+    #[error("snapshot format {found} is not the format this build reads ({FORMAT}); recompile it with this version")]
+    Format { found: u32 },
     #[error("snapshot header length {0} is out of range or leaves the payload unaligned")]
     HeaderLength(usize),
     #[error("snapshot header is not valid: {0}")]
@@ -227,6 +232,9 @@ fn parse_framing(bytes: &[u8]) -> Result<Framing, SnapshotError> {
     }
     let header_bytes = bytes.get(header_start..header_end).ok_or(SnapshotError::Truncated(bytes.len()))?;
     let header: Header = serde_json::from_slice(header_bytes).map_err(SnapshotError::Header)?;
+    if header.format != FORMAT {
+        return Err(SnapshotError::Format { found: header.format });
+    }
     let signed_end =
         bytes.len().checked_sub(SIGNATURE_LEN).filter(|&end| end >= header_end).ok_or(SnapshotError::Truncated(bytes.len()))?;
     let payload_len = signed_end - header_end;
@@ -240,7 +248,7 @@ fn parse_framing(bytes: &[u8]) -> Result<Framing, SnapshotError> {
 pub fn build(data: &SnapshotData, revision: u64, created_at_ms: i64, key: &SigningKey) -> Result<Vec<u8>, SnapshotError> {
     let payload = rkyv::to_bytes::<rkyv::rancor::Error>(data).map_err(SnapshotError::Serialize)?;
     let header = Header {
-        format: 1,
+        format: FORMAT,
         revision,
         key_id: key_id(&key.verifying_key()),
         created_at_ms,

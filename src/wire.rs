@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::engine::{Decision, Request, upgrade_name};
 use crate::model::ArchivedSnapshotData;
-use crate::period::format_rfc3339;
+use crate::period::Rfc3339;
 
 /// `POST /v1/check` body, and one element of a batch.
 #[derive(Debug, Deserialize)]
@@ -83,9 +83,9 @@ pub struct DecisionJson<'s> {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remaining: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reset_at: Option<String>,
+    pub reset_at: Option<Rfc3339>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub expires_at: Option<String>,
+    pub expires_at: Option<Rfc3339>,
     #[serde(skip_serializing_if = "is_false")]
     pub grace: bool,
     #[serde(skip_serializing_if = "is_false")]
@@ -115,8 +115,8 @@ impl<'s> DecisionJson<'s> {
             limit: quota.and_then(|quota| quota.limit),
             used: quota.map(|quota| quota.used),
             remaining: quota.and_then(|quota| quota.remaining),
-            reset_at: quota.and_then(|quota| quota.reset_at).map(format_rfc3339),
-            expires_at: decision.expires_at.map(format_rfc3339),
+            reset_at: quota.and_then(|quota| quota.reset_at).map(Rfc3339),
+            expires_at: decision.expires_at.map(Rfc3339),
             grace: decision.grace,
             overage: quota.is_some_and(|quota| quota.overage),
             stale,
@@ -140,7 +140,7 @@ pub struct MeterJson {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub remaining: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reset_at: Option<String>,
+    pub reset_at: Option<Rfc3339>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
     pub revision: u64,

@@ -254,3 +254,23 @@ async fn authzen_evaluations_map_onto_checks() {
     assert!(configuration["access_evaluation_endpoint"].as_str().unwrap().ends_with("/access/v1/evaluation"));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn speaks_http2_cleartext_with_prior_knowledge() {
+    use http_body_util::BodyExt;
+    let server = example_server().await;
+    let stream = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(connection);
+    for _ in 0..3 {
+        let request = hyper::Request::post(format!("http://{}/v1/check", server.addr))
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(br#"{"account":"acme","feature":"sso"}"#)))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.version(), hyper::Version::HTTP_2);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).unwrap()["allow"], true);
+    }
+    server.stop().await;
+}

@@ -3,7 +3,7 @@
 //! `engine::decide` over one loaded snapshot. Shutdown stops accepting, drains in-flight
 //! requests with a grace timeout, then returns.
 
-mod protocols;
+pub mod protocols;
 pub mod source;
 pub mod store;
 
@@ -45,6 +45,8 @@ pub struct Sidecar {
     pub trusted: Arc<TrustedKeys>,
     pub source: String,
     pub max_body: usize,
+    /// Where `/ext_authz` reads identity and feature from.
+    pub ext_authz: protocols::ExtAuthzHeaders,
 }
 
 impl std::fmt::Debug for Sidecar {
@@ -62,6 +64,7 @@ impl Sidecar {
             trusted,
             source,
             max_body: DEFAULT_MAX_BODY,
+            ext_authz: protocols::ExtAuthzHeaders::default(),
         }
     }
 }
@@ -106,7 +109,15 @@ pub async fn serve(listener: TcpListener, sidecar: Arc<Sidecar>, shutdown: impl 
 pub type HttpResponse = Response<Full<Bytes>>;
 
 fn json_response(status: StatusCode, body: &impl Serialize) -> HttpResponse {
-    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| br#"{"error":{"code":"internal","message":"cannot encode answer"}}"#.to_vec());
+    json_response_sized(status, body, 256)
+}
+
+/// Like `json_response`, with room for `capacity` bytes reserved up front (batches are large).
+fn json_response_sized(status: StatusCode, body: &impl Serialize, capacity: usize) -> HttpResponse {
+    let mut bytes = Vec::with_capacity(capacity);
+    if serde_json::to_writer(&mut bytes, body).is_err() {
+        bytes = br#"{"error":{"code":"internal","message":"cannot encode answer"}}"#.to_vec();
+    }
     let mut response = Response::new(Full::new(Bytes::from(bytes)));
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -135,6 +146,8 @@ async fn handle(sidecar: Arc<Sidecar>, request: Request<Incoming>) -> Result<Htt
 async fn route(sidecar: &Sidecar, request: Request<Incoming>) -> (Route, HttpResponse) {
     let path = request.uri().path().to_string();
     let method = request.method().clone();
+    // AuthZEN 1.0: a PDP answers with the request identifier the PEP sent.
+    let request_id = request.headers().get("x-request-id").cloned();
     if path == "/ext_authz" || path.starts_with("/ext_authz/") {
         return (Route::ExtAuthz, protocols::ext_authz(sidecar, &request));
     }
@@ -180,6 +193,10 @@ async fn route(sidecar: &Sidecar, request: Request<Incoming>) -> (Route, HttpRes
         _ if path == "/healthz" => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         _ => readyz(sidecar),
     };
+    let mut response = response;
+    if let (Route::AuthZen, Some(request_id)) = (route, request_id) {
+        response.headers_mut().insert("x-request-id", request_id);
+    }
     (route, response)
 }
 
@@ -245,7 +262,7 @@ pub fn check_batch(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
             DecisionJson::new(snapshot.data(), &check.account, snapshot.revision(), decision, false)
         })
         .collect();
-    json_response(StatusCode::OK, &BatchJson { results })
+    json_response_sized(StatusCode::OK, &BatchJson { results }, 16 + 192 * decisions.len())
 }
 
 fn meter(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
@@ -300,7 +317,7 @@ fn meter(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
             used: outcome.used,
             limit: shown_limit,
             remaining: shown_limit.map(|limit| limit.saturating_sub(outcome.used)),
-            reset_at: window.reset_at.map(crate::period::format_rfc3339),
+            reset_at: window.reset_at.map(crate::period::Rfc3339),
             reason: (!outcome.accepted).then_some("quota_exceeded"),
             revision: snapshot.revision(),
         },

@@ -1,0 +1,256 @@
+//! Envoy ext_authz and OpenID AuthZEN 1.0 against a real sidecar on 127.0.0.1:0: configurable
+//! header names, the catalog's route-to-feature map, and the requests of the AuthZEN 1.0
+//! specification's examples answered the way the specification says.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+mod common;
+
+use common::TestServer;
+use serde_json::json;
+use tollgate::sidecar::protocols::{ExtAuthzHeaders, header_name};
+
+async fn example_server() -> TestServer {
+    TestServer::start(Some(common::verified(&common::example_data(), 42))).await
+}
+
+#[tokio::test]
+async fn ext_authz_takes_the_feature_from_the_route_map_and_a_route_wins_over_the_header() {
+    let server = example_server().await;
+    let mut client = server.client().await;
+    let allowed = client.send("GET", "/ext_authz/reports/2026/q3", "", &[("x-tollgate-account", "hooli")]).await;
+    assert_eq!(allowed.status, 200);
+    assert_eq!(allowed.headers["x-tollgate-feature"], "reports");
+
+    // `/settings/sso` needs sso, which hooli's free plan lacks; naming a feature it has in the
+    // header does not get around the route.
+    let denied =
+        client.send("GET", "/ext_authz/settings/sso/saml", "", &[("x-tollgate-account", "hooli"), ("x-tollgate-feature", "reports")]).await;
+    assert_eq!(denied.status, 403);
+    assert_eq!(denied.headers["x-tollgate-feature"], "sso");
+    assert_eq!(denied.headers["x-tollgate-reason"], "not_entitled");
+    assert_eq!(denied.headers["x-tollgate-upgrade"], "plan:business");
+    assert_eq!(denied.json()["reason"], "not_entitled");
+
+    // Prefixes match whole segments: `/reportsx` is not under `/reports`, and with no route
+    // and no feature header the request is denied for missing identity.
+    let unrouted = client.send("GET", "/ext_authz/reportsx", "", &[("x-tollgate-account", "hooli")]).await;
+    assert_eq!(unrouted.status, 403);
+    assert_eq!(unrouted.headers["x-tollgate-reason"], "missing_identity");
+
+    // Metered routes tell the upstream what is left.
+    let metered = client.send("POST", "/ext_authz/api/v2/items", "", &[("x-tollgate-account", "hooli")]).await;
+    assert_eq!(metered.status, 200);
+    assert_eq!(metered.headers["x-tollgate-limit"], "1000");
+    assert_eq!(metered.headers["x-tollgate-remaining"], "1000");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn ext_authz_header_names_are_configurable() {
+    let snapshot = common::verified(&common::example_data(), 42);
+    let server = TestServer::start_with(Some(snapshot), |sidecar| {
+        sidecar.ext_authz = ExtAuthzHeaders {
+            account: header_name("X-Tenant-Id").unwrap(),
+            user: header_name("x-user").unwrap(),
+            feature: header_name("x-entitlement").unwrap(),
+            ..ExtAuthzHeaders::default()
+        };
+    })
+    .await;
+    let mut client = server.client().await;
+    let allowed = client.send("GET", "/ext_authz/x", "", &[("x-tenant-id", "acme"), ("x-user", "alice"), ("x-entitlement", "sso")]).await;
+    assert_eq!(allowed.status, 200);
+    let forbidden =
+        client.send("GET", "/ext_authz/x", "", &[("x-tenant-id", "acme"), ("x-user", "carol"), ("x-entitlement", "export")]).await;
+    assert_eq!(forbidden.status, 403);
+    assert_eq!(forbidden.json()["reason"], "role_forbidden");
+    // The default names no longer count.
+    let defaults = client.send("GET", "/ext_authz/x", "", &[("x-tollgate-account", "acme"), ("x-tollgate-feature", "sso")]).await;
+    assert_eq!(defaults.status, 403);
+    assert_eq!(defaults.headers["x-tollgate-reason"], "missing_identity");
+    assert!(header_name("not a header").is_err());
+    server.stop().await;
+}
+
+/// A catalog and account shaped after the AuthZEN 1.0 examples: account `123`, users
+/// `alice@acmecorp.com` (may read and edit) and `alice@example.com` (a viewer: may read only).
+fn spec_server() -> tollgate::model::SnapshotData {
+    common::compile_inline(
+        r#"
+        [features.can_read]
+        [features.can_edit]
+        [[plans]]
+        id = "standard"
+        features = ["can_read", "can_edit"]
+        [roles.editor]
+        features = ["can_read", "can_edit"]
+        [roles.viewer]
+        features = ["can_read"]
+        "#,
+        r#"
+        [accounts."123"]
+        [[accounts."123".licenses]]
+        plan = "standard"
+        seats = 5
+        [accounts."123".users."alice@acmecorp.com"]
+        roles = ["editor"]
+        [accounts."123".users."alice@example.com"]
+        roles = ["viewer"]
+        "#,
+    )
+}
+
+#[tokio::test]
+async fn authzen_spec_example_evaluation() {
+    let server = TestServer::start(Some(common::verified(&spec_server(), 7))).await;
+    let mut client = server.client().await;
+    // The specification's access evaluation request: a user, a resource of type account, an
+    // action with properties and a context; the PEP's X-Request-ID comes back.
+    let request = json!({
+        "subject": {"type": "user", "id": "alice@acmecorp.com"},
+        "resource": {"type": "account", "id": "123"},
+        "action": {"name": "can_read", "properties": {"method": "GET"}},
+        "context": {"time": "1985-10-26T01:22-07:00"}
+    });
+    let body = serde_json::to_vec(&request).unwrap();
+    let reply = client
+        .send(
+            "POST",
+            "/access/v1/evaluation",
+            body,
+            &[("content-type", "application/json"), ("x-request-id", "bfe9eb29-ab87-4ca3-be83-a1d5d8305716")],
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.headers["content-type"], "application/json");
+    assert_eq!(reply.headers["x-request-id"], "bfe9eb29-ab87-4ca3-be83-a1d5d8305716");
+    let answer = reply.json();
+    assert_eq!(answer["decision"], true);
+    assert!(answer["context"].is_object(), "context, when present, is an object");
+
+    // A deny is a 200 with `decision: false`, never an HTTP error.
+    let mut denied = request.clone();
+    denied["subject"]["id"] = json!("mallory@acmecorp.com");
+    let reply = client.post("/access/v1/evaluation", &denied).await;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()["decision"], false);
+    assert_eq!(reply.json()["context"]["reason"], "unknown_user");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn authzen_spec_example_evaluations_with_defaults_and_semantics() {
+    let server = TestServer::start(Some(common::verified(&spec_server(), 7))).await;
+    let mut client = server.client().await;
+    // The specification's batch: top-level subject and action are defaults for each item, and
+    // an item's own action replaces the default. Tollgate learns the account from the
+    // subject's properties.
+    let mut request = json!({
+        "subject": {"type": "user", "id": "alice@example.com", "properties": {"account": "123"}},
+        "action": {"name": "can_read"},
+        "evaluations": [
+            {"resource": {"type": "document", "id": "boxcarring.md"}},
+            {"resource": {"type": "document", "id": "subject-search.md"}},
+            {"action": {"name": "can_edit"}, "resource": {"type": "document", "id": "resource-search.md"}}
+        ]
+    });
+    let reply = client.post("/access/v1/evaluations", &request).await;
+    assert_eq!(reply.status, 200);
+    let decisions: Vec<bool> =
+        reply.json()["evaluations"].as_array().unwrap().iter().map(|item| item["decision"].as_bool().unwrap()).collect();
+    assert_eq!(decisions, [true, true, false], "one answer per item, in order");
+    assert_eq!(reply.json()["evaluations"][2]["context"]["reason"], "role_forbidden");
+
+    // `execute_all` is the default and answers every item.
+    request["options"] = json!({"evaluations_semantic": "execute_all"});
+    assert_eq!(client.post("/access/v1/evaluations", &request).await.json()["evaluations"].as_array().unwrap().len(), 3);
+
+    // `deny_on_first_deny` stops at the first deny, which is the last answer.
+    request["evaluations"] = json!([
+        {"action": {"name": "can_edit"}, "resource": {"type": "document", "id": "1"}},
+        {"resource": {"type": "document", "id": "2"}},
+    ]);
+    request["options"] = json!({"evaluations_semantic": "deny_on_first_deny"});
+    let answers = client.post("/access/v1/evaluations", &request).await.json();
+    assert_eq!(answers["evaluations"].as_array().unwrap().len(), 1);
+    assert_eq!(answers["evaluations"][0]["decision"], false);
+
+    // `permit_on_first_permit` stops at the first permit.
+    request["evaluations"] = json!([
+        {"action": {"name": "can_edit"}, "resource": {"type": "document", "id": "1"}},
+        {"resource": {"type": "document", "id": "2"}},
+        {"resource": {"type": "document", "id": "3"}},
+    ]);
+    request["options"] = json!({"evaluations_semantic": "permit_on_first_permit"});
+    let answers = client.post("/access/v1/evaluations", &request).await.json();
+    let decisions: Vec<bool> = answers["evaluations"].as_array().unwrap().iter().map(|item| item["decision"].as_bool().unwrap()).collect();
+    assert_eq!(decisions, [false, true]);
+
+    // Without an `evaluations` array the batch endpoint answers one evaluation.
+    let single = client
+        .post(
+            "/access/v1/evaluations",
+            &json!({
+                "subject": {"type": "user", "id": "alice@example.com"},
+                "resource": {"type": "account", "id": "123"},
+                "action": {"name": "can_read"}
+            }),
+        )
+        .await
+        .json();
+    assert_eq!(single["decision"], true);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn authzen_requests_tollgate_cannot_map_are_denied_not_errors_and_bad_json_is_400() {
+    let server = TestServer::start(Some(common::verified(&spec_server(), 7))).await;
+    let mut client = server.client().await;
+    // The specification's batch example as written names no account: each item is a deny
+    // with the reason in its context, and the answer is still a 200.
+    let reply = client
+        .post(
+            "/access/v1/evaluations",
+            &json!({
+                "subject": {"type": "user", "id": "alice@example.com"},
+                "action": {"name": "can_read"},
+                "evaluations": [
+                    {"resource": {"type": "document", "id": "boxcarring.md"}},
+                    {"resource": {"type": "document", "id": "subject-search.md"}}
+                ]
+            }),
+        )
+        .await;
+    assert_eq!(reply.status, 200);
+    for item in reply.json()["evaluations"].as_array().unwrap() {
+        assert_eq!(item["decision"], false);
+        assert_eq!(item["context"]["reason"], "invalid_request");
+    }
+    let single =
+        client.post("/access/v1/evaluation", &json!({"subject": {"type": "user", "id": "x"}, "action": {"name": "can_read"}})).await;
+    assert_eq!(single.status, 200);
+    assert_eq!(single.json()["decision"], false);
+
+    assert_eq!(client.post_raw("/access/v1/evaluation", "{not json").await.status, 400);
+    let unknown_semantic =
+        client.post("/access/v1/evaluations", &json!({"evaluations": [{}], "options": {"evaluations_semantic": "sometimes"}})).await;
+    assert_eq!(unknown_semantic.status, 400);
+
+    let configuration = client.get("/.well-known/authzen-configuration").await.json();
+    let base = format!("http://{}", server.addr);
+    assert_eq!(configuration["policy_decision_point"], base);
+    assert_eq!(configuration["access_evaluation_endpoint"], format!("{base}/access/v1/evaluation"));
+    assert_eq!(configuration["access_evaluations_endpoint"], format!("{base}/access/v1/evaluations"));
+    server.stop().await;
+}
+
+#[test]
+fn route_map_mistakes_are_named_with_their_line() {
+    let catalog = tollgate::policy::Source {
+        path: "catalog.toml".into(),
+        text: "[features.reports]\n\n[routes]\n\"/reports\" = \"reports\"\n\"reports\" = \"reports\"\n\"/x\" = \"nope\"\n".to_string(),
+    };
+    let errors = tollgate::policy::compile(&catalog, &[]).unwrap_err().to_string();
+    assert!(errors.contains("catalog.toml:5: route `reports` must be a path prefix starting with `/`"), "{errors}");
+    assert!(errors.contains("catalog.toml:6: route `/x` names unknown feature `nope`"), "{errors}");
+}
