@@ -131,6 +131,10 @@ struct SidecarArgs {
     /// How long metering event ids are remembered for deduplication, in seconds.
     #[arg(long, default_value_t = 86_400)]
     dedupe_window_secs: i64,
+    /// Also serve /metrics, /healthz and /readyz (nothing else) on this address, e.g. the pod
+    /// address for Prometheus, while the decision API stays on `--listen`.
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Worker threads; defaults to the cgroup CPU quota in whole CPUs (rounded up), or the
     /// CPUs the process may run on when there is no quota.
     #[arg(long)]
@@ -298,6 +302,11 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 fn run_sidecar(args: SidecarArgs) -> Result<()> {
     let listen: std::net::SocketAddr =
         args.listen.parse().with_context(|| format!("`--listen` value `{}` is not an address like 127.0.0.1:8181", args.listen))?;
+    let metrics_listen: Option<std::net::SocketAddr> = args
+        .metrics_listen
+        .as_deref()
+        .map(|address| address.parse().with_context(|| format!("`--metrics-listen` value `{address}` is not an address like 0.0.0.0:9181")))
+        .transpose()?;
     if args.max_body == 0 {
         bail!("`--max-body` must be greater than 0");
     }
@@ -357,6 +366,15 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on `{listen}`"))?;
         tracing::info!(address = %listener.local_addr()?, "tollgate sidecar listening");
+        let metrics_listener = match metrics_listen {
+            Some(address) => {
+                let listener =
+                    tokio::net::TcpListener::bind(address).await.with_context(|| format!("cannot listen on `{address}` for metrics"))?;
+                tracing::info!(address = %listener.local_addr()?, "metrics listening");
+                Some(listener)
+            }
+            None => None,
+        };
         let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
         let stopped = |mut receiver: tokio::sync::watch::Receiver<bool>| async move {
             let _ = receiver.wait_for(|stop| *stop).await;
@@ -390,7 +408,14 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
             tracing::info!("shutting down: draining in-flight requests");
             let _ = stop_sender.send(true);
         };
-        sidecar_mod::serve(listener, sidecar, shutdown, Duration::from_secs(args.drain_timeout_secs)).await;
+        let drain = Duration::from_secs(args.drain_timeout_secs);
+        let metrics_server = metrics_listener.map(|listener| {
+            tokio::spawn(sidecar_mod::serve_metrics(listener, Arc::clone(&sidecar), stopped(stop_receiver.clone()), drain))
+        });
+        sidecar_mod::serve(listener, sidecar, shutdown, drain).await;
+        if let Some(metrics_server) = metrics_server {
+            let _ = metrics_server.await;
+        }
         let _ = watcher.await;
         let _ = housekeeping.await;
         tracing::info!("stopped");

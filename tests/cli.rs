@@ -272,3 +272,22 @@ async fn dev_mode_recompiles_when_policies_change() {
     drop(client);
     assert!(sidecar.terminate().success());
 }
+
+#[tokio::test]
+async fn a_metrics_listener_serves_metrics_and_probes_only() {
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let policies = common::repo_root().join("policies");
+    let sidecar = Running::start(&["--policies", path(&policies), "--metrics-listen", &metrics_addr]);
+    let mut api = common::Client::connect(sidecar.addr).await;
+    assert_eq!(api.post("/v1/check", &json!({"account": "acme", "feature": "sso"})).await.json()["allow"], true);
+    let mut metrics = common::Client::connect(metrics_addr.parse().unwrap()).await;
+    let scraped = metrics.get("/metrics").await;
+    assert_eq!(scraped.status, 200);
+    assert!(scraped.text().contains(r#"tollgate_decisions_total{result="allow",reason="ok"} 1"#), "{}", scraped.text());
+    assert_eq!(metrics.get("/readyz").await.status, 200);
+    let refused = metrics.post("/v1/check", &json!({"account": "acme", "feature": "sso"})).await;
+    assert_eq!(refused.status, 404, "the decision API is not on the metrics listener");
+    drop((api, metrics));
+    assert!(sidecar.terminate().success());
+}

@@ -135,6 +135,8 @@ fn probe_and_scrape_ports_match_what_the_containers_listen_on() {
         let text = std::fs::read_to_string(&path).unwrap();
         let name = path.strip_prefix(repo_root()).unwrap().display().to_string();
         let listens: Vec<u16> = args_blocks(&text).iter().flatten().filter_map(|arg| arg.strip_prefix("--listen=")).map(port_of).collect();
+        let metrics_listens: Vec<u16> =
+            args_blocks(&text).iter().flatten().filter_map(|arg| arg.strip_prefix("--metrics-listen=")).map(port_of).collect();
         for command in tollgate_commands(&text) {
             let addr = command
                 .iter()
@@ -167,7 +169,10 @@ fn probe_and_scrape_ports_match_what_the_containers_listen_on() {
         for scrape_port in values_of(&text, "prometheus.io/port") {
             let scrape_port: u16 = scrape_port.parse().unwrap();
             assert!(container_ports.contains(&scrape_port.to_string()), "{name}: Prometheus scrapes {scrape_port}, not a container port");
-            assert!(listens.contains(&scrape_port), "{name}: Prometheus scrapes {scrape_port} but the container listens on {listens:?}");
+            assert!(
+                listens.contains(&scrape_port) || metrics_listens.contains(&scrape_port),
+                "{name}: Prometheus scrapes {scrape_port} but the container listens on {listens:?} and {metrics_listens:?}"
+            );
         }
         // Every probe and scrape path is one the binary serves (a kustomization's `path:` is
         // a JSON patch's, not HTTP).

@@ -72,6 +72,29 @@ impl Sidecar {
 /// Serves `sidecar` on `listener` until `shutdown` resolves, then drains open connections
 /// for at most `drain_timeout`.
 pub async fn serve(listener: TcpListener, sidecar: Arc<Sidecar>, shutdown: impl Future<Output = ()>, drain_timeout: Duration) {
+    serve_scoped(listener, sidecar, Scope::Api, shutdown, drain_timeout).await;
+}
+
+/// Serves only `/metrics`, `/healthz` and `/readyz`: a listener on the pod address for
+/// Prometheus and the kubelet, while the decision API stays on loopback.
+pub async fn serve_metrics(listener: TcpListener, sidecar: Arc<Sidecar>, shutdown: impl Future<Output = ()>, drain_timeout: Duration) {
+    serve_scoped(listener, sidecar, Scope::MetricsOnly, shutdown, drain_timeout).await;
+}
+
+/// Which endpoints a listener answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Api,
+    MetricsOnly,
+}
+
+async fn serve_scoped(
+    listener: TcpListener,
+    sidecar: Arc<Sidecar>,
+    scope: Scope,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+) {
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -90,7 +113,7 @@ pub async fn serve(listener: TcpListener, sidecar: Arc<Sidecar>, shutdown: impl 
         };
         let _ = stream.set_nodelay(true);
         let sidecar = Arc::clone(&sidecar);
-        let service = hyper::service::service_fn(move |request| handle(Arc::clone(&sidecar), request));
+        let service = hyper::service::service_fn(move |request| handle(Arc::clone(&sidecar), scope, request));
         let connection = builder.serve_connection(TokioIo::new(stream), service).into_owned();
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
@@ -136,9 +159,15 @@ fn unix_now() -> i64 {
     unix_now_ms().div_euclid(1000)
 }
 
-async fn handle(sidecar: Arc<Sidecar>, request: Request<Incoming>) -> Result<HttpResponse, Infallible> {
+async fn handle(sidecar: Arc<Sidecar>, scope: Scope, request: Request<Incoming>) -> Result<HttpResponse, Infallible> {
     let started = Instant::now();
-    let (route, response) = route(&sidecar, request).await;
+    let path = request.uri().path();
+    let (route, response) = if scope == Scope::MetricsOnly && !matches!(path, "/metrics" | "/healthz" | "/readyz") {
+        let message = format!("`{path}` is not served on the metrics listener");
+        (Route::NotFound, error_response(StatusCode::NOT_FOUND, "not_found", message))
+    } else {
+        route(&sidecar, request).await
+    };
     sidecar.metrics.request(route, started.elapsed().as_secs_f64());
     Ok(response)
 }
