@@ -6,6 +6,7 @@
 //! generator.
 
 pub mod container;
+pub mod control_plane;
 pub mod engine;
 pub mod generate;
 pub mod model;

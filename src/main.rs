@@ -87,6 +87,14 @@ enum Command {
     },
     /// Serve the decision API on localhost.
     Sidecar(SidecarArgs),
+    /// Run the control plane (license repository, integration API, tokens, snapshot
+    /// publishing), or manage its API keys.
+    ControlPlane(ControlPlaneArgs),
+    /// License tokens: verify one offline against a JWKS.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Liveness probe: exit 0 when the local sidecar answers `/healthz`, 1 otherwise.
     Health(ProbeArgs),
     /// Readiness probe: exit 0 when the local sidecar answers `/readyz` (a valid snapshot is
@@ -113,8 +121,25 @@ struct SidecarArgs {
     #[arg(long)]
     trust_key: Vec<PathBuf>,
     /// A signed snapshot file, watched and reloaded when it changes.
-    #[arg(long, required_unless_present = "policies", conflicts_with = "policies")]
+    #[arg(long, required_unless_present_any = ["policies", "control_plane"], conflicts_with_all = ["policies", "control_plane"])]
     snapshot: Option<PathBuf>,
+    /// Subscribe to a control plane (http://HOST:PORT): long-poll for signed snapshots,
+    /// verify them with `--trust-key`, keep the last good one in `--data-dir`.
+    #[arg(long, requires_all = ["api_key_file", "data_dir"], conflicts_with = "policies")]
+    control_plane: Option<String>,
+    /// File holding the API key (scope `sidecar`) for `--control-plane`.
+    #[arg(long)]
+    api_key_file: Option<PathBuf>,
+    /// Where the last good snapshot from `--control-plane` is cached.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Mark answers and status stale once the control plane has not confirmed the snapshot
+    /// for this long, e.g. `90s`, `10m`, `1h` (a bare number is seconds).
+    #[arg(long, requires = "control_plane", value_parser = parse_duration)]
+    max_staleness: Option<Duration>,
+    /// Turn `/readyz` unready while stale (answers keep coming from the last good snapshot).
+    #[arg(long, requires = "max_staleness")]
+    unready_when_stale: bool,
     /// Dev mode: compile this policies directory in-process with an ephemeral key, and
     /// recompile when it changes.
     #[arg(long)]
@@ -262,6 +287,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Sidecar(args) => run_sidecar(args),
+        Command::ControlPlane(args) => run_control_plane(args),
+        Command::Token { command } => run_token(command),
         Command::Health(args) => probe(&args, "/healthz"),
         Command::Ready(args) => probe(&args, "/readyz"),
     }
@@ -327,7 +354,16 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
             }
             (source, trusted)
         }
-        (None, None) => bail!("give `--snapshot FILE` or `--policies DIR`"),
+        (None, None) => match (&args.control_plane, &args.api_key_file, &args.data_dir) {
+            (Some(url), Some(key_file), Some(data_dir)) => {
+                if args.trust_key.is_empty() {
+                    bail!("`--trust-key` is required with `--control-plane`: the sidecar trusts only configured keys");
+                }
+                let subscription = sidecar_mod::subscribe::Subscription::new(url, key_file, data_dir.clone())?;
+                (Source::ControlPlane(Arc::new(subscription)), read_trusted(&args.trust_key)?)
+            }
+            _ => bail!("give `--snapshot FILE`, `--policies DIR` or `--control-plane URL`"),
+        },
     };
     let metrics = Arc::new(Metrics::new());
     let trusted = Arc::new(trusted);
@@ -343,6 +379,9 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
             device: header_name(&args.ext_authz_device_header).context("`--ext-authz-device-header`")?,
         };
     }
+    if let Some(max_staleness) = args.max_staleness {
+        sidecar.store.set_staleness(max_staleness, args.unready_when_stale);
+    }
     let sidecar = Arc::new(sidecar);
 
     // The first load happens before serving. A policies directory with mistakes is bad
@@ -351,7 +390,7 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
     match (source::reload(&source, &trusted, &sidecar.store), &source) {
         (Ok(revision), _) => tracing::info!(revision, source = %source.describe(), "serving snapshot"),
         (Err(error), Source::Policies { .. }) => bail!("{error}"),
-        (Err(error), Source::File(_)) => tracing::warn!(%error, "no valid snapshot yet; not ready until one arrives"),
+        (Err(error), _) => tracing::warn!(%error, "no valid snapshot yet; not ready until one arrives"),
     }
 
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
@@ -439,4 +478,124 @@ async fn shutdown_signal() {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
     }
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct ControlPlaneArgs {
+    #[command(subcommand)]
+    command: Option<ControlPlaneCommand>,
+    /// Data directory: the SQLite license repository lives in DIR/tollgate.db.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Policies directory whose catalog.toml is the catalog (accounts come from the database).
+    #[arg(long)]
+    policies: Option<PathBuf>,
+    /// Secret key file (from `tollgate keygen`) that signs snapshots and license tokens.
+    #[arg(long)]
+    signing_key: Option<PathBuf>,
+    /// Public key files of retired signing keys, kept in the JWKS so tokens they signed stay
+    /// verifiable until they expire; repeat for several.
+    #[arg(long)]
+    retired_key: Vec<PathBuf>,
+    #[arg(long, default_value = "127.0.0.1:8282")]
+    listen: String,
+    /// Lifetime of license tokens, in seconds (never past the license's own end).
+    #[arg(long, default_value_t = tollgate::control_plane::DEFAULT_TOKEN_TTL_SECS)]
+    token_ttl_secs: i64,
+    /// How long SIGTERM waits for in-flight requests, in seconds.
+    #[arg(long, default_value_t = 10)]
+    drain_timeout_secs: u64,
+}
+
+#[derive(Subcommand)]
+enum ControlPlaneCommand {
+    /// API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Make a new API key and print it, alone, on stdout; only its hash is stored.
+    Create {
+        #[arg(long)]
+        data: PathBuf,
+        /// admin, integration, sidecar or account.
+        #[arg(long)]
+        scope: String,
+        /// Bind the key to this account (required for scope `account`).
+        #[arg(long)]
+        account: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Verify a license token offline against a JWKS file; prints its claims, exits 1 if refused.
+    Verify {
+        #[arg(long)]
+        jwks: PathBuf,
+        token: String,
+    },
+}
+
+/// `90`, `90s`, `10m`, `1h` or `250ms`.
+fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    let (number, unit) = text.find(|c: char| !c.is_ascii_digit()).map_or((text, ""), |split| text.split_at(split));
+    let value: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration like 90s, 10m or 1h"))?;
+    let seconds = match unit {
+        "" | "s" => value,
+        "m" => value.saturating_mul(60),
+        "h" => value.saturating_mul(3600),
+        "ms" => return Ok(Duration::from_millis(value)),
+        _ => return Err(format!("`{text}` has unknown unit `{unit}` (expected ms, s, m or h)")),
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
+fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
+    if let Some(ControlPlaneCommand::Keys { command: KeysCommand::Create { data, scope, account } }) = args.command {
+        let repository = tollgate::control_plane::open_repository(&data)?;
+        let key = tollgate::control_plane::create_key(&repository, &scope, account.as_deref())?;
+        println!("{key}");
+        return Ok(());
+    }
+    let (Some(data), Some(policies), Some(signing_key)) = (args.data, args.policies, args.signing_key) else {
+        bail!("`tollgate control-plane` needs `--data DIR --policies DIR --signing-key KEY`");
+    };
+    let listen: std::net::SocketAddr =
+        args.listen.parse().with_context(|| format!("`--listen` value `{}` is not an address like 127.0.0.1:8282", args.listen))?;
+    if args.token_ttl_secs <= 0 {
+        bail!("`--token-ttl-secs` must be greater than 0");
+    }
+    let key = snapshot::read_signing_key(&signing_key)?;
+    let retired = args.retired_key.iter().map(|path| snapshot::read_public_key(path)).collect::<Result<Vec<_>, _>>()?;
+    let mut control_plane = tollgate::control_plane::ControlPlane::open(&data, &policies, key, retired)?;
+    control_plane.token_ttl_secs = args.token_ttl_secs;
+    let control_plane = Arc::new(control_plane);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on `{listen}`"))?;
+        tracing::info!(address = %listener.local_addr()?, "tollgate control plane listening");
+        let shutdown = async {
+            shutdown_signal().await;
+            tracing::info!("shutting down: draining in-flight requests");
+        };
+        tollgate::control_plane::run(control_plane, listener, shutdown, Duration::from_secs(args.drain_timeout_secs)).await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+fn run_token(command: TokenCommand) -> Result<()> {
+    let TokenCommand::Verify { jwks, token } = command;
+    let text = std::fs::read_to_string(&jwks).with_context(|| format!("cannot read `{}`", jwks.display()))?;
+    let keys = tollgate::control_plane::tokens::parse_jwks(&text).with_context(|| format!("in `{}`", jwks.display()))?;
+    let now = sidecar_mod::store::unix_now_ms().div_euclid(1000);
+    let claims = tollgate::control_plane::tokens::verify(&token, &keys, now)?;
+    println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(claims))?);
+    Ok(())
 }

@@ -6,6 +6,7 @@
 pub mod protocols;
 pub mod source;
 pub mod store;
+pub mod subscribe;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -259,7 +260,8 @@ fn check(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
     let guard = sidecar.store.load();
     let Some(snapshot) = guard.as_ref() else { return not_ready() };
     let decision = decide_timed(sidecar, snapshot, &check, unix_now());
-    json_response(StatusCode::OK, &DecisionJson::new(snapshot.data(), &check.account, snapshot.revision(), &decision, false))
+    let stale = sidecar.store.is_stale();
+    json_response(StatusCode::OK, &DecisionJson::new(snapshot.data(), &check.account, snapshot.revision(), &decision, stale))
 }
 
 /// Answers a `/v1/check/batch` body; public so the benches can measure it without a socket.
@@ -278,6 +280,7 @@ pub fn check_batch(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
     let guard = sidecar.store.load();
     let Some(snapshot) = guard.as_ref() else { return not_ready() };
     let now = unix_now();
+    let stale = sidecar.store.is_stale();
     let started = Instant::now();
     let decisions: Vec<Decision> =
         batch.checks.iter().map(|check| decide(snapshot.data(), &check.request(), now, &sidecar.usage)).collect();
@@ -288,7 +291,7 @@ pub fn check_batch(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
         .zip(&decisions)
         .map(|(check, decision)| {
             sidecar.metrics.decision(decision.reason, per_decision);
-            DecisionJson::new(snapshot.data(), &check.account, snapshot.revision(), decision, false)
+            DecisionJson::new(snapshot.data(), &check.account, snapshot.revision(), decision, stale)
         })
         .collect();
     json_response_sized(StatusCode::OK, &BatchJson { results }, 16 + 192 * decisions.len())
@@ -448,6 +451,9 @@ fn status(sidecar: &Sidecar) -> HttpResponse {
         "rejects": update.rejects,
         "last_error": update.last_error,
         "last_error_at": update.last_error_at_ms.map(|ms| crate::period::format_rfc3339(ms.div_euclid(1000))),
+        "stale": sidecar.store.is_stale(),
+        "synced_at": sidecar.store.synced_at_ms().map(|ms| crate::period::format_rfc3339(ms.div_euclid(1000))),
+        "sync_age_seconds": sidecar.store.synced_at_ms().map(|ms| (now_ms - ms) as f64 / 1000.0),
         "trusted_keys": sidecar.trusted.ids().collect::<Vec<_>>(),
         "usage_event_ids": sidecar.usage.n_events(),
     });
@@ -455,8 +461,10 @@ fn status(sidecar: &Sidecar) -> HttpResponse {
 }
 
 fn readyz(sidecar: &Sidecar) -> HttpResponse {
-    if sidecar.store.is_ready() {
+    if sidecar.store.is_serving_ready() {
         json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+    } else if sidecar.store.is_ready() {
+        error_response(StatusCode::SERVICE_UNAVAILABLE, "stale", "the snapshot is older than `--max-staleness` allows")
     } else {
         error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "no valid snapshot is loaded yet")
     }
@@ -464,7 +472,18 @@ fn readyz(sidecar: &Sidecar) -> HttpResponse {
 
 fn metrics(sidecar: &Sidecar) -> HttpResponse {
     let age = sidecar.store.load().as_ref().map(|snapshot| (unix_now_ms() - snapshot.header().created_at_ms) as f64 / 1000.0);
-    let mut response = Response::new(Full::new(Bytes::from(sidecar.metrics.render(age))));
+    let mut text = sidecar.metrics.render(age);
+    // Freshness lives in the store (it is about the serving snapshot), so it is rendered here.
+    let now_ms = unix_now_ms();
+    text.push_str("# HELP tollgate_snapshot_stale 1 when the snapshot is older than --max-staleness allows\n");
+    text.push_str("# TYPE tollgate_snapshot_stale gauge\n");
+    text.push_str(&format!("tollgate_snapshot_stale {}\n", u8::from(sidecar.store.is_stale())));
+    if let Some(synced_at_ms) = sidecar.store.synced_at_ms() {
+        text.push_str("# HELP tollgate_snapshot_sync_age_seconds Seconds since the source last confirmed the snapshot is current\n");
+        text.push_str("# TYPE tollgate_snapshot_sync_age_seconds gauge\n");
+        text.push_str(&format!("tollgate_snapshot_sync_age_seconds {}\n", (now_ms - synced_at_ms) as f64 / 1000.0));
+    }
+    let mut response = Response::new(Full::new(Bytes::from(text)));
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
     response
 }

@@ -1,7 +1,8 @@
-//! Where snapshots come from: a signed snapshot file, or (dev mode) a policies directory
-//! compiled in-process and signed with an ephemeral key. Both are watched by polling file
-//! metadata, which also catches a file replaced by an atomic rename. Every candidate goes
-//! through the same verification before it reaches the store.
+//! Where snapshots come from: a signed snapshot file, (dev mode) a policies directory
+//! compiled in-process and signed with an ephemeral key, or a control-plane subscription
+//! (`subscribe`), whose on-disk cache is what `load` reads at start. Files are watched by
+//! polling their metadata, which also catches a file replaced by an atomic rename. Every
+//! candidate goes through the same verification before it reaches the store.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -11,6 +12,7 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 
 use super::store::{SnapshotStore, unix_now_ms};
+use super::subscribe::{self, Subscription};
 use crate::policy::{ACCOUNTS_DIR, CATALOG_FILE, PolicyErrors};
 use crate::snapshot::{self, ReadError, Snapshot, SnapshotError, TrustedKeys};
 use crate::telemetry::RejectCause;
@@ -18,6 +20,7 @@ use crate::telemetry::RejectCause;
 pub enum Source {
     File(PathBuf),
     Policies { dir: PathBuf, key: Box<SigningKey> },
+    ControlPlane(Arc<Subscription>),
 }
 
 impl std::fmt::Debug for Source {
@@ -65,12 +68,14 @@ impl Source {
         match self {
             Source::File(path) => format!("file:{}", path.display()),
             Source::Policies { dir, .. } => format!("policies:{}", dir.display()),
+            Source::ControlPlane(subscription) => subscription.describe(),
         }
     }
 
     fn fingerprint(&self) -> Fingerprint {
         match self {
             Source::File(path) => file_fingerprint(path).into_iter().collect(),
+            Source::ControlPlane(subscription) => file_fingerprint(&subscription.cache_path()).into_iter().collect(),
             Source::Policies { dir, .. } => {
                 let mut paths = vec![dir.join(CATALOG_FILE), dir.join(ACCOUNTS_DIR)];
                 if let Ok(entries) = std::fs::read_dir(dir.join(ACCOUNTS_DIR)) {
@@ -86,6 +91,10 @@ impl Source {
     /// use; a compiled snapshot gets a newer one.
     pub fn load(&self, trusted: &TrustedKeys, serving: Option<u64>) -> Result<Snapshot, LoadError> {
         match self {
+            Source::ControlPlane(subscription) => Snapshot::read_file(&subscription.cache_path(), trusted).map_err(|error| match error {
+                ReadError::Io { path, source } => LoadError::Read { path, source },
+                ReadError::Snapshot(error) => LoadError::Snapshot(error),
+            }),
             Source::File(path) => Snapshot::read_file(path, trusted).map_err(|error| match error {
                 ReadError::Io { path, source } => LoadError::Read { path, source },
                 ReadError::Snapshot(error) => LoadError::Snapshot(error),
@@ -103,6 +112,13 @@ impl Source {
 
 /// Loads the source once and installs the result; failures are recorded as rejects.
 pub fn reload(source: &Source, trusted: &TrustedKeys, store: &SnapshotStore) -> Result<u64, String> {
+    // A subscription with no cache yet (first start) has nothing to load; that is not a
+    // rejected update.
+    if let Source::ControlPlane(subscription) = source
+        && !subscription.cache_path().exists()
+    {
+        return Err(format!("no cached snapshot at `{}` yet", subscription.cache_path().display()));
+    }
     let started = std::time::Instant::now();
     match source.load(trusted, store.revision()) {
         Ok(snapshot) => {
@@ -126,7 +142,7 @@ pub fn reload(source: &Source, trusted: &TrustedKeys, store: &SnapshotStore) -> 
 }
 
 /// Polls the source every `interval` and reloads it when its files change, until
-/// `shutdown` resolves. Loading and verifying run on the blocking pool, off the request path.
+/// `shutdown` resolves; a control-plane source is followed by `subscribe::run` instead. Loading and verifying run on the blocking pool, off the request path.
 pub async fn watch(
     source: Arc<Source>,
     trusted: Arc<TrustedKeys>,
@@ -134,6 +150,9 @@ pub async fn watch(
     interval: Duration,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
+    if let Source::ControlPlane(subscription) = source.as_ref() {
+        return subscribe::run(Arc::clone(subscription), trusted, store, shutdown).await;
+    }
     tokio::pin!(shutdown);
     let mut last = {
         let source = Arc::clone(&source);

@@ -2,7 +2,7 @@
 //! path that only ever replaces it with a verified, newer snapshot, and the readiness latch.
 //! Old snapshots are dropped on a reaper thread, never on a request.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,13 @@ pub struct SnapshotStore {
     swaps: AtomicU64,
     rejects: AtomicU64,
     metrics: Arc<Metrics>,
+    /// Unix ms when the source last confirmed that the serving snapshot is current (a
+    /// control-plane answer, or the snapshot's own creation time).
+    synced_at_ms: AtomicI64,
+    /// Answers are marked stale once the last confirmation is older than this; 0 = never.
+    max_staleness_ms: AtomicI64,
+    /// Whether `/readyz` turns unready while stale.
+    unready_when_stale: AtomicBool,
 }
 
 impl std::fmt::Debug for SnapshotStore {
@@ -68,6 +75,9 @@ impl SnapshotStore {
             swaps: AtomicU64::new(0),
             rejects: AtomicU64::new(0),
             metrics,
+            synced_at_ms: AtomicI64::new(0),
+            max_staleness_ms: AtomicI64::new(0),
+            unready_when_stale: AtomicBool::new(false),
         }
     }
 
@@ -96,6 +106,7 @@ impl SnapshotStore {
             return Err(error);
         }
         let n_accounts = snapshot.header().counts.accounts;
+        self.synced_at_ms.fetch_max(snapshot.header().created_at_ms, Ordering::Relaxed);
         let old = self.current.swap(Some(Arc::new(snapshot)));
         self.ready.store(true, Ordering::Release);
         self.swaps.fetch_add(1, Ordering::Relaxed);
@@ -108,6 +119,34 @@ impl SnapshotStore {
         }
         tracing::info!(revision = offered, accounts = n_accounts, "snapshot installed");
         Ok(offered)
+    }
+
+    /// Configures staleness: past `max_staleness` without a confirmation from the source,
+    /// answers are marked stale (and `/readyz` turns unready when `unready_when_stale`).
+    pub fn set_staleness(&self, max_staleness: Duration, unready_when_stale: bool) {
+        self.max_staleness_ms.store(i64::try_from(max_staleness.as_millis()).unwrap_or(i64::MAX), Ordering::Relaxed);
+        self.unready_when_stale.store(unready_when_stale, Ordering::Relaxed);
+    }
+
+    /// The source confirmed that the serving snapshot is current.
+    pub fn mark_synced(&self) {
+        self.synced_at_ms.fetch_max(unix_now_ms(), Ordering::Relaxed);
+    }
+
+    /// Unix ms of the last confirmation, if any.
+    pub fn synced_at_ms(&self) -> Option<i64> {
+        Some(self.synced_at_ms.load(Ordering::Relaxed)).filter(|synced| *synced > 0)
+    }
+
+    /// Whether the serving snapshot is past the configured staleness.
+    pub fn is_stale(&self) -> bool {
+        let max = self.max_staleness_ms.load(Ordering::Relaxed);
+        max > 0 && unix_now_ms().saturating_sub(self.synced_at_ms.load(Ordering::Relaxed)) > max
+    }
+
+    /// Ready, and not stale when staleness is configured to make it unready.
+    pub fn is_serving_ready(&self) -> bool {
+        self.is_ready() && !(self.unready_when_stale.load(Ordering::Relaxed) && self.is_stale())
     }
 
     /// Records a rejected update: a log line, a metric and the status's last error. The

@@ -1,0 +1,227 @@
+//! Measures the control plane: the time from an order being accepted to every subscribed
+//! sidecar answering `/v1/check` with the new revision, and orders per second. Starts one
+//! `tollgate control-plane` and N `tollgate sidecar --control-plane` processes on loopback.
+//!
+//! cargo build --release --bin tollgate
+//! cargo run --release --example control_plane_propagation -- [BINARY] [SIDECARS] [ORDERS] [SECONDS] [CLIENTS]
+//!
+//! Defaults: target/release/tollgate, 10 sidecars, 200 orders, 10 s of order throughput with
+//! 8 concurrent clients. Prints one JSON object.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use tokio::net::TcpStream;
+
+struct Client {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    addr: SocketAddr,
+}
+
+impl Client {
+    async fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(connection);
+        Client { sender, addr }
+    }
+
+    async fn send(&mut self, method: &str, path: &str, body: Vec<u8>, key: Option<&str>) -> (u16, Bytes) {
+        let mut builder = hyper::Request::builder().method(method).uri(path).header("host", self.addr.to_string());
+        if let Some(key) = key {
+            builder = builder.header("authorization", format!("Bearer {key}"));
+        }
+        self.sender.ready().await.unwrap();
+        let response = self.sender.send_request(builder.body(Full::new(Bytes::from(body))).unwrap()).await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.into_body().collect().await.unwrap().to_bytes())
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+struct Processes(Vec<Child>);
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        // Sidecars first, so they do not log the control plane going away.
+        for child in self.0.iter_mut().rev() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+async fn wait_ready(addr: SocketAddr, path: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
+            drop(stream);
+            let mut client = Client::connect(addr).await;
+            if client.send("GET", path, Vec::new(), None).await.0 == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{addr} did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let binary = args.get(1).cloned().unwrap_or_else(|| "target/release/tollgate".into());
+    let n_sidecars: usize = args.get(2).map_or(10, |n| n.parse().unwrap());
+    let n_orders: usize = args.get(3).map_or(200, |n| n.parse().unwrap());
+    let seconds: u64 = args.get(4).map_or(10, |n| n.parse().unwrap());
+    let n_clients: usize = args.get(5).map_or(8, |n| n.parse().unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let run = |arguments: &[&str]| Command::new(&binary).args(arguments).stdout(Stdio::piped()).stderr(Stdio::null()).output().unwrap();
+    let keys = dir.path().join("keys");
+    assert!(run(&["keygen", "--out", keys.to_str().unwrap()]).status.success());
+    let data = dir.path().join("cp");
+    let key_of = |scope: &str| {
+        let output = run(&["control-plane", "keys", "create", "--data", data.to_str().unwrap(), "--scope", scope]);
+        assert!(output.status.success());
+        String::from_utf8(output.stdout).unwrap().trim().to_string()
+    };
+    let integration = key_of("integration");
+    let sidecar_key = key_of("sidecar");
+    let key_file = dir.path().join("sidecar.key");
+    std::fs::write(&key_file, &sidecar_key).unwrap();
+
+    let cp_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let policies = std::env::current_dir().unwrap().join("policies");
+    let mut processes = Processes(Vec::new());
+    processes.0.push(
+        Command::new(&binary)
+            .args(["control-plane", "--data", data.to_str().unwrap(), "--policies", policies.to_str().unwrap()])
+            .args(["--signing-key", keys.join("tollgate.key").to_str().unwrap(), "--listen", &cp_addr.to_string()])
+            .env("TOLLGATE_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(cp_addr, "/healthz").await;
+    let mut cp = Client::connect(cp_addr).await;
+    let order = |id: String, action: &str, account: &str, plan: &str| {
+        serde_json::to_vec(&serde_json::json!({"order_id": id, "action": action, "account": account, "plan": plan})).unwrap()
+    };
+    assert_eq!(cp.send("POST", "/v1/orders", order("seed".into(), "new", "acme", "team"), Some(&integration)).await.0, 200);
+
+    let mut sidecars = Vec::new();
+    for n in 0..n_sidecars {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let data_dir = dir.path().join(format!("sidecar-{n}"));
+        processes.0.push(
+            Command::new(&binary)
+                .args(["sidecar", "--control-plane", &format!("http://{cp_addr}"), "--api-key-file", key_file.to_str().unwrap()])
+                .args(["--trust-key", keys.join("tollgate.pub").to_str().unwrap(), "--data-dir", data_dir.to_str().unwrap()])
+                .args(["--listen", &addr.to_string(), "--workers", "1"])
+                .env("TOLLGATE_LOG", "warn")
+                .spawn()
+                .unwrap(),
+        );
+        sidecars.push(addr);
+    }
+    for addr in &sidecars {
+        wait_ready(*addr, "/readyz").await;
+    }
+
+    // Propagation: alternate upgrade and downgrade; after each order, poll every sidecar
+    // until it answers with the order's revision.
+    let check = serde_json::to_vec(&serde_json::json!({"account": "acme", "feature": "sso"})).unwrap();
+    let mut pollers = Vec::new();
+    for addr in &sidecars {
+        pollers.push(Client::connect(*addr).await);
+    }
+    let mut latencies_ms = Vec::new();
+    for n in 0..n_orders {
+        let (action, plan) = if n % 2 == 0 { ("upgrade", "business") } else { ("downgrade", "team") };
+        let (status, body) = cp.send("POST", "/v1/orders", order(format!("p-{n}"), action, "acme", plan), Some(&integration)).await;
+        let accepted = Instant::now();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let revision = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["revision"].as_u64().unwrap();
+        let waits = pollers.iter_mut().map(|poller| {
+            let check = check.clone();
+            async move {
+                loop {
+                    let (_, answer) = poller.send("POST", "/v1/check", check.clone(), None).await;
+                    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+                    if answer["revision"].as_u64().unwrap_or(0) >= revision {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                }
+            }
+        });
+        futures_join_all(waits).await;
+        latencies_ms.push(accepted.elapsed().as_secs_f64() * 1e3);
+    }
+    latencies_ms.sort_by(f64::total_cmp);
+
+    // Throughput: concurrent clients posting new orders for distinct accounts.
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..n_clients {
+        let (done, integration) = (Arc::clone(&done), integration.clone());
+        workers.push(tokio::spawn(async move {
+            let mut client = Client::connect(cp_addr).await;
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let id = format!("t-{worker}-{n}");
+                let body =
+                    serde_json::to_vec(&serde_json::json!({"order_id": id, "action": "new", "account": id, "plan": "team"})).unwrap();
+                let (status, _) = client.send("POST", "/v1/orders", body, Some(&integration)).await;
+                assert_eq!(status, 200);
+                done.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let n_done = done.load(Ordering::Relaxed);
+
+    let report = serde_json::json!({
+        "sidecars": n_sidecars,
+        "orders_measured": n_orders,
+        "order_to_every_sidecar_ms": {
+            "p50": percentile(&latencies_ms, 0.50),
+            "p90": percentile(&latencies_ms, 0.90),
+            "p99": percentile(&latencies_ms, 0.99),
+            "max": latencies_ms.last().copied().unwrap_or(0.0),
+        },
+        "orders_per_second": n_done as f64 / elapsed,
+        "throughput_clients": n_clients,
+        "throughput_seconds": elapsed,
+        "orders_in_throughput_run": n_done,
+    });
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+}
+
+/// Awaits every future (a tiny join_all, to keep the futures crate out).
+async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
+    let handles: Vec<_> = futures.map(Box::pin).collect();
+    for handle in handles {
+        handle.await;
+    }
+}

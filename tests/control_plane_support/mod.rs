@@ -1,0 +1,150 @@
+//! Shared helpers for the control-plane tests: a control plane on 127.0.0.1:0 over a
+//! temporary data directory and the shipped catalog, API keys, and a sidecar subscribed to it.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use ed25519_dalek::SigningKey;
+
+use tollgate::control_plane::{self, ControlPlane};
+use tollgate::sidecar::Sidecar;
+use tollgate::sidecar::source::Source;
+use tollgate::sidecar::subscribe::Subscription;
+use tollgate::snapshot::TrustedKeys;
+use tollgate::telemetry::Metrics;
+
+use crate::common::{Client, Reply, repo_root};
+
+pub fn signing_key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
+
+/// A running control plane; `stop` shuts it down.
+pub struct TestControlPlane {
+    pub addr: SocketAddr,
+    pub control_plane: Arc<ControlPlane>,
+    pub data_dir: PathBuf,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TestControlPlane {
+    pub async fn start(data_dir: &Path) -> TestControlPlane {
+        TestControlPlane::start_with(data_dir, signing_key(7), Vec::new()).await
+    }
+
+    pub async fn start_with(data_dir: &Path, key: SigningKey, retired: Vec<ed25519_dalek::VerifyingKey>) -> TestControlPlane {
+        let control_plane = Arc::new(ControlPlane::open(data_dir, &repo_root().join("policies"), key, retired).unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(control_plane::run(
+            Arc::clone(&control_plane),
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(2),
+        ));
+        TestControlPlane { addr, control_plane, data_dir: data_dir.to_path_buf(), stop, task }
+    }
+
+    pub fn key(&self, scope: &str, account: Option<&str>) -> String {
+        control_plane::create_key(self.control_plane.repository.as_ref(), scope, account).unwrap()
+    }
+
+    pub async fn client(&self) -> Client {
+        Client::connect(self.addr).await
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
+    }
+}
+
+pub async fn get(client: &mut Client, path: &str, key: &str) -> Reply {
+    client.send("GET", path, bytes::Bytes::new(), &[("authorization", &format!("Bearer {key}"))]).await
+}
+
+pub async fn send_json(client: &mut Client, method: &str, path: &str, key: &str, body: &serde_json::Value) -> Reply {
+    let auth = format!("Bearer {key}");
+    client.send(method, path, serde_json::to_vec(body).unwrap(), &[("authorization", &auth), ("content-type", "application/json")]).await
+}
+
+pub async fn post(client: &mut Client, path: &str, key: &str, body: &serde_json::Value) -> Reply {
+    send_json(client, "POST", path, key, body).await
+}
+
+/// A sidecar subscribed to a control plane; `stop` ends its subscription and server.
+pub struct TestSidecar {
+    pub addr: SocketAddr,
+    pub sidecar: Arc<Sidecar>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl TestSidecar {
+    pub async fn start(control_plane: SocketAddr, api_key: &str, trusted: TrustedKeys, data_dir: &Path) -> TestSidecar {
+        let key_file = data_dir.join("api.key");
+        std::fs::create_dir_all(data_dir).unwrap();
+        std::fs::write(&key_file, api_key).unwrap();
+        let mut subscription = Subscription::new(&format!("http://{control_plane}"), &key_file, data_dir.to_path_buf()).unwrap();
+        subscription.wait = Duration::from_secs(5);
+        let source = Arc::new(Source::ControlPlane(Arc::new(subscription)));
+        let trusted = Arc::new(trusted);
+        let sidecar = Arc::new(Sidecar::new(Arc::new(Metrics::new()), Arc::clone(&trusted), source.describe()));
+        let _ = tollgate::sidecar::source::reload(&source, &trusted, &sidecar.store);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let until_stopped = |mut receiver: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = receiver.wait_for(|stop| *stop).await;
+        };
+        let watcher = tokio::spawn(tollgate::sidecar::source::watch(
+            source,
+            trusted,
+            Arc::clone(&sidecar.store),
+            Duration::from_millis(100),
+            until_stopped(stopped.clone()),
+        ));
+        let server = tokio::spawn(tollgate::sidecar::serve(listener, Arc::clone(&sidecar), until_stopped(stopped), Duration::from_secs(2)));
+        TestSidecar { addr, sidecar, stop, tasks: vec![watcher, server] }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            task.await.unwrap();
+        }
+    }
+
+    /// Polls `/v1/check` until `accept` holds for its answer, or panics after `limit`.
+    pub async fn wait_for(
+        &self,
+        check: &serde_json::Value,
+        limit: Duration,
+        accept: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut client = Client::connect(self.addr).await;
+        loop {
+            let reply = client.post("/v1/check", check).await;
+            if reply.status == 200 {
+                let answer = reply.json();
+                if accept(&answer) {
+                    return answer;
+                }
+            }
+            assert!(tokio::time::Instant::now() < deadline, "sidecar did not reach the expected answer within {limit:?}: {}", reply.text());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
+pub fn trusting(key: &SigningKey) -> TrustedKeys {
+    TrustedKeys::new([key.verifying_key()])
+}
