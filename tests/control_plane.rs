@@ -430,15 +430,66 @@ async fn readiness_follows_the_first_snapshot_and_metrics_count_requests() {
         post(&mut client, "/v1/orders", &integration, &order("m-1", "new", "metrics-co", json!({"plan": "team", "seats": 2}))).await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     let revision = reply.json()["revision"].as_u64().unwrap();
-    assert_eq!(get(&mut client, "/v1/orders", "not-a-key").await.status, 405);
+    assert_eq!(get(&mut client, "/v1/orders", "not-a-key").await.status, 401, "no path or method is revealed without a key");
+    assert_eq!(get(&mut client, "/v1/no-such-endpoint", "not-a-key").await.status, 401);
+    assert_eq!(get(&mut client, "/v1/orders", &integration).await.status, 405);
     assert_eq!(client.get("/v1/catalog").await.status, 401);
 
     let text = client.get("/metrics").await.text();
     assert!(text.contains(r#"tollgate_cp_requests_total{route="/v1/orders",status="2xx"} 1"#), "{text}");
-    assert!(text.contains(r#"tollgate_cp_requests_total{route="/v1/orders",status="4xx"} 1"#), "{text}");
+    assert!(text.contains(r#"tollgate_cp_requests_total{route="/v1/orders",status="4xx"} 2"#), "{text}");
     assert!(text.contains(r#"tollgate_cp_requests_total{route="/v1/catalog",status="4xx"} 1"#), "{text}");
     assert!(text.contains(&format!("tollgate_cp_revision_committed {revision}")), "{text}");
     assert!(text.contains("tollgate_cp_request_duration_seconds_bucket"), "{text}");
     assert!(!text.contains("metrics-co"), "account ids never become labels: {text}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn account_keys_cannot_probe_other_accounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestControlPlane::start(dir.path()).await;
+    let integration = server.key("integration", None);
+    let admin = server.key("admin", None);
+    let mut client = server.client().await;
+    for (order_id, account) in [("p-1", "probe-a"), ("p-2", "probe-b")] {
+        let reply =
+            post(&mut client, "/v1/orders", &integration, &order(order_id, "new", account, json!({"plan": "team", "seats": 2}))).await;
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let customer_b = server.key("account", Some("probe-b"));
+    let user = send_json(&mut client, "PUT", "/v1/accounts/probe-b/users/bo", &integration, &json!({"roles": ["member"]})).await;
+    assert_eq!(user.status, 200, "{}", user.text());
+    let request = post(
+        &mut client,
+        "/v1/access-requests",
+        &customer_b,
+        &json!({"account": "probe-b", "user": "bo", "kind": "seats", "seats": 1, "reason": "new hire"}),
+    )
+    .await;
+    assert_eq!(request.status, 200, "{}", request.text());
+    let id = request.json()["id"].as_i64().unwrap();
+
+    let customer_a = server.key("account", Some("probe-a"));
+    // Another account's request reads exactly like one that does not exist.
+    let theirs = get(&mut client, &format!("/v1/access-requests/{id}"), &customer_a).await;
+    let missing = get(&mut client, "/v1/access-requests/999999", &customer_a).await;
+    assert_eq!((theirs.status, missing.status), (404, 404));
+    assert_eq!(theirs.json()["error"]["code"], missing.json()["error"]["code"]);
+    assert_eq!(get(&mut client, &format!("/v1/access-requests/{id}"), &customer_b).await.status, 200);
+    // Listings that span accounts are refused to a bound key; its own are not.
+    assert_eq!(get(&mut client, "/v1/audit", &customer_a).await.status, 403);
+    assert_eq!(get(&mut client, "/v1/access-requests?account=probe-b", &customer_a).await.status, 403);
+    let own = get(&mut client, "/v1/access-requests", &customer_a).await;
+    assert_eq!(own.status, 200);
+    assert_eq!(own.json()["access_requests"].as_array().unwrap().len(), 0);
+    assert_eq!(get(&mut client, "/v1/audit?account=probe-a", &customer_a).await.status, 403, "audit needs admin or integration");
+    assert_eq!(get(&mut client, "/v1/audit?account=probe-b", &admin).await.status, 200);
+
+    // Only customer keys can be bound to an account.
+    for scope in ["admin", "integration", "sidecar"] {
+        let error = tollgate::control_plane::create_key(server.control_plane.repository.as_ref(), scope, Some("probe-a")).unwrap_err();
+        assert!(error.to_string().contains("only scope `account`"), "{scope}: {error}");
+    }
     server.stop().await;
 }

@@ -105,6 +105,7 @@ fn api_error(error: &ApiError) -> HttpResponse {
             tracing::error!(%error, "repository error");
             (StatusCode::INTERNAL_SERVER_ERROR, "internal")
         }
+        ApiError::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
     };
     let mut response = error_response(status, code, error.to_string());
     if status == StatusCode::UNAUTHORIZED {
@@ -126,7 +127,7 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, ApiError> 
         Ok(result) => result,
         Err(error) => {
             tracing::error!(%error, "request task failed");
-            Err(ApiError::Unprocessable(vec!["the request could not be completed".into()]))
+            Err(ApiError::Internal)
         }
     }
 }
@@ -195,6 +196,10 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/access-requests/{id}/deny", &["POST"]),
 ];
 
+/// Routes answered without an API key: probes, metrics, the API description and the public
+/// keys of license tokens.
+const PUBLIC_ROUTES: &[&str] = &["/healthz", "/readyz", "/metrics", "/openapi.json", "/.well-known/jwks.json"];
+
 /// The index in `ROUTES` of the route at `segments`; `None` for unknown paths.
 fn matching_route(segments: &[&str]) -> Option<usize> {
     ROUTES.iter().position(|(pattern, _)| {
@@ -219,7 +224,28 @@ async fn route(server: &Server, request: Request<Incoming>) -> HttpResponse {
         .map(|segment| percent_encoding::percent_decode_str(segment).decode_utf8_lossy().into_owned())
         .collect();
     let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
-    let Some(allowed) = matching_route(&segments).and_then(|route_idx| ROUTES.get(route_idx)).map(|(_, methods)| *methods) else {
+    let control_plane = &server.control_plane;
+    let route_idx = matching_route(&segments);
+    let public = route_idx.and_then(|route_idx| ROUTES.get(route_idx)).is_some_and(|(pattern, _)| PUBLIC_ROUTES.contains(pattern));
+    // Everything but the public routes needs a valid key first, so that an unauthenticated
+    // caller learns nothing about which paths and methods exist.
+    let caller = if public {
+        None
+    } else {
+        let bearer = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+            .map(|value| value.trim().to_string());
+        let Some(bearer) = bearer else { return api_error(&ApiError::Unauthorized) };
+        let repository = Arc::clone(&control_plane.repository);
+        match blocking(move || authenticate(repository.as_ref(), &bearer)).await {
+            Ok(caller) => Some(caller),
+            Err(error) => return api_error(&error),
+        }
+    };
+    let Some(allowed) = route_idx.and_then(|route_idx| ROUTES.get(route_idx)).map(|(_, methods)| *methods) else {
         return error_response(StatusCode::NOT_FOUND, "not_found", format!("no endpoint at `{path}`"));
     };
     let method = request.method().clone();
@@ -232,44 +258,27 @@ async fn route(server: &Server, request: Request<Incoming>) -> HttpResponse {
         }
         return response;
     }
-    let control_plane = &server.control_plane;
-    match segments.as_slice() {
-        ["healthz"] => return json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-        // Ready once the first snapshot is signed and offered: a sidecar that subscribes then
-        // gets one at once.
-        ["readyz"] => {
-            return match control_plane.publisher.latest() {
+    let Some(caller) = caller else {
+        return match segments.as_slice() {
+            ["healthz"] => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+            // Ready once the first snapshot is signed and offered: a sidecar that subscribes
+            // then gets one at once.
+            ["readyz"] => match control_plane.publisher.latest() {
                 Some(published) => json_response(StatusCode::OK, &serde_json::json!({"status": "ready", "revision": published.revision})),
                 None => error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "no snapshot has been published yet"),
-            };
-        }
-        ["metrics"] => {
-            let mut response = Response::new(Full::new(Bytes::from(control_plane.metrics.render())));
-            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
-            return response;
-        }
-        ["openapi.json"] => {
-            let mut response = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
-            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            return response;
-        }
-        [".well-known", "jwks.json"] => return json_response(StatusCode::OK, &tokens::jwks(&control_plane.token_keys)),
-        _ => {}
-    }
-
-    let bearer = request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
-        .map(|value| value.trim().to_string());
-    let Some(bearer) = bearer else { return api_error(&ApiError::Unauthorized) };
-    let caller = {
-        let repository = Arc::clone(&control_plane.repository);
-        match blocking(move || authenticate(repository.as_ref(), &bearer)).await {
-            Ok(caller) => caller,
-            Err(error) => return api_error(&error),
-        }
+            },
+            ["metrics"] => {
+                let mut response = Response::new(Full::new(Bytes::from(control_plane.metrics.render())));
+                response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+                response
+            }
+            ["openapi.json"] => {
+                let mut response = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+                response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                response
+            }
+            _ => json_response(StatusCode::OK, &tokens::jwks(&control_plane.token_keys)),
+        };
     };
 
     let owned: Vec<String> = decoded.clone();
@@ -368,11 +377,9 @@ async fn write_route(server: &Server, caller: Caller, segments: &[&str], request
                     return Ok(serde_json::json!({"access_requests": requests}));
                 }
                 let id: i64 = id.parse().map_err(|_| ApiError::not_found("unknown_access_request", format!("no access request `{id}`")))?;
-                let found = control_plane
-                    .repository
-                    .access_request(id)?
-                    .ok_or_else(|| ApiError::not_found("unknown_access_request", format!("no access request `{id}`")))?;
-                caller.may_touch(&found.account)?;
+                let unknown = || ApiError::not_found("unknown_access_request", format!("no access request `{id}`"));
+                let found = control_plane.repository.access_request(id)?.ok_or_else(unknown)?;
+                caller.may_see(&found.account, unknown)?;
                 Ok(serde_json::to_value(found).unwrap_or_default())
             })
             .await,
@@ -474,6 +481,15 @@ async fn snapshot(server: &Server, caller: &Caller, request: &Request<Incoming>)
     let _waiting = Waiting(metrics);
     loop {
         let current = latest.borrow_and_update().clone();
+        // A sidecar ahead of the newest snapshot means this control plane went backwards (a
+        // database restored from an old backup): say so rather than let it think it is current.
+        if let Some(published) = current.as_ref().filter(|published| published.revision < after) {
+            return error_response(
+                StatusCode::CONFLICT,
+                "revision_behind",
+                format!("this control plane's newest revision {} is older than `after` {after}", published.revision),
+            );
+        }
         if let Some(published) = current.filter(|published| published.revision > after) {
             let mut response = Response::new(Full::new(published.bytes.clone()));
             let headers = response.headers_mut();

@@ -68,6 +68,9 @@ pub enum ApiError {
     /// 500
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// 500: the handler failed without an answer (logged where it happened).
+    #[error("the request could not be completed")]
+    Internal,
 }
 
 impl ApiError {
@@ -132,6 +135,15 @@ impl Caller {
         }
     }
 
+    /// Like [`Caller::may_touch`] for reads of one record by id: another account's record is
+    /// answered as if it did not exist, so ids cannot be probed across accounts.
+    pub fn may_see(&self, account: &str, not_found: impl FnOnce() -> ApiError) -> Result<(), ApiError> {
+        match &self.account {
+            Some(bound) if bound != account => Err(not_found()),
+            _ => Ok(()),
+        }
+    }
+
     /// Refuses callers whose scope is not listed.
     pub fn require(&self, scopes: &[Scope]) -> Result<(), ApiError> {
         if scopes.contains(&self.scope) {
@@ -174,6 +186,8 @@ pub enum KeyCreateError {
     Scope(String),
     #[error("scope `account` needs `--account ID`")]
     AccountRequired,
+    #[error("only scope `account` can be bound to an account; `{0}` keys span every account")]
+    BoundScope(&'static str),
     #[error("`--account` value `{0}` is not a valid account id")]
     AccountId(String),
     #[error("cannot gather randomness for a new key: {0}")]
@@ -187,6 +201,12 @@ pub fn create_key(repository: &dyn Repository, scope: &str, account: Option<&str
     let scope = Scope::parse(scope).ok_or_else(|| KeyCreateError::Scope(scope.to_string()))?;
     if scope == Scope::Account && account.is_none() {
         return Err(KeyCreateError::AccountRequired);
+    }
+    // An admin, integration or sidecar key bound to one account would be a key that cannot
+    // do its job (a sidecar subscribes to every account) or that meets other accounts' ids
+    // (order ids are global), so binding is for customer keys only.
+    if scope != Scope::Account && account.is_some() {
+        return Err(KeyCreateError::BoundScope(scope.as_str()));
     }
     if let Some(account) = account
         && !changes::valid_id(account)

@@ -323,7 +323,8 @@ fn open_connection(path: &Path) -> Result<Connection, StoreError> {
     let connection = Connection::open(path)?;
     connection.busy_timeout(std::time::Duration::from_secs(10))?;
     connection.pragma_update(None, "journal_mode", "WAL")?;
-    connection.pragma_update(None, "synchronous", "NORMAL")?;
+    // FULL: an acknowledged commit survives power loss too, not only a process crash.
+    connection.pragma_update(None, "synchronous", "FULL")?;
     connection.pragma_update(None, "foreign_keys", "ON")?;
     Ok(connection)
 }
@@ -378,12 +379,6 @@ struct SqliteTransaction<'c> {
     revision: Option<u64>,
 }
 
-impl SqliteTransaction<'_> {
-    fn revision(&mut self) -> Result<u64, StoreError> {
-        self.next_revision()
-    }
-}
-
 impl Transaction for SqliteTransaction<'_> {
     fn account(&mut self, id: &str) -> Result<Option<AccountDoc>, StoreError> {
         let text: Option<String> =
@@ -392,7 +387,7 @@ impl Transaction for SqliteTransaction<'_> {
     }
 
     fn put_account(&mut self, id: &str, account: &AccountDoc) -> Result<(), StoreError> {
-        let revision = self.revision()?;
+        let revision = self.next_revision()?;
         let doc = to_json(id, account)?;
         self.transaction.execute(
             "INSERT INTO accounts (id, doc, revision) VALUES (?1, ?2, ?3)
@@ -458,7 +453,13 @@ impl Transaction for SqliteTransaction<'_> {
     }
 
     fn audit(&mut self, entry: &NewAudit<'_>) -> Result<(), StoreError> {
-        let revision = self.revision()?;
+        // A write that changes what sidecars see has reserved a revision; an audit-only write
+        // (an access request filed or denied) records the revision in force, never a new one
+        // that no snapshot would carry.
+        let revision = match self.revision {
+            Some(revision) => revision,
+            None => read_revision(&self.transaction)?,
+        };
         let before = entry.before.as_ref().map(serde_json::Value::to_string);
         let after = entry.after.as_ref().map(serde_json::Value::to_string);
         self.transaction.execute(

@@ -147,13 +147,6 @@ fn write_cache(path: &Path, bytes: &[u8]) -> Result<(), SubscribeError> {
     Ok(())
 }
 
-/// Verifies a snapshot from the control plane and, when good, writes it to the cache.
-fn accept(bytes: &[u8], trusted: &TrustedKeys, cache: &Path) -> Result<Snapshot, SubscribeError> {
-    let snapshot = Snapshot::verify(bytes, trusted)?;
-    write_cache(cache, bytes)?;
-    Ok(snapshot)
-}
-
 fn reject_cause(error: &SubscribeError) -> RejectCause {
     match error {
         SubscribeError::Snapshot(SnapshotError::UntrustedKey(_)) => RejectCause::UntrustedKey,
@@ -196,11 +189,20 @@ pub async fn run(
                 None
             }
             Ok(Some(bytes)) => {
-                let (trusted, cache) = (Arc::clone(&trusted), subscription.cache_path());
+                let trusted = Arc::clone(&trusted);
                 let started = std::time::Instant::now();
-                match tokio::task::spawn_blocking(move || accept(&bytes, &trusted, &cache)).await {
+                let verify_bytes = bytes.clone();
+                match tokio::task::spawn_blocking(move || Snapshot::verify(&verify_bytes, &trusted).map_err(SubscribeError::from)).await {
                     Ok(Ok(snapshot)) => match store.install(snapshot) {
                         Ok(revision) => {
+                            // Cached only once installed: a snapshot the store refused (not
+                            // newer) must not be what a restart serves.
+                            let cache = subscription.cache_path();
+                            match tokio::task::spawn_blocking(move || write_cache(&cache, &bytes)).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(error)) => tracing::warn!(%error, "snapshot installed but not cached"),
+                                Err(error) => tracing::warn!(%error, "snapshot cache task failed"),
+                            }
                             store.mark_synced();
                             tracing::info!(
                                 revision,
