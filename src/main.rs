@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 use tollgate::engine::{NoUsage, Request, decide};
 use tollgate::sidecar::source::{self, Source};
+use tollgate::sidecar::usage_log::UsageLog;
 use tollgate::sidecar::{self as sidecar_mod, Sidecar};
 use tollgate::snapshot::{self, Snapshot, TrustedKeys};
 use tollgate::telemetry::Metrics;
@@ -130,9 +131,31 @@ struct SidecarArgs {
     /// File holding the API key (scope `sidecar`) for `--control-plane`.
     #[arg(long)]
     api_key_file: Option<PathBuf>,
-    /// Where the last good snapshot from `--control-plane` is cached.
+    /// Local state: the durable usage log (`DIR/usage/`; a metering event is acknowledged only
+    /// once it is synced there) and, with `--control-plane`, the last good snapshot. Without
+    /// it metering is in memory only.
     #[arg(long)]
     data_dir: Option<PathBuf>,
+    /// With `--control-plane`: ship usage and refresh global usage at least this often, in
+    /// milliseconds.
+    #[arg(long, default_value_t = 200)]
+    usage_sync_interval_ms: u64,
+    /// With `--control-plane`: the share of a hard limit one sidecar may use before its usage
+    /// reaches the control plane; past it an event waits for a sync. Pods together overshoot a
+    /// hard limit by at most (pods - 1) x this share. 0 < share <= 1.
+    #[arg(long, default_value_t = 0.02)]
+    quota_local_share: f64,
+    /// How long an event that needs a sync may wait for one before it is decided on what this
+    /// sidecar knows, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    quota_sync_wait_ms: u64,
+    /// How far in the past a metering event's own `timestamp` may be, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    late_arrival_secs: i64,
+    /// On SIGTERM, how long to try to ship unshipped usage before exiting (what is left stays
+    /// in the log for the next start), in seconds.
+    #[arg(long, default_value_t = 5)]
+    flush_timeout_secs: u64,
     /// Mark answers and status stale once the control plane has not confirmed the snapshot
     /// for this long, e.g. `90s`, `10m`, `1h` (a bare number is seconds).
     #[arg(long, requires = "control_plane", value_parser = parse_duration)]
@@ -340,6 +363,16 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
     if args.watch_interval_ms == 0 {
         bail!("`--watch-interval-ms` must be greater than 0");
     }
+    if !(args.quota_local_share > 0.0 && args.quota_local_share <= 1.0) {
+        bail!("`--quota-local-share` must be greater than 0 and at most 1, not `{}`", args.quota_local_share);
+    }
+    if args.usage_sync_interval_ms == 0 {
+        bail!("`--usage-sync-interval-ms` must be greater than 0");
+    }
+    if args.late_arrival_secs < 0 {
+        bail!("`--late-arrival-secs` must not be negative");
+    }
+    let mut subscription = None;
     let (source, trusted) = match (&args.snapshot, &args.policies) {
         (Some(path), _) => {
             if args.trust_key.is_empty() {
@@ -359,8 +392,9 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
                 if args.trust_key.is_empty() {
                     bail!("`--trust-key` is required with `--control-plane`: the sidecar trusts only configured keys");
                 }
-                let subscription = sidecar_mod::subscribe::Subscription::new(url, key_file, data_dir.clone())?;
-                (Source::ControlPlane(Arc::new(subscription)), read_trusted(&args.trust_key)?)
+                let subscribed = Arc::new(sidecar_mod::subscribe::Subscription::new(url, key_file, data_dir.clone())?);
+                subscription = Some(Arc::clone(&subscribed));
+                (Source::ControlPlane(subscribed), read_trusted(&args.trust_key)?)
             }
             _ => bail!("give `--snapshot FILE`, `--policies DIR` or `--control-plane URL`"),
         },
@@ -381,6 +415,34 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
     }
     if let Some(max_staleness) = args.max_staleness {
         sidecar.store.set_staleness(max_staleness, args.unready_when_stale);
+    }
+    sidecar.metering = sidecar_mod::Metering {
+        late_arrival_secs: args.late_arrival_secs,
+        local_share: args.quota_local_share,
+        sync_wait: Duration::from_millis(args.quota_sync_wait_ms),
+    };
+    if let Some(data_dir) = &args.data_dir {
+        // The log is read back before serving, so quotas and event ids are as they were.
+        let (log, recovery) = UsageLog::open(data_dir, subscription.is_some())?;
+        let now = sidecar_mod::store::unix_now_ms().div_euclid(1000);
+        sidecar_mod::ship::restore(&sidecar.usage, &recovery.events, &recovery.state, now);
+        tracing::info!(
+            events = recovery.events.len(),
+            unshipped = log.n_pending(),
+            truncated_bytes = recovery.truncated_bytes,
+            dir = %log.dir().display(),
+            "usage log opened"
+        );
+        if let Some(subscription) = &subscription {
+            let id = sidecar_mod::ship::sidecar_id(data_dir)?;
+            let interval = Duration::from_millis(args.usage_sync_interval_ms);
+            sidecar.shipping = Some(Arc::new(sidecar_mod::ship::Shipping::new(Arc::clone(subscription), id, interval, &recovery.state)));
+            sidecar.tally = Some(tollgate::usage::DecisionTally::new());
+        }
+        sidecar.metrics.usage_pending(log.n_pending());
+        sidecar.usage_log = Some(Arc::new(log));
+    } else {
+        tracing::warn!("no `--data-dir`: metering events are kept in memory only and lost on restart");
     }
     let sidecar = Arc::new(sidecar);
 
@@ -442,6 +504,15 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
                 }
             })
         };
+        let shipper = match (&sidecar.shipping, &sidecar.usage_log) {
+            (Some(shipping), Some(log)) => Some(tokio::spawn(sidecar_mod::ship::run(
+                Arc::clone(&sidecar),
+                Arc::clone(shipping),
+                Arc::clone(log),
+                stopped(stop_receiver.clone()),
+            ))),
+            _ => None,
+        };
         let shutdown = async move {
             shutdown_signal().await;
             tracing::info!("shutting down: draining in-flight requests");
@@ -451,12 +522,23 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
         let metrics_server = metrics_listener.map(|listener| {
             tokio::spawn(sidecar_mod::serve_metrics(listener, Arc::clone(&sidecar), stopped(stop_receiver.clone()), drain))
         });
-        sidecar_mod::serve(listener, sidecar, shutdown, drain).await;
+        sidecar_mod::serve(listener, Arc::clone(&sidecar), shutdown, drain).await;
         if let Some(metrics_server) = metrics_server {
             let _ = metrics_server.await;
         }
         let _ = watcher.await;
         let _ = housekeeping.await;
+        if let Some(shipper) = shipper {
+            let _ = shipper.await;
+        }
+        // Every in-flight event is on disk by now; ship what can be shipped, keep the rest.
+        if let (Some(shipping), Some(log)) = (&sidecar.shipping, &sidecar.usage_log) {
+            let left = sidecar_mod::ship::flush(&sidecar, shipping, log, Duration::from_secs(args.flush_timeout_secs)).await;
+            tracing::info!(unshipped = left, "usage flushed");
+        }
+        if let Some(log) = &sidecar.usage_log {
+            log.stop();
+        }
         tracing::info!("stopped");
         Ok(())
     })

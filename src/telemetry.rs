@@ -108,6 +108,11 @@ pub struct Metrics {
     snapshot_rejects: [Counter; RejectCause::ALL.len()],
     meter_events: [Counter; 3],
     meter_units: Counter,
+    usage_shipped: Counter,
+    usage_rejected: Counter,
+    usage_ship_failures: Counter,
+    usage_pending: Gauge,
+    usage_log_failures: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -150,6 +155,11 @@ impl Metrics {
         describe("tollgate_snapshot_swaps_total", None, "Snapshots installed.");
         describe("tollgate_snapshot_rejects_total", None, "Snapshot updates rejected, by cause.");
         describe("tollgate_meter_events_total", None, "Metering events by result.");
+        describe("tollgate_usage_shipped_events_total", None, "Usage events the control plane has acknowledged.");
+        describe("tollgate_usage_rejected_events_total", None, "Usage events the control plane refused (unknown account or meter).");
+        describe("tollgate_usage_ship_failures_total", None, "Usage shipments that failed and will be retried.");
+        describe("tollgate_usage_pending_events", None, "Durable usage events not yet counted by the control plane.");
+        describe("tollgate_usage_log_failures_total", None, "Metering events refused because the durable log could not take them.");
 
         let decisions = Reason::ALL.map(|reason| {
             let result = if reason == Reason::Ok { "allow" } else { "deny" };
@@ -177,6 +187,11 @@ impl Metrics {
             snapshot_rejects,
             meter_events,
             meter_units: counter(&recorder, "tollgate_meter_units_total", Vec::new()),
+            usage_shipped: counter(&recorder, "tollgate_usage_shipped_events_total", Vec::new()),
+            usage_rejected: counter(&recorder, "tollgate_usage_rejected_events_total", Vec::new()),
+            usage_ship_failures: counter(&recorder, "tollgate_usage_ship_failures_total", Vec::new()),
+            usage_pending: gauge(&recorder, "tollgate_usage_pending_events"),
+            usage_log_failures: counter(&recorder, "tollgate_usage_log_failures_total", Vec::new()),
         }
     }
 
@@ -224,6 +239,23 @@ impl Metrics {
         if result == MeterResult::Accepted {
             self.meter_units.increment(units);
         }
+    }
+
+    pub fn usage_shipped(&self, n_events: u64, n_rejected: u64) {
+        self.usage_shipped.increment(n_events.saturating_sub(n_rejected));
+        self.usage_rejected.increment(n_rejected);
+    }
+
+    pub fn usage_ship_failed(&self) {
+        self.usage_ship_failures.increment(1);
+    }
+
+    pub fn usage_pending(&self, n_events: usize) {
+        self.usage_pending.set(n_events as f64);
+    }
+
+    pub fn usage_log_failed(&self) {
+        self.usage_log_failures.increment(1);
     }
 
     /// Prometheus text exposition; `snapshot_age_seconds` is brought up to date first.

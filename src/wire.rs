@@ -58,6 +58,10 @@ pub struct MeterBody<'a> {
     pub amount: u64,
     #[serde(borrow)]
     pub id: Cow<'a, str>,
+    /// When the usage happened (RFC 3339), if not now; within the late-arrival window it lands
+    /// in the period it belongs to.
+    #[serde(borrow, default)]
+    pub timestamp: Option<Cow<'a, str>>,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -143,6 +147,10 @@ pub struct MeterJson {
     pub reset_at: Option<Rfc3339>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<&'static str>,
+    /// Start of the period the event was counted in.
+    pub period_start: Rfc3339,
+    /// Whether the event is on disk (false only without `--data-dir`).
+    pub durable: bool,
     pub revision: u64,
 }
 

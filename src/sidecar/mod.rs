@@ -4,9 +4,11 @@
 //! requests with a grace timeout, then returns.
 
 pub mod protocols;
+pub mod ship;
 pub mod source;
 pub mod store;
 pub mod subscribe;
+pub mod usage_log;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -26,7 +28,7 @@ use tokio::net::TcpListener;
 use crate::engine::{Decision, decide};
 use crate::snapshot::{Snapshot, TrustedKeys};
 use crate::telemetry::{MeterResult, Metrics, Route};
-use crate::usage::{MeterEvent, UsageStore};
+use crate::usage::{DecisionTally, MeterEvent, MeterOutcome, Recorded, UsageStore};
 use crate::wire::{BatchBody, BatchJson, CheckBody, DecisionJson, ErrorJson, MeterBody, MeterJson, json_error};
 use store::{SnapshotStore, unix_now_ms};
 
@@ -48,7 +50,36 @@ pub struct Sidecar {
     pub max_body: usize,
     /// Where `/ext_authz` reads identity and feature from.
     pub ext_authz: protocols::ExtAuthzHeaders,
+    /// The durable usage log (with `--data-dir`); without it metering is in memory only.
+    pub usage_log: Option<Arc<usage_log::UsageLog>>,
+    /// Shipping usage to the control plane (with `--control-plane`).
+    pub shipping: Option<Arc<ship::Shipping>>,
+    /// Per-feature decision counts for the control plane's analytics (only when shipping).
+    pub tally: Option<DecisionTally>,
+    pub metering: Metering,
 }
+
+/// How metering treats time and shared quotas.
+#[derive(Debug, Clone, Copy)]
+pub struct Metering {
+    /// How far in the past an event's own `timestamp` may be, in seconds.
+    pub late_arrival_secs: i64,
+    /// While shipping: the share of a hard limit this sidecar may use before its usage reaches
+    /// the control plane; past it the event waits for a sync first. The bound on how far pods
+    /// together overshoot a hard limit is (pods − 1) × this share of the limit.
+    pub local_share: f64,
+    /// Longest wait for that sync; after it the event is decided on what this sidecar knows.
+    pub sync_wait: Duration,
+}
+
+impl Default for Metering {
+    fn default() -> Metering {
+        Metering { late_arrival_secs: 3_600, local_share: 0.02, sync_wait: Duration::from_millis(500) }
+    }
+}
+
+/// Clock skew tolerated for an event `timestamp` in the future, in seconds.
+const FUTURE_SKEW_SECS: i64 = 300;
 
 impl std::fmt::Debug for Sidecar {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -66,6 +97,10 @@ impl Sidecar {
             source,
             max_body: DEFAULT_MAX_BODY,
             ext_authz: protocols::ExtAuthzHeaders::default(),
+            usage_log: None,
+            shipping: None,
+            tally: None,
+            metering: Metering::default(),
         }
     }
 }
@@ -210,7 +245,7 @@ async fn route(sidecar: &Sidecar, request: Request<Incoming>) -> (Route, HttpRes
                 Ok(body) => match route {
                     Route::Check => check(sidecar, &body),
                     Route::CheckBatch => check_batch(sidecar, &body),
-                    Route::Meter => meter(sidecar, &body),
+                    Route::Meter => meter(sidecar, &body).await,
                     _ => protocols::authzen(sidecar, &path, &body),
                 },
                 Err(response) => response,
@@ -249,7 +284,15 @@ fn decide_timed(sidecar: &Sidecar, snapshot: &Snapshot, body: &CheckBody<'_>, no
     let started = Instant::now();
     let decision = decide(snapshot.data(), &body.request(), now, &sidecar.usage);
     sidecar.metrics.decision(decision.reason, started.elapsed().as_secs_f64());
+    tally(sidecar, body, &decision);
     decision
+}
+
+/// Counts a decision for the control plane's analytics, when usage is shipped.
+fn tally(sidecar: &Sidecar, body: &CheckBody<'_>, decision: &Decision) {
+    if let Some(tally) = &sidecar.tally {
+        tally.record(&body.account, &body.feature, body.user.as_deref(), decision.reason);
+    }
 }
 
 fn check(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
@@ -291,13 +334,67 @@ pub fn check_batch(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
         .zip(&decisions)
         .map(|(check, decision)| {
             sidecar.metrics.decision(decision.reason, per_decision);
+            tally(sidecar, check, decision);
             DecisionJson::new(snapshot.data(), &check.account, snapshot.revision(), decision, stale)
         })
         .collect();
     json_response_sized(StatusCode::OK, &BatchJson { results }, 16 + 192 * decisions.len())
 }
 
-fn meter(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
+/// What a metering event needs from the snapshot, read under one guard (the guard is not
+/// held across the wait for the disk).
+struct MeterContext {
+    revision: u64,
+    period_start: i64,
+    current: crate::period::Window,
+    hard_limit: Option<u64>,
+    shown_limit: Option<u64>,
+}
+
+#[expect(clippy::result_large_err, reason = "the error is the finished answer, built at most once per request")]
+fn meter_context(sidecar: &Sidecar, account: &str, meter_name: &str, at: i64, now: i64) -> Result<MeterContext, HttpResponse> {
+    let guard = sidecar.store.load();
+    let Some(snapshot) = guard.as_ref() else { return Err(not_ready()) };
+    let data = snapshot.data();
+    if data.accounts.get(account).is_none() {
+        return Err(error_response(StatusCode::BAD_REQUEST, "unknown_account", format!("`account` names unknown account `{account}`")));
+    }
+    let Some((meter_idx, meter)) = data
+        .meter_index
+        .get(meter_name)
+        .and_then(|meter_idx| data.meters.get(meter_idx.to_native() as usize).map(|meter| (meter_idx.to_native(), meter)))
+    else {
+        return Err(error_response(StatusCode::BAD_REQUEST, "unknown_meter", format!("`meter` names unknown meter `{meter_name}`")));
+    };
+    let period = meter.period.to_native();
+    let limit = crate::engine::account_limit(data, account, meter_idx, now);
+    let hard_limit = limit.and_then(|limit| limit.hard);
+    Ok(MeterContext {
+        revision: snapshot.revision(),
+        period_start: period.window(at).start,
+        current: period.window(now),
+        hard_limit,
+        shown_limit: hard_limit.or(limit.and_then(|limit| limit.soft)),
+    })
+}
+
+/// The event's own time: now, or its `timestamp` when that is within the late-arrival window.
+#[expect(clippy::result_large_err, reason = "the error is the finished answer, built at most once per request")]
+fn event_time(sidecar: &Sidecar, timestamp: Option<&str>, now: i64) -> Result<i64, HttpResponse> {
+    let Some(text) = timestamp else { return Ok(now) };
+    let bad = |message: String| error_response(StatusCode::BAD_REQUEST, "invalid_request", message);
+    let at = crate::period::parse_rfc3339(text).ok_or_else(|| bad(format!("`timestamp` value `{text}` is not an RFC 3339 time")))?;
+    let window = sidecar.metering.late_arrival_secs;
+    if at < now - window {
+        return Err(bad(format!("`timestamp` `{text}` is older than the late-arrival window of {window} s")));
+    }
+    if at > now + FUTURE_SKEW_SECS {
+        return Err(bad(format!("`timestamp` `{text}` is more than {FUTURE_SKEW_SECS} s in the future")));
+    }
+    Ok(at)
+}
+
+async fn meter(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
     let event: MeterBody<'_> = match serde_json::from_slice(body) {
         Ok(event) => event,
         Err(error) => return json_response(StatusCode::BAD_REQUEST, &json_error(&error)),
@@ -308,52 +405,138 @@ fn meter(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
     if event.id.is_empty() || event.id.len() > MAX_EVENT_ID {
         return error_response(StatusCode::BAD_REQUEST, "invalid_request", format!("`id` must be 1 to {MAX_EVENT_ID} bytes"));
     }
-    let guard = sidecar.store.load();
-    let Some(snapshot) = guard.as_ref() else { return not_ready() };
-    let data = snapshot.data();
-    if data.accounts.get(event.account.as_ref()).is_none() {
-        return error_response(StatusCode::BAD_REQUEST, "unknown_account", format!("`account` names unknown account `{}`", event.account));
-    }
-    let Some((meter_idx, meter)) = data
-        .meter_index
-        .get(event.meter.as_ref())
-        .and_then(|meter_idx| data.meters.get(meter_idx.to_native() as usize).map(|meter| (meter_idx.to_native(), meter)))
-    else {
-        return error_response(StatusCode::BAD_REQUEST, "unknown_meter", format!("`meter` names unknown meter `{}`", event.meter));
-    };
     let now = unix_now();
-    let window = meter.period.to_native().window(now);
-    let limit = crate::engine::account_limit(data, &event.account, meter_idx, now);
-    let hard_limit = limit.and_then(|limit| limit.hard);
-    let outcome = sidecar.usage.record(&MeterEvent {
+    let at = match event_time(sidecar, event.timestamp.as_deref(), now) {
+        Ok(at) => at,
+        Err(response) => return response,
+    };
+    let context = match meter_context(sidecar, &event.account, &event.meter, at, now) {
+        Ok(context) => context,
+        Err(response) => return response,
+    };
+    let local_cap = match (&sidecar.shipping, context.hard_limit) {
+        (Some(_), Some(hard)) => Some(((hard as f64 * sidecar.metering.local_share).ceil() as u64).max(1)),
+        _ => None,
+    };
+    let mut usage_event = MeterEvent {
         account: &event.account,
         meter: &event.meter,
         event_id: &event.id,
         amount: event.amount,
-        period_start: window.start,
-        hard_limit,
+        period_start: context.period_start,
+        current_period_start: context.current.start,
+        hard_limit: context.hard_limit,
+        local_cap,
         now,
-    });
+    };
+    let deadline = tokio::time::Instant::now() + sidecar.metering.sync_wait;
+    let (outcome, appended) = loop {
+        let mut appended = None;
+        let recorded = sidecar.usage.record(&usage_event, |outcome| {
+            if let (true, Some(log)) = (outcome.accepted, &sidecar.usage_log) {
+                appended = Some(log.append(usage_log::LoggedEvent {
+                    seq: 0,
+                    account: event.account.to_string(),
+                    meter: event.meter.to_string(),
+                    id: event.id.to_string(),
+                    amount: event.amount,
+                    at,
+                    period_start: context.period_start,
+                    recorded_at: now,
+                }));
+            }
+        });
+        match recorded {
+            Recorded::Outcome(outcome) => break (outcome, appended),
+            Recorded::NeedsSync => {
+                // This pod's unsynced share of the hard limit is used up: ship and refresh
+                // first. Should the control plane not answer in time, decide on what this pod
+                // knows (available over exact; the overshoot bound then does not hold).
+                let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+                // While the last shipment failed there is no point waiting for the next.
+                let synced = match &sidecar.shipping {
+                    Some(shipping) if !remaining.is_zero() && shipping.status().last_error.is_none() => shipping.sync_now(remaining).await,
+                    _ => false,
+                };
+                if !synced {
+                    usage_event.local_cap = None;
+                }
+            }
+        }
+    };
+    if let Err(response) = make_durable(sidecar, &usage_event, &outcome, appended).await {
+        return response;
+    }
     let result = match (outcome.duplicate, outcome.accepted) {
         (true, _) => MeterResult::Duplicate,
         (false, true) => MeterResult::Accepted,
         (false, false) => MeterResult::Refused,
     };
     sidecar.metrics.metered(result, event.amount);
-    let shown_limit = hard_limit.or(limit.and_then(|limit| limit.soft));
+    if let (Some(shipping), Some(limit)) = (&sidecar.shipping, context.hard_limit)
+        && outcome.accepted
+        && !outcome.duplicate
+        && outcome.used.saturating_mul(5) >= limit.saturating_mul(4)
+    {
+        // Near a hard limit other pods should learn of this soon.
+        shipping.nudge();
+    }
+    let current = context.period_start == context.current.start;
     json_response(
         StatusCode::OK,
         &MeterJson {
             accepted: outcome.accepted,
             duplicate: outcome.duplicate,
             used: outcome.used,
-            limit: shown_limit,
-            remaining: shown_limit.map(|limit| limit.saturating_sub(outcome.used)),
-            reset_at: window.reset_at.map(crate::period::Rfc3339),
+            limit: context.shown_limit.filter(|_| current),
+            remaining: context.shown_limit.filter(|_| current).map(|limit| limit.saturating_sub(outcome.used)),
+            reset_at: if current { context.current.reset_at.map(crate::period::Rfc3339) } else { None },
             reason: (!outcome.accepted).then_some("quota_exceeded"),
-            revision: snapshot.revision(),
+            period_start: crate::period::Rfc3339(context.period_start),
+            durable: sidecar.usage_log.is_some(),
+            revision: context.revision,
         },
     )
+}
+
+/// Waits until an accepted event is on disk; a duplicate waits until its original is. An
+/// event that cannot be written is taken back and answered 503, so the client retries it.
+async fn make_durable(
+    sidecar: &Sidecar,
+    event: &MeterEvent<'_>,
+    outcome: &MeterOutcome,
+    appended: Option<Result<tokio::sync::oneshot::Receiver<Result<u64, String>>, usage_log::LogError>>,
+) -> Result<(), HttpResponse> {
+    let Some(log) = &sidecar.usage_log else { return Ok(()) };
+    let unavailable = |message: String| {
+        sidecar.metrics.usage_log_failed();
+        error_response(StatusCode::SERVICE_UNAVAILABLE, "usage_log_unavailable", format!("the event was not recorded: {message}"))
+    };
+    if outcome.duplicate {
+        if !outcome.accepted {
+            return Ok(());
+        }
+        // The original was queued before its id became visible, so a barrier queued now
+        // answers only once the original is on disk.
+        let synced = match log.barrier() {
+            Ok(receiver) => receiver.await.map_err(|_| "the usage log stopped".to_string()).and_then(|result| result),
+            Err(error) => Err(error.to_string()),
+        };
+        return match synced {
+            Ok(()) if sidecar.usage.has_event(event.account, event.event_id) => Ok(()),
+            Ok(()) => Err(unavailable("its first delivery was not recorded; send it again".into())),
+            Err(message) => Err(unavailable(message)),
+        };
+    }
+    let Some(appended) = appended else { return Ok(()) };
+    let written = match appended {
+        Ok(receiver) => receiver.await.map_err(|_| "the usage log stopped".to_string()).and_then(|result| result.map(|_| ())),
+        Err(error) => Err(error.to_string()),
+    };
+    written.map_err(|message| {
+        sidecar.usage.unrecord(event);
+        unavailable(message)
+    })
 }
 
 /// Query parameters, percent-decoded.
@@ -456,8 +639,34 @@ fn status(sidecar: &Sidecar) -> HttpResponse {
         "sync_age_seconds": sidecar.store.synced_at_ms().map(|ms| (now_ms - ms) as f64 / 1000.0),
         "trusted_keys": sidecar.trusted.ids().collect::<Vec<_>>(),
         "usage_event_ids": sidecar.usage.n_events(),
+        "usage": usage_status(sidecar),
     });
     json_response(StatusCode::OK, &body)
+}
+
+fn usage_status(sidecar: &Sidecar) -> serde_json::Value {
+    let shipping = sidecar.shipping.as_ref().map(|shipping| {
+        let status = shipping.status();
+        serde_json::json!({
+            "control_plane": shipping.subscription.describe(),
+            "sidecar_id": shipping.sidecar_id,
+            "interval_ms": shipping.interval.as_millis() as u64,
+            "cursor": status.cursor,
+            "shipped_through": status.shipped_through,
+            "persisted_through": status.persisted_through,
+            "last_sync_at": status.last_sync_at_ms.map(|ms| crate::period::format_rfc3339(ms.div_euclid(1000))),
+            "last_error": status.last_error,
+            "events_shipped": status.events_shipped,
+            "events_rejected": status.events_rejected,
+        })
+    });
+    serde_json::json!({
+        "durable": sidecar.usage_log.as_ref().is_some_and(|log| !log.is_broken()),
+        "log_dir": sidecar.usage_log.as_ref().map(|log| log.dir().display().to_string()),
+        "pending_events": sidecar.usage_log.as_ref().filter(|log| log.tracks_pending()).map(|log| log.n_pending()),
+        "shipping": shipping,
+        "tally_dropped": sidecar.tally.as_ref().map(DecisionTally::dropped),
+    })
 }
 
 fn readyz(sidecar: &Sidecar) -> HttpResponse {

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper::StatusCode;
 use tokio::net::TcpStream;
 
@@ -21,8 +21,8 @@ use crate::telemetry::RejectCause;
 pub const CACHE_FILE: &str = "snapshot.tgs";
 /// How long one long-poll asks the control plane to wait, in seconds.
 pub const DEFAULT_WAIT_SECS: u64 = 25;
-const BACKOFF_START: Duration = Duration::from_millis(200);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
+pub const BACKOFF_START: Duration = Duration::from_millis(200);
+pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Largest snapshot accepted from the control plane (1 GiB).
 const MAX_SNAPSHOT: usize = 1 << 30;
 
@@ -99,29 +99,8 @@ impl Subscription {
     }
 
     async fn poll_inner(&self, after: u64) -> Result<Option<Bytes>, SubscribeError> {
-        let connect_error = |message: String| SubscribeError::Connect { authority: self.authority.clone(), message };
-        let stream = TcpStream::connect(&self.authority).await.map_err(|error| connect_error(error.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, Empty<Bytes>>(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|error| connect_error(error.to_string()))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let request = hyper::Request::builder()
-            .method("GET")
-            .uri(format!("{}/v1/snapshot?after={after}&wait={}", self.prefix, self.wait.as_secs()))
-            .header("host", &self.authority)
-            .header("authorization", format!("Bearer {}", self.api_key))
-            .body(Empty::new())
-            .map_err(|error| connect_error(error.to_string()))?;
-        let response = sender.send_request(request).await.map_err(|error| connect_error(error.to_string()))?;
-        let status = response.status();
-        let body = http_body_util::Limited::new(response.into_body(), MAX_SNAPSHOT)
-            .collect()
-            .await
-            .map_err(|error| connect_error(format!("cannot read answer: {error}")))?
-            .to_bytes();
+        let path = format!("/v1/snapshot?after={after}&wait={}", self.wait.as_secs());
+        let (status, body) = self.exchange("GET", &path, Bytes::new(), MAX_SNAPSHOT).await?;
         match status {
             StatusCode::OK => Ok(Some(body)),
             StatusCode::NOT_MODIFIED => Ok(None),
@@ -130,6 +109,37 @@ impl Subscription {
                 body: String::from_utf8_lossy(body.get(..body.len().min(300)).unwrap_or_default()).into_owned(),
             }),
         }
+    }
+
+    /// One request to the control plane on a fresh connection, with the API key: the status
+    /// and a body of at most `max_body` bytes. Used by the snapshot feed and the usage shipper.
+    pub async fn exchange(&self, method: &str, path: &str, body: Bytes, max_body: usize) -> Result<(StatusCode, Bytes), SubscribeError> {
+        let connect_error = |message: String| SubscribeError::Connect { authority: self.authority.clone(), message };
+        let stream = TcpStream::connect(&self.authority).await.map_err(|error| connect_error(error.to_string()))?;
+        let _ = stream.set_nodelay(true);
+        let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|error| connect_error(error.to_string()))?;
+        tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.prefix))
+            .header("host", &self.authority)
+            .header("authorization", format!("Bearer {}", self.api_key));
+        if !body.is_empty() {
+            request = request.header("content-type", "application/json");
+        }
+        let request = request.body(Full::new(body)).map_err(|error| connect_error(error.to_string()))?;
+        let response = sender.send_request(request).await.map_err(|error| connect_error(error.to_string()))?;
+        let status = response.status();
+        let body = http_body_util::Limited::new(response.into_body(), max_body)
+            .collect()
+            .await
+            .map_err(|error| connect_error(format!("cannot read answer: {error}")))?
+            .to_bytes();
+        Ok((status, body))
     }
 }
 
@@ -159,7 +169,7 @@ fn reject_cause(error: &SubscribeError) -> RejectCause {
 
 /// A random duration in `[0, ceiling]`: full jitter, so sidecars that lost the control plane
 /// together do not come back in step.
-fn jitter(ceiling: Duration) -> Duration {
+pub fn jitter(ceiling: Duration) -> Duration {
     let mut bytes = [0u8; 8];
     if getrandom::fill(&mut bytes).is_err() {
         return ceiling;
