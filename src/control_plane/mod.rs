@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod publish;
 pub mod store;
 pub mod tokens;
+pub mod usage_store;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
