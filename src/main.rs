@@ -588,6 +588,15 @@ struct ControlPlaneArgs {
     /// How long SIGTERM waits for in-flight requests, in seconds.
     #[arg(long, default_value_t = 10)]
     drain_timeout_secs: u64,
+    /// Where usage threshold notifications (80 % and 100 % of a limit) are POSTed, signed with
+    /// HMAC-SHA256: http://HOST:PORT/PATH. Plain HTTP only; for TLS run a local proxy (such as
+    /// an Envoy or nginx sidecar) and point this at it. Without it nothing is enqueued.
+    #[arg(long, requires = "webhook_secret_file")]
+    webhook_url: Option<String>,
+    /// File holding the webhook signing secret (surrounding whitespace is ignored; must not be
+    /// empty). Required with `--webhook-url`.
+    #[arg(long, requires = "webhook_url")]
+    webhook_secret_file: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -653,10 +662,15 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
     if args.token_ttl_secs <= 0 {
         bail!("`--token-ttl-secs` must be greater than 0");
     }
+    let webhook = match (&args.webhook_url, &args.webhook_secret_file) {
+        (Some(url), Some(secret_file)) => Some(tollgate::control_plane::webhooks::WebhookConfig::from_file(url, secret_file)?),
+        _ => None,
+    };
     let key = snapshot::read_signing_key(&signing_key)?;
     let retired = args.retired_key.iter().map(|path| snapshot::read_public_key(path)).collect::<Result<Vec<_>, _>>()?;
     let mut control_plane = tollgate::control_plane::ControlPlane::open(&data, &policies, key, retired)?;
     control_plane.token_ttl_secs = args.token_ttl_secs;
+    control_plane.webhook = webhook;
     let control_plane = Arc::new(control_plane);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async move {

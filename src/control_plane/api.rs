@@ -1,5 +1,6 @@
 //! The control plane's HTTP API (hyper): routing, API-key authentication and scopes, bodies,
-//! the long-polled snapshot feed, tokens and the JWKS. Every database call runs on the
+//! the long-polled snapshot feed, tokens and the JWKS, usage ingestion, reports, analytics and
+//! webhook deliveries. Every database call runs on the
 //! blocking pool. The routes and their answers are documented in `openapi.json`, served at
 //! `/openapi.json` and kept true by `tests/control_plane_openapi.rs`.
 
@@ -20,7 +21,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use super::store::{AuditQuery, Scope};
-use super::{ApiError, Caller, ControlPlane, authenticate, changes, tokens};
+use super::usage_store::{Delivery, DeliveryStatus};
+use super::{ApiError, Caller, ControlPlane, authenticate, changes, ingest, reports, tokens};
 use crate::wire::ErrorJson;
 
 /// The OpenAPI document of this API.
@@ -194,6 +196,13 @@ pub const ROUTES: &[(&str, &[&str])] = &[
     ("/v1/access-requests/{id}", &["GET"]),
     ("/v1/access-requests/{id}/approve", &["POST"]),
     ("/v1/access-requests/{id}/deny", &["POST"]),
+    ("/v1/usage", &["POST"]),
+    ("/v1/usage/export", &["GET"]),
+    ("/v1/usage/sidecars", &["GET"]),
+    ("/v1/accounts/{id}/usage", &["GET"]),
+    ("/v1/analytics/features", &["GET"]),
+    ("/v1/analytics/limits", &["GET"]),
+    ("/v1/webhooks/deliveries", &["GET"]),
 ];
 
 /// Routes answered without an API key: probes, metrics, the API description and the public
@@ -348,8 +357,214 @@ async fn route(server: &Server, request: Request<Incoming>) -> HttpResponse {
                 .await,
             )
         }
+        ["v1", "usage", ..] | ["v1", "accounts", _, "usage"] | ["v1", "analytics", _] | ["v1", "webhooks", _] => {
+            usage_route(server, caller, &segments, request).await
+        }
         _ => write_route(server, caller, &segments, request).await,
     }
+}
+
+fn unix_now() -> i64 {
+    crate::sidecar::store::unix_now_ms().div_euclid(1000)
+}
+
+fn time_param(request: &Request<Incoming>, name: &str) -> Result<Option<i64>, ApiError> {
+    query_param(request, name)
+        .map(|text| {
+            crate::period::parse_rfc3339(&text)
+                .ok_or_else(|| ApiError::invalid(format!("query parameter `{name}` value `{text}` is not an RFC 3339 timestamp")))
+        })
+        .transpose()
+}
+
+/// `from` and `to` of a report, each defaulting to the bounds of the current UTC month.
+fn range_params(request: &Request<Incoming>, now: i64) -> Result<(i64, i64), ApiError> {
+    let month = crate::model::Period::Month.window(now);
+    let from = time_param(request, "from")?.unwrap_or(month.start);
+    let to = time_param(request, "to")?.unwrap_or(month.reset_at.unwrap_or(i64::MAX));
+    if from >= to {
+        return Err(ApiError::invalid("query parameter `from` must be before `to`"));
+    }
+    Ok((from, to))
+}
+
+fn history_param(request: &Request<Incoming>) -> Result<reports::History, ApiError> {
+    let history = number_param::<u32>(request, "history")?;
+    let (from, to) = (time_param(request, "from")?, time_param(request, "to")?);
+    match (history, from, to) {
+        (None, None, None) => Ok(reports::History::Current),
+        (Some(n), None, None) => Ok(reports::History::Earlier(n.min(MAX_HISTORY))),
+        (None, Some(from), Some(to)) if from < to => Ok(reports::History::Range { from, to }),
+        (None, Some(_), Some(_)) => Err(ApiError::invalid("query parameter `from` must be before `to`")),
+        (None, _, _) => Err(ApiError::invalid("query parameters `from` and `to` go together")),
+        (Some(_), _, _) => Err(ApiError::invalid("query parameter `history` cannot be combined with `from` and `to`")),
+    }
+}
+
+fn export_query(request: &Request<Incoming>, now: i64) -> Result<reports::ExportQuery, ApiError> {
+    let format = match query_param(request, "format").as_deref() {
+        None | Some("json") => reports::Format::Json,
+        Some("csv") => reports::Format::Csv,
+        Some(other) => return Err(ApiError::invalid(format!("query parameter `format` value `{other}` is not `csv` or `json`"))),
+    };
+    let granularity = match query_param(request, "granularity").as_deref() {
+        None | Some("periods") => reports::Granularity::Periods,
+        Some("events") => reports::Granularity::Events,
+        Some(other) => {
+            return Err(ApiError::invalid(format!("query parameter `granularity` value `{other}` is not `periods` or `events`")));
+        }
+    };
+    let (from, to) = range_params(request, now)?;
+    Ok(reports::ExportQuery { format, granularity, from, to, account: query_param(request, "account") })
+}
+
+fn threshold_param(request: &Request<Incoming>) -> Result<f64, ApiError> {
+    let Some(text) = query_param(request, "threshold") else { return Ok(0.8) };
+    match text.parse::<f64>() {
+        Ok(threshold) if threshold > 0.0 && threshold <= 10.0 => Ok(threshold),
+        _ => Err(ApiError::invalid(format!("query parameter `threshold` value `{text}` must be a number in (0, 10]"))),
+    }
+}
+
+/// Most earlier periods per meter in one usage answer.
+const MAX_HISTORY: u32 = 1_000;
+
+/// Usage ingestion, usage reads and exports, analytics and webhook deliveries.
+async fn usage_route(server: &Server, caller: Caller, segments: &[&str], request: Request<Incoming>) -> HttpResponse {
+    let control_plane = Arc::clone(&server.control_plane);
+    let now = unix_now();
+    match segments {
+        ["v1", "usage"] => {
+            let body = match read_body(request, control_plane.max_body).await {
+                Ok(body) => body,
+                Err(response) => return response,
+            };
+            respond(
+                blocking(move || {
+                    caller.require(&[Scope::Sidecar, Scope::Admin])?;
+                    caller.require_unbound()?;
+                    ingest::ingest(&control_plane, &body, now)
+                })
+                .await,
+            )
+        }
+        ["v1", "accounts", account, "usage"] => {
+            let account = account.to_string();
+            let history = history_param(&request);
+            respond(
+                blocking(move || {
+                    caller.require(&[Scope::Admin, Scope::Integration, Scope::Account])?;
+                    caller.may_see(&account, || ApiError::not_found("unknown_account", format!("account `{account}` does not exist")))?;
+                    reports::account_usage(&control_plane, &account, history?, now)
+                })
+                .await,
+            )
+        }
+        ["v1", "usage", "export"] => {
+            let query = export_query(&request, now);
+            let exported = blocking(move || {
+                caller.require(&[Scope::Admin, Scope::Integration, Scope::Account])?;
+                let mut query = query?;
+                query.account = query.account.or_else(|| caller.account.clone());
+                if let Some(account) = &query.account {
+                    caller.may_touch(account)?;
+                }
+                reports::export(&control_plane, &query, now)
+            })
+            .await;
+            match exported {
+                Ok(export) => {
+                    let mut response = Response::new(Full::new(Bytes::from(export.body)));
+                    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(export.content_type));
+                    response
+                }
+                Err(error) => api_error(&error),
+            }
+        }
+        ["v1", "usage", "sidecars"] => respond(
+            blocking(move || {
+                caller.require(&[Scope::Admin])?;
+                let sidecars = control_plane.repository.usage_sidecars()?;
+                let sidecars: Vec<serde_json::Value> = sidecars
+                    .into_iter()
+                    .map(|record| {
+                        serde_json::json!({
+                            "sidecar": record.sidecar,
+                            "first_batch_at": crate::period::format_rfc3339(record.first_batch_at),
+                            "last_batch_at": crate::period::format_rfc3339(record.last_batch_at),
+                            "batches": record.batches,
+                            "events": record.events,
+                        })
+                    })
+                    .collect();
+                Ok(serde_json::json!({"sidecars": sidecars}))
+            })
+            .await,
+        ),
+        ["v1", "analytics", "features"] => {
+            let range = range_params(&request, now);
+            respond(
+                blocking(move || {
+                    caller.require(&[Scope::Admin, Scope::Integration])?;
+                    caller.require_unbound()?;
+                    let (from, to) = range?;
+                    reports::feature_analytics(&control_plane, from, to)
+                })
+                .await,
+            )
+        }
+        ["v1", "analytics", "limits"] => {
+            let threshold = threshold_param(&request);
+            respond(
+                blocking(move || {
+                    caller.require(&[Scope::Admin, Scope::Integration])?;
+                    caller.require_unbound()?;
+                    reports::limit_analytics(&control_plane, threshold?, now)
+                })
+                .await,
+            )
+        }
+        _ => {
+            let status = query_param(&request, "status");
+            let after = number_param::<i64>(&request, "after");
+            let limit = number_param::<u32>(&request, "limit");
+            respond(
+                blocking(move || {
+                    caller.require(&[Scope::Admin])?;
+                    let status = status
+                        .map(|text| {
+                            DeliveryStatus::parse(&text).ok_or_else(|| {
+                                ApiError::invalid(format!("query parameter `status` value `{text}` is not pending, delivered or failed"))
+                            })
+                        })
+                        .transpose()?;
+                    let limit = limit?.unwrap_or(100).clamp(1, MAX_AUDIT);
+                    let deliveries = control_plane.repository.deliveries(status, after?.unwrap_or(0), limit)?;
+                    Ok(serde_json::json!({"deliveries": deliveries.iter().map(delivery_json).collect::<Vec<_>>()}))
+                })
+                .await,
+            )
+        }
+    }
+}
+
+fn delivery_json(delivery: &Delivery) -> serde_json::Value {
+    let format = crate::period::format_rfc3339;
+    let pending = delivery.status == DeliveryStatus::Pending;
+    serde_json::json!({
+        "id": delivery.id,
+        "status": delivery.status.as_str(),
+        "account": delivery.account,
+        "meter": delivery.meter,
+        "period_start": format(delivery.period_start),
+        "threshold": delivery.threshold,
+        "attempts": delivery.attempts,
+        "next_attempt_at": pending.then(|| format(delivery.next_attempt_ms.div_euclid(1000))),
+        "last_error": delivery.last_error,
+        "created_at": format(delivery.created_at),
+        "delivered_at": delivery.delivered_at.map(format),
+        "notification": serde_json::from_str::<serde_json::Value>(&delivery.body).unwrap_or(serde_json::Value::Null),
+    })
 }
 
 /// Routes that change accounts or access requests.

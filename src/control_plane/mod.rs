@@ -1,16 +1,23 @@
 //! The control plane: the license repository behind a REST integration API with scoped API
-//! keys, order intake, signed license tokens, and snapshot publishing to sidecars. This module
-//! holds the shared state ([`ControlPlane`]), API keys and callers, and the error kinds; the
-//! HTTP server is `api`, the database `store`, writes `changes`, publishing `publish`, tokens
-//! `tokens`. It never decides a request: sidecars do, from the snapshots it publishes.
+//! keys, order intake, signed license tokens, snapshot publishing to sidecars, and usage
+//! ingestion with reports and threshold webhooks. This module holds the shared state
+//! ([`ControlPlane`]), API keys and callers, and the error kinds; the HTTP server is `api`,
+//! the database `store` (usage tables in `usage_store`), writes `changes`, publishing
+//! `publish`, tokens `tokens`, usage `ingest`, `reports`, `limits` and `webhooks`. It never
+//! decides a request: sidecars do, from the snapshots it publishes.
 
 mod accounts;
 pub mod api;
 pub mod changes;
+pub mod ingest;
+pub mod limits;
 pub mod metrics;
 pub mod publish;
+pub mod reports;
 pub mod store;
 pub mod tokens;
+pub mod usage_store;
+pub mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -254,6 +261,14 @@ pub struct ControlPlane {
     pub max_body: usize,
     /// Longest long-poll wait on `/v1/snapshot`.
     pub max_wait: std::time::Duration,
+    /// Where threshold notifications go; `None`: none are enqueued.
+    pub webhook: Option<webhooks::WebhookConfig>,
+    /// Wakes the webhook task when ingestion enqueued a notification.
+    pub webhook_wake: tokio::sync::Notify,
+    /// Accounts' limits, for threshold notifications.
+    pub limits: limits::LimitCache,
+    /// Most totals in one `POST /v1/usage` answer.
+    pub usage_page: u32,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -305,6 +320,10 @@ impl ControlPlane {
             token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
             max_body: 1024 * 1024,
             max_wait: std::time::Duration::from_secs(60),
+            webhook: None,
+            webhook_wake: tokio::sync::Notify::new(),
+            limits: limits::LimitCache::default(),
+            usage_page: ingest::TOTALS_PAGE,
         })
     }
 
@@ -333,7 +352,8 @@ impl ControlPlane {
 }
 
 /// Runs the control plane on `listener`: publishes a snapshot at once and after every commit,
-/// and serves the API until `shutdown` resolves; then drains for at most `drain_timeout`.
+/// delivers webhook notifications when a webhook is configured, and serves the API until
+/// `shutdown` resolves; then drains for at most `drain_timeout`.
 pub async fn run(
     control_plane: Arc<ControlPlane>,
     listener: tokio::net::TcpListener,
@@ -341,6 +361,10 @@ pub async fn run(
     drain_timeout: std::time::Duration,
 ) {
     let (stop_sender, mut stop_receiver) = tokio::sync::watch::channel(false);
+    let mut webhook_stop = stop_receiver.clone();
+    let webhooks = tokio::spawn(webhooks::run(Arc::clone(&control_plane), async move {
+        let _ = webhook_stop.wait_for(|stop| *stop).await;
+    }));
     let publisher = tokio::spawn(publish::run(
         Arc::clone(&control_plane.publisher),
         Arc::clone(&control_plane.repository),
@@ -364,4 +388,5 @@ pub async fn run(
     upkeep.abort();
     let _ = stop_sender.send(true);
     let _ = publisher.await;
+    let _ = webhooks.await;
 }

@@ -4,6 +4,7 @@
 //! implementation can follow; [`SqliteRepository`] is the embedded default (WAL mode,
 //! migrations at start). An account is stored as one JSON document: it is the unit of
 //! consistency, validated as a whole by the policy compiler before every commit.
+//! The usage tables (metering, decision counts, the webhook outbox) are in `usage_store`.
 //! Knows nothing about HTTP.
 
 use std::collections::BTreeMap;
@@ -12,6 +13,8 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
+
+use super::usage_store::{UsageRepository, UsageTransaction};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -185,7 +188,7 @@ pub struct OrderRecord {
 
 /// What one write transaction may read and change. Everything done through it commits
 /// together or not at all.
-pub trait Transaction {
+pub trait Transaction: UsageTransaction {
     fn account(&mut self, id: &str) -> Result<Option<AccountDoc>, StoreError>;
     fn put_account(&mut self, id: &str, account: &AccountDoc) -> Result<(), StoreError>;
     fn order(&mut self, order_id: &str) -> Result<Option<OrderRecord>, StoreError>;
@@ -219,7 +222,7 @@ pub struct AuditQuery {
 }
 
 /// The license repository's interface.
-pub trait Repository: Send + Sync {
+pub trait Repository: Send + Sync + UsageRepository {
     fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
     fn find_key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
     /// Runs `change` in one write transaction: committed when it returns `Ok(true)`, rolled
@@ -256,7 +259,8 @@ pub fn write<T, E: From<StoreError>>(
 }
 
 /// Schema migrations, applied in order; the index plus one is the schema version.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE revision (id INTEGER PRIMARY KEY CHECK (id = 1), revision INTEGER NOT NULL);
 INSERT INTO revision (id, revision) VALUES (1, 0);
@@ -297,7 +301,9 @@ CREATE TABLE access_requests (
     status TEXT NOT NULL
 );
 CREATE INDEX access_requests_account ON access_requests (account, id);
-"#];
+"#,
+    super::usage_store::MIGRATION,
+];
 
 /// The file name of the database inside the data directory.
 pub const DATABASE_FILE: &str = "tollgate.db";
@@ -315,7 +321,7 @@ impl std::fmt::Debug for SqliteRepository {
     }
 }
 
-fn unix_now() -> i64 {
+pub(super) fn unix_now() -> i64 {
     crate::sidecar::store::unix_now_ms().div_euclid(1000)
 }
 
@@ -340,13 +346,13 @@ impl SqliteRepository {
         Ok(SqliteRepository { connection: Mutex::new(connection), reader: Mutex::new(reader) })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave a transaction open: rusqlite rolls back
         // on drop, so the connection is still usable.
         self.connection.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn lock_reader(&self) -> std::sync::MutexGuard<'_, Connection> {
+    pub(super) fn lock_reader(&self) -> std::sync::MutexGuard<'_, Connection> {
         self.reader.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -374,8 +380,8 @@ fn to_json<T: Serialize>(id: &str, value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|source| StoreError::Document { id: id.to_string(), source })
 }
 
-struct SqliteTransaction<'c> {
-    transaction: rusqlite::Transaction<'c>,
+pub(super) struct SqliteTransaction<'c> {
+    pub(super) transaction: rusqlite::Transaction<'c>,
     revision: Option<u64>,
 }
 

@@ -148,3 +148,25 @@ impl TestSidecar {
 pub fn trusting(key: &SigningKey) -> TrustedKeys {
     TrustedKeys::new([key.verifying_key()])
 }
+
+impl TestControlPlane {
+    /// Like [`TestControlPlane::start`], with the control plane adjusted by `configure` before
+    /// it serves (a webhook, a small usage page).
+    pub async fn start_configured(data_dir: &Path, configure: impl FnOnce(&mut ControlPlane)) -> TestControlPlane {
+        let mut control_plane = ControlPlane::open(data_dir, &repo_root().join("policies"), signing_key(7), Vec::new()).unwrap();
+        configure(&mut control_plane);
+        let control_plane = Arc::new(control_plane);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(control_plane::run(
+            Arc::clone(&control_plane),
+            listener,
+            async move {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(2),
+        ));
+        TestControlPlane { addr, control_plane, data_dir: data_dir.to_path_buf(), stop, task }
+    }
+}
