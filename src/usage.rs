@@ -450,7 +450,7 @@ mod tests {
         let totals = [GlobalTotal { account: "acme".into(), meter: "api_calls".into(), period_start: 100, used: 8 }];
         store.apply_sync(&shipped, &totals);
         assert_eq!(store.used("acme", "api_calls", 100), 8, "not 11: our 3 are inside the total now");
-        assert_eq!(record(&store, &event("b", 3, 100)).accepted, false, "8 + 3 passes the hard limit of 10");
+        assert!(!record(&store, &event("b", 3, 100)).accepted, "8 + 3 passes the hard limit of 10");
         assert_eq!(record(&store, &event("c", 2, 100)).used, 10);
         // An older total never lowers what is known.
         store.apply_sync(&[], &[GlobalTotal { used: 1, ..totals[0].clone() }]);
@@ -490,7 +490,7 @@ mod tests {
         store.unrecord(&first);
         assert!(!store.has_event("acme", "a"));
         assert_eq!(store.used("acme", "api_calls", 100), 0);
-        assert_eq!(record(&store, &first).duplicate, false, "a retry is judged afresh");
+        assert!(!record(&store, &first).duplicate, "a retry is judged afresh");
     }
 
     #[test]

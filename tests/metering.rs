@@ -384,13 +384,14 @@ fn two_sidecars_sharing_a_hard_limit_stay_within_the_bound() {
     // sidecar holds at most 20 unsynced calls, so two of them overshoot by at most 20.
     const LIMIT: u64 = 1000;
     const SHARE: f64 = 0.02;
-    let bound = ((LIMIT as f64 * SHARE).ceil() as u64) * (2 - 1);
+    const PODS: u64 = 2;
+    let bound = ((LIMIT as f64 * SHARE).ceil() as u64) * (PODS - 1);
     let temporary = tempfile::tempdir().unwrap();
     let setup = ControlPlaneSetup::new(temporary.path());
     let _control_plane = setup.start();
     setup.order("quota-1", "quota-co", "free");
     let flags = ["--usage-sync-interval-ms", "100", "--quota-local-share", "0.02", "--quota-sync-wait-ms", "10000"];
-    let sidecars: Vec<(SocketAddr, Process)> = (0..2)
+    let sidecars: Vec<(SocketAddr, Process)> = (0..PODS)
         .map(|n| {
             let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             (addr, start_sidecar(addr, &temporary.path().join(format!("sidecar-{n}")), Some(&setup), &flags))
