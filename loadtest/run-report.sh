@@ -117,6 +117,22 @@ CONNECTIONS=2 run "batch-closed" "$PORT" "$sidecar_pid" --scenario batch --rate 
 run "batch-500" "$PORT" "$sidecar_pid" --scenario batch --rate 500 --batch-size 1000 --accounts 10000
 note "- batch decisions/s (closed loop, 2 connections x 1000 checks): $(grep -o '"decisions_per_sec": [0-9.]*' "$out/batch-closed.json" | awk '{printf "%.0f", $2}')"
 
+log "10k accounts: /v1/meter with the durable usage log (an fdatasync per group of events)"
+stop_sidecar
+rm -rf "$data/meter-data"
+"$tollgate" sidecar --listen "127.0.0.1:$PORT" --trust-key "$data/keys/tollgate.pub" --snapshot "$data/s10k.snap" \
+  --data-dir "$data/meter-data" > "$out/sidecar-meter.log" 2>&1 &
+sidecar_pid=$!
+pids+=("$sidecar_pid")
+wait_ready "$PORT" "$sidecar_pid"
+for rate in 1000 5000; do
+  run "meter-$rate" "$PORT" "$sidecar_pid" --scenario meter --rate "$rate" --accounts 10000
+done
+note "- usage log after the meter runs: $(du -sh "$data/meter-data/usage" | cut -f1)"
+stop_sidecar
+rm -rf "$data/meter-data"
+start_sidecar "$data/s10k.snap"
+
 log "10k accounts: highest rate with p99 < 1 ms and no errors"
 # Step up until a rate fails, then bisect three times. At most 12 probes.
 passes() { # rate -> 0 if p99 < 1 ms and no errors

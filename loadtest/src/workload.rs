@@ -23,6 +23,9 @@ pub enum Scenario {
     Mix,
     /// `/v1/check/batch` only, `--batch-size` checks per request.
     Batch,
+    /// `/v1/meter` only, every event with its own id (with `--data-dir` each one waits for
+    /// the durable log).
+    Meter,
 }
 
 /// splitmix64: small, deterministic, good enough to pick test data.
@@ -190,19 +193,13 @@ impl Workload {
         match self.scenario {
             Scenario::Check => (Kind::Check, "/v1/check", pick(&self.checks)),
             Scenario::Batch => (Kind::Batch, "/v1/check/batch", pick(&self.batches)),
+            Scenario::Meter => self.meter_request(idx),
             Scenario::Mix => {
                 // A fixed pattern over 20 slots keeps the mix exact over any whole second.
                 let mut random = SplitMix::new(idx ^ self.run_id);
                 match idx % 20 {
                     0 => (Kind::Batch, "/v1/check/batch", pick(&self.mix_batches)),
-                    1 | 11 => {
-                        let account_idx =
-                            self.meter_accounts.get((random.next() as usize) % self.meter_accounts.len().max(1)).copied().unwrap_or(0);
-                        let meter = METERS.get(random.below(3) as usize).copied().unwrap_or("api_calls");
-                        let body =
-                            format!(r#"{{"account":"acct-{account_idx}","meter":"{meter}","amount":1,"id":"load-{}-{idx}"}}"#, self.run_id);
-                        (Kind::Meter, "/v1/meter", Bytes::from(body))
-                    }
+                    1 | 11 => self.meter_request(idx),
                     7 => {
                         let path = self
                             .entitlement_paths
@@ -215,6 +212,15 @@ impl Workload {
                 }
             }
         }
+    }
+
+    /// One metering event with an id unique to this run and slot.
+    fn meter_request(&self, idx: u64) -> (Kind, &'static str, Bytes) {
+        let mut random = SplitMix::new(idx ^ self.run_id);
+        let account_idx = self.meter_accounts.get((random.next() as usize) % self.meter_accounts.len().max(1)).copied().unwrap_or(0);
+        let meter = METERS.get(random.below(3) as usize).copied().unwrap_or("api_calls");
+        let body = format!(r#"{{"account":"acct-{account_idx}","meter":"{meter}","amount":1,"id":"load-{}-{idx}"}}"#, self.run_id);
+        (Kind::Meter, "/v1/meter", Bytes::from(body))
     }
 
     /// Decisions one successful request of this kind stands for.
