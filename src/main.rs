@@ -582,6 +582,10 @@ struct ControlPlaneArgs {
     retired_key: Vec<PathBuf>,
     #[arg(long, default_value = "127.0.0.1:8282")]
     listen: String,
+    /// Serve the sidecar routes (`/v1/snapshot`, `/v1/usage`, plus probes) on this address
+    /// instead of `--listen`, so that network policy can admit only sidecars to them.
+    #[arg(long)]
+    sync_listen: Option<String>,
     /// Lifetime of license tokens, in seconds (never past the license's own end).
     #[arg(long, default_value_t = tollgate::control_plane::DEFAULT_TOKEN_TTL_SECS)]
     token_ttl_secs: i64,
@@ -659,6 +663,11 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
     };
     let listen: std::net::SocketAddr =
         args.listen.parse().with_context(|| format!("`--listen` value `{}` is not an address like 127.0.0.1:8282", args.listen))?;
+    let sync_listen: Option<std::net::SocketAddr> = args
+        .sync_listen
+        .as_deref()
+        .map(|address| address.parse().with_context(|| format!("`--sync-listen` value `{address}` is not an address like 0.0.0.0:8283")))
+        .transpose()?;
     if args.token_ttl_secs <= 0 {
         bail!("`--token-ttl-secs` must be greater than 0");
     }
@@ -676,11 +685,21 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on `{listen}`"))?;
         tracing::info!(address = %listener.local_addr()?, "tollgate control plane listening");
+        let sync_listener = match sync_listen {
+            Some(address) => {
+                let sync_listener =
+                    tokio::net::TcpListener::bind(address).await.with_context(|| format!("cannot listen on `{address}` for sidecars"))?;
+                tracing::info!(address = %sync_listener.local_addr()?, "sidecar routes listening");
+                Some(sync_listener)
+            }
+            None => None,
+        };
         let shutdown = async {
             shutdown_signal().await;
             tracing::info!("shutting down: draining in-flight requests");
         };
-        tollgate::control_plane::run(control_plane, listener, shutdown, Duration::from_secs(args.drain_timeout_secs)).await;
+        let drain = Duration::from_secs(args.drain_timeout_secs);
+        tollgate::control_plane::run_with_sync(control_plane, listener, sync_listener, shutdown, drain).await;
         tracing::info!("stopped");
         Ok(())
     })

@@ -493,3 +493,48 @@ async fn account_keys_cannot_probe_other_accounts() {
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_sync_listener_takes_the_sidecar_routes_off_the_api_port() {
+    use std::sync::Arc;
+    let dir = tempfile::tempdir().unwrap();
+    let control_plane = Arc::new(
+        tollgate::control_plane::ControlPlane::open(
+            dir.path(),
+            &common::repo_root().join("policies"),
+            control_plane_support::signing_key(7),
+            Vec::new(),
+        )
+        .unwrap(),
+    );
+    let sidecar_key = tollgate::control_plane::create_key(control_plane.repository.as_ref(), "sidecar", None).unwrap();
+    let integration = tollgate::control_plane::create_key(control_plane.repository.as_ref(), "integration", None).unwrap();
+    let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sync = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (api_addr, sync_addr) = (api.local_addr().unwrap(), sync.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(tollgate::control_plane::run_with_sync(
+        control_plane,
+        api,
+        Some(sync),
+        async move {
+            let _ = stopped.await;
+        },
+        std::time::Duration::from_secs(2),
+    ));
+    let mut api_client = common::Client::connect(api_addr).await;
+    let mut sync_client = common::Client::connect(sync_addr).await;
+    let usage = json!({"sidecar": "pod-1", "events": []});
+    // On the API port the sidecar routes do not exist; on the sync port only they (and the
+    // probes) do.
+    let on_api = post(&mut api_client, "/v1/usage", &sidecar_key, &usage).await;
+    assert_eq!(on_api.status, 404, "{}", on_api.text());
+    assert_eq!(get(&mut api_client, "/v1/snapshot?after=0&wait=0", &sidecar_key).await.status, 404);
+    let on_sync = post(&mut sync_client, "/v1/usage", &sidecar_key, &usage).await;
+    assert_eq!(on_sync.status, 200, "{}", on_sync.text());
+    assert_eq!(get(&mut sync_client, "/v1/catalog", &integration).await.status, 404);
+    assert_eq!(get(&mut api_client, "/v1/catalog", &integration).await.status, 200);
+    assert_eq!(sync_client.get("/healthz").await.status, 200);
+    let _ = stop.send(());
+    task.await.unwrap();
+}

@@ -204,12 +204,24 @@ fn the_sidecar_started_with_the_manifest_flags_passes_the_manifest_probes() {
     // The manifest's flags as they are, with files and the port moved into this test's reach.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let manifest_port = args.iter().find_map(|arg| arg.strip_prefix("--listen=")).map(port_of).unwrap();
+    // The manifest subscribes to a control plane that does not exist here: the sidecar must
+    // start and turn ready from its cached snapshot alone, as after a restart while the
+    // control plane is down.
+    let data_dir = temporary.path().join("data");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    std::fs::copy(&snapshot, data_dir.join(tollgate::sidecar::subscribe::CACHE_FILE)).unwrap();
+    let api_key = temporary.path().join("sidecar.key");
+    std::fs::write(&api_key, "tg_0000000000000000_unused").unwrap();
     let local: Vec<String> = args
         .iter()
         .map(|arg| match flag_name(arg) {
             "--listen" => format!("--listen=127.0.0.1:{port}"),
             "--snapshot" => format!("--snapshot={}", snapshot.display()),
             "--trust-key" => format!("--trust-key={}", keys.join("tollgate.pub").display()),
+            "--data-dir" => format!("--data-dir={}", data_dir.display()),
+            "--api-key-file" => format!("--api-key-file={}", api_key.display()),
+            "--control-plane" => "--control-plane=http://127.0.0.1:9".to_string(),
+            "--metrics-listen" => "--metrics-listen=127.0.0.1:0".to_string(),
             _ => arg.clone(),
         })
         .collect();

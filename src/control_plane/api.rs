@@ -37,7 +37,32 @@ const MAX_AUDIT: u32 = 1_000;
 
 pub type HttpResponse = Response<Full<Bytes>>;
 
+/// Which routes a listener answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// Everything (no `--sync-listen`).
+    All,
+    /// Everything but the sidecar routes.
+    Api,
+    /// Only the sidecar routes and the probes.
+    Sync,
+}
+
+/// The routes sidecars call, served on the sync listener when there is one.
+pub const SYNC_ROUTES: &[&str] = &["/v1/snapshot", "/v1/usage"];
+
+impl Listener {
+    fn serves(self, pattern: &str) -> bool {
+        match self {
+            Listener::All => true,
+            Listener::Api => !SYNC_ROUTES.contains(&pattern),
+            Listener::Sync => SYNC_ROUTES.contains(&pattern) || matches!(pattern, "/healthz" | "/readyz"),
+        }
+    }
+}
+
 struct Server {
+    scope: Listener,
     control_plane: Arc<ControlPlane>,
     /// Turns true when shutdown starts, so long-polls answer at once instead of holding the
     /// drain open.
@@ -46,11 +71,17 @@ struct Server {
 
 /// Serves the API on `listener` until `shutdown` resolves, then drains open connections for
 /// at most `drain_timeout`.
-pub async fn serve(listener: TcpListener, control_plane: Arc<ControlPlane>, shutdown: impl Future<Output = ()>, drain_timeout: Duration) {
+pub async fn serve(
+    listener: TcpListener,
+    control_plane: Arc<ControlPlane>,
+    scope: Listener,
+    shutdown: impl Future<Output = ()>,
+    drain_timeout: Duration,
+) {
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     let (closing_sender, closing) = watch::channel(false);
-    let server = Arc::new(Server { control_plane, closing });
+    let server = Arc::new(Server { scope, control_plane, closing });
     tokio::pin!(shutdown);
     loop {
         let (stream, _) = tokio::select! {
@@ -234,7 +265,9 @@ async fn route(server: &Server, request: Request<Incoming>) -> HttpResponse {
         .collect();
     let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
     let control_plane = &server.control_plane;
-    let route_idx = matching_route(&segments);
+    // A route this listener does not serve is answered like a path that does not exist.
+    let route_idx =
+        matching_route(&segments).filter(|route_idx| ROUTES.get(*route_idx).is_some_and(|(pattern, _)| server.scope.serves(pattern)));
     let public = route_idx.and_then(|route_idx| ROUTES.get(route_idx)).is_some_and(|(pattern, _)| PUBLIC_ROUTES.contains(pattern));
     // Everything but the public routes needs a valid key first, so that an unauthenticated
     // caller learns nothing about which paths and methods exist.

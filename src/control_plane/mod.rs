@@ -360,6 +360,18 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
     drain_timeout: std::time::Duration,
 ) {
+    run_with_sync(control_plane, listener, None, shutdown, drain_timeout).await;
+}
+
+/// Like [`run`], with the sidecar routes (`/v1/snapshot`, `/v1/usage`) on their own listener
+/// when `sync_listener` is given, so a NetworkPolicy can let only sidecars reach that port.
+pub async fn run_with_sync(
+    control_plane: Arc<ControlPlane>,
+    listener: tokio::net::TcpListener,
+    sync_listener: Option<tokio::net::TcpListener>,
+    shutdown: impl std::future::Future<Output = ()>,
+    drain_timeout: std::time::Duration,
+) {
     let (stop_sender, mut stop_receiver) = tokio::sync::watch::channel(false);
     let mut webhook_stop = stop_receiver.clone();
     let webhooks = tokio::spawn(webhooks::run(Arc::clone(&control_plane), async move {
@@ -384,7 +396,23 @@ pub async fn run(
             }
         })
     };
-    api::serve(listener, control_plane, shutdown, drain_timeout).await;
+    let (closing_sender, closing) = tokio::sync::watch::channel(false);
+    let sync_server = sync_listener.map(|sync_listener| {
+        let mut closing = closing.clone();
+        let until_closing = async move {
+            let _ = closing.wait_for(|closing| *closing).await;
+        };
+        tokio::spawn(api::serve(sync_listener, Arc::clone(&control_plane), api::Listener::Sync, until_closing, drain_timeout))
+    });
+    let scope = if sync_server.is_some() { api::Listener::Api } else { api::Listener::All };
+    let shutdown = async move {
+        shutdown.await;
+        let _ = closing_sender.send(true);
+    };
+    api::serve(listener, control_plane, scope, shutdown, drain_timeout).await;
+    if let Some(sync_server) = sync_server {
+        let _ = sync_server.await;
+    }
     upkeep.abort();
     let _ = stop_sender.send(true);
     let _ = publisher.await;
