@@ -325,6 +325,11 @@ pub async fn run(workload: Workload, options: RunOptions) -> Result<Summary> {
     let swapper = options.swap.clone().map(|swap| {
         let (swaps, swap_failures) = (Arc::clone(&swaps), Arc::clone(&swap_failures));
         std::thread::spawn(move || {
+            // The writer of new snapshot files stands for a background process (a compiler or
+            // the kubelet's atomic writer): at idle priority, replacing a large file (the
+            // kernel frees the old one's page cache inside `rename`) does not compete with the
+            // sidecar being measured.
+            tollgate::sidecar::background::lower_priority();
             let every = match &swap {
                 Swap::Command { every, .. } | Swap::Files { every, .. } => *every,
             };

@@ -3,6 +3,7 @@
 //! `engine::decide` over one loaded snapshot. Shutdown stops accepting, drains in-flight
 //! requests with a grace timeout, then returns.
 
+pub mod background;
 pub mod protocols;
 pub mod ship;
 pub mod source;

@@ -142,7 +142,9 @@ pub fn reload(source: &Source, trusted: &TrustedKeys, store: &SnapshotStore) -> 
 }
 
 /// Polls the source every `interval` and reloads it when its files change, until
-/// `shutdown` resolves; a control-plane source is followed by `subscribe::run` instead. Loading and verifying run on the blocking pool, off the request path.
+/// `shutdown` resolves; a control-plane source is followed by `subscribe::run` instead.
+/// Loading and verifying run on the low-priority loader thread (`background`), off the
+/// request path.
 pub async fn watch(
     source: Arc<Source>,
     trusted: Arc<TrustedKeys>,
@@ -167,7 +169,7 @@ pub async fn watch(
         }
         let (source_ref, trusted_ref, store_ref) = (Arc::clone(&source), Arc::clone(&trusted), Arc::clone(&store));
         let last_seen = last.clone();
-        let outcome = tokio::task::spawn_blocking(move || {
+        let outcome = super::background::run(move || {
             let fingerprint = source_ref.fingerprint();
             // Nothing to do when nothing changed, or when the file is momentarily absent
             // (between an unlink and a rename).
@@ -184,7 +186,7 @@ pub async fn watch(
             settled
         })
         .await;
-        if let Ok(fingerprint) = outcome {
+        if let Some(fingerprint) = outcome {
             last = fingerprint;
         }
     }

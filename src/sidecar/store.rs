@@ -178,6 +178,8 @@ impl SnapshotStore {
 /// into counted references during the swap, so the strong count covers every reader.
 fn retire(old: Arc<Snapshot>) {
     let spawned = std::thread::Builder::new().name("tollgate-reaper".into()).spawn(move || {
+        // Returning a large archive's pages to the kernel is background work too.
+        super::background::lower_priority();
         let deadline = Instant::now() + Duration::from_secs(60);
         while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));

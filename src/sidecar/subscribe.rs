@@ -202,16 +202,16 @@ pub async fn run(
                 let trusted = Arc::clone(&trusted);
                 let started = std::time::Instant::now();
                 let verify_bytes = bytes.clone();
-                match tokio::task::spawn_blocking(move || Snapshot::verify(&verify_bytes, &trusted).map_err(SubscribeError::from)).await {
-                    Ok(Ok(snapshot)) => match store.install(snapshot) {
+                match super::background::run(move || Snapshot::verify(&verify_bytes, &trusted).map_err(SubscribeError::from)).await {
+                    Some(Ok(snapshot)) => match store.install(snapshot) {
                         Ok(revision) => {
                             // Cached only once installed: a snapshot the store refused (not
                             // newer) must not be what a restart serves.
                             let cache = subscription.cache_path();
-                            match tokio::task::spawn_blocking(move || write_cache(&cache, &bytes)).await {
-                                Ok(Ok(())) => {}
-                                Ok(Err(error)) => tracing::warn!(%error, "snapshot installed but not cached"),
-                                Err(error) => tracing::warn!(%error, "snapshot cache task failed"),
+                            match super::background::run(move || write_cache(&cache, &bytes)).await {
+                                Some(Ok(())) => {}
+                                Some(Err(error)) => tracing::warn!(%error, "snapshot installed but not cached"),
+                                None => tracing::warn!("snapshot cache write did not finish"),
                             }
                             store.mark_synced();
                             tracing::info!(
@@ -225,8 +225,8 @@ pub async fn run(
                         // a fault worth backing off from.
                         Err(error) => Some((error.to_string(), None)),
                     },
-                    Ok(Err(error)) => Some((error.to_string(), Some(reject_cause(&error)))),
-                    Err(error) => Some((error.to_string(), Some(RejectCause::Read))),
+                    Some(Err(error)) => Some((error.to_string(), Some(reject_cause(&error)))),
+                    None => Some(("snapshot verification did not finish".to_string(), Some(RejectCause::Read))),
                 }
             }
             Err(error) => Some((error.to_string(), Some(reject_cause(&error)))),
