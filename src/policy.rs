@@ -509,6 +509,20 @@ fn compile_catalog(catalog: &CatalogFile, data: &mut SnapshotData, diagnostics: 
                 resolve_regions(regions, &data.region_index, &owner, diagnostics)
             });
             if kind == "plan" {
+                // Plans are the upgrade path, cheapest first: an upgrade hint names the first
+                // plan that allows a request, which is only the cheapest if the order holds.
+                let dearer = data.plans.iter().rev().find_map(|plan: &Plan| plan.price.map(|previous| (plan, previous)));
+                if let (Some(price), Some((previous_plan, previous))) = (price, dearer)
+                    && price < previous
+                {
+                    diagnostics.at(
+                        file.id.span(),
+                        format!(
+                            "{owner} (price {price}) is listed after plan `{}` (price {previous}); plans go cheapest first",
+                            previous_plan.name
+                        ),
+                    );
+                }
                 index.insert(file.id.get_ref().clone(), data.plans.len() as u32);
                 data.plans.push(Plan { name: file.id.get_ref().clone(), price, features, limits, regions });
             } else {

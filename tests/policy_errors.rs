@@ -184,3 +184,10 @@ seats = 3
     sorted.sort();
     assert_eq!(lines, sorted, "errors are in line order");
 }
+
+#[test]
+fn plans_must_be_listed_cheapest_first() {
+    let catalog = "[features.sso]\n\n[[plans]]\nid = \"team\"\nprice = 2900\n\n[[plans]]\nid = \"free\"\nprice = 0\n";
+    let errors = errors(catalog, &[]);
+    assert!(has(&errors, "catalog.toml", 8, "plan `free` (price 0) is listed after plan `team` (price 2900)"), "{errors:?}");
+}

@@ -571,6 +571,7 @@ fn entitlements(sidecar: &Sidecar, request: &Request<Incoming>) -> HttpResponse 
         "account": view.account,
         "status": if view.active { "active" } else { "suspended" },
         "revision": snapshot.revision(),
+        "stale": sidecar.store.is_stale(),
         "licenses": view.licenses.iter().map(|license| serde_json::json!({
             "id": license.id,
             "plan": license.plan,
@@ -583,7 +584,7 @@ fn entitlements(sidecar: &Sidecar, request: &Request<Incoming>) -> HttpResponse 
             "grace": license.grace,
         })).collect::<Vec<_>>(),
         "features": view.features.iter().map(|feature| {
-            let decision = DecisionJson::new(data, &account, snapshot.revision(), &feature.decision, false);
+            let decision = DecisionJson::new(data, &account, snapshot.revision(), &feature.decision, sidecar.store.is_stale());
             serde_json::json!({
                 "feature": feature.feature,
                 "allow": decision.allow,
