@@ -2,7 +2,9 @@
 //! log are killed with SIGKILL while clients send uniquely identified events, the control
 //! plane is stopped and started again, events are replayed, and two sidecars share one hard
 //! limit. Every count is checked against what clients were told: an acknowledged event is
-//! counted exactly once, and pods together stay within the documented overshoot bound.
+//! counted exactly once, and pods together stay within the documented overshoot bound. The
+//! same harness kills the control plane in the middle of a burst of orders: every order it
+//! acknowledged is still there after the restart, and a subscribed sidecar catches up.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::BTreeSet;
@@ -414,4 +416,58 @@ fn two_sidecars_sharing_a_hard_limit_stay_within_the_bound() {
     assert!(!ledger.refused.is_empty());
     setup.wait_used("quota-co", "api_calls", accepted);
     println!("two sidecars, hard limit {LIMIT}: {accepted} accepted (overshoot {}, bound {bound})", accepted - LIMIT);
+}
+
+#[test]
+fn a_control_plane_killed_mid_burst_keeps_every_acknowledged_order() {
+    let temporary = tempfile::tempdir().unwrap();
+    let setup = Arc::new(ControlPlaneSetup::new(temporary.path()));
+    let control_plane = setup.start();
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let _sidecar = start_sidecar(addr, &temporary.path().join("sidecar"), Some(&setup), &[]);
+    let acknowledged: Arc<Mutex<Vec<(String, Value)>>> = Arc::default();
+    let writer = {
+        let (setup, acknowledged) = (Arc::clone(&setup), Arc::clone(&acknowledged));
+        std::thread::spawn(move || {
+            for n in 0..100_000 {
+                let order =
+                    json!({"order_id": format!("burst-{n}"), "action": "new", "account": format!("burst-{n}"), "plan": "team", "seats": 3});
+                match http(setup.addr, "POST", "/v1/orders", Some(&order), Some(&setup.integration_key)) {
+                    Ok((200, answer)) => acknowledged.lock().unwrap().push((format!("burst-{n}"), answer)),
+                    Ok((status, answer)) => panic!("order refused with {status}: {answer}"),
+                    Err(_) => return,
+                }
+            }
+        })
+    };
+    while acknowledged.lock().unwrap().len() < 60 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    control_plane.kill_9();
+    writer.join().unwrap();
+    let _control_plane = setup.start();
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let mut newest = 0;
+    for (account, answer) in &acknowledged {
+        let (status, state) = http(setup.addr, "GET", &format!("/v1/accounts/{account}"), None, Some(&setup.integration_key)).unwrap();
+        assert_eq!(status, 200, "acknowledged order for `{account}` was lost: {state}");
+        // A replay returns the first answer, revision included.
+        let order = json!({"order_id": account, "action": "new", "account": account, "plan": "team", "seats": 3});
+        let (status, replay) = http(setup.addr, "POST", "/v1/orders", Some(&order), Some(&setup.integration_key)).unwrap();
+        assert_eq!((status, &replay), (200, answer));
+        newest = newest.max(answer["revision"].as_u64().unwrap());
+    }
+    // The subscribed sidecar reaches at least the newest acknowledged revision.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, status) = http(addr, "GET", "/v1/status", None, None).unwrap();
+        if status["snapshot"]["revision"].as_u64().is_some_and(|revision| revision >= newest) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "sidecar stuck at {} below {newest}", status["snapshot"]["revision"]);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let last = &acknowledged.last().unwrap().0;
+    let (status, answer) = http(addr, "POST", "/v1/check", Some(&json!({"account": last, "feature": "dashboards"})), None).unwrap();
+    assert_eq!((status, answer["allow"].clone()), (200, json!(true)), "{answer}");
 }
