@@ -12,6 +12,7 @@ pub mod generate;
 pub mod model;
 pub mod period;
 pub mod policy;
+pub mod serve;
 pub mod sidecar;
 pub mod snapshot;
 pub mod telemetry;
