@@ -277,11 +277,11 @@ fn run(cli: Cli) -> Result<()> {
                     if trust_key.is_empty() {
                         bail!("`--trust-key` is required with `--snapshot`");
                     }
-                    Source::File(path).load(&read_trusted(&trust_key)?, None)?
+                    Source::File(path).load(&read_trusted(&trust_key)?, None, None)?
                 }
                 (None, Some(dir)) => {
                     let (source, trusted) = dev_source(dir)?;
-                    source.load(&trusted, None)?
+                    source.load(&trusted, None, None)?
                 }
                 (None, None) => bail!("give `--snapshot FILE --trust-key KEY` or `--policies DIR`"),
             };
@@ -452,6 +452,10 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
     match (source::reload(&source, &trusted, &sidecar.store), &source) {
         (Ok(revision), _) => tracing::info!(revision, source = %source.describe(), "serving snapshot"),
         (Err(error), Source::Policies { .. }) => bail!("{error}"),
+        // A subscription's first start has no cache yet; that is expected, not a warning.
+        (Err(error), Source::ControlPlane(subscription)) if !subscription.cache_path().exists() => {
+            tracing::info!(%error, "waiting for the first snapshot from the control plane");
+        }
         (Err(error), _) => tracing::warn!(%error, "no valid snapshot yet; not ready until one arrives"),
     }
 

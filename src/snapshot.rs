@@ -173,12 +173,34 @@ impl Snapshot {
 
     /// Reads a snapshot file into an aligned buffer and verifies it.
     pub fn read_file(path: &Path, trusted: &TrustedKeys) -> Result<Snapshot, ReadError> {
+        Snapshot::read_file_into(path, trusted, None)
+    }
+
+    /// Like [`Snapshot::read_file`], reading into `spare` (a retired snapshot's buffer) when it
+    /// is large enough. Reusing memory that is already mapped spares the kernel faulting in a
+    /// fresh buffer the size of the snapshot, which is most of what a swap costs the rest of
+    /// the machine (loadtest/README.md).
+    pub fn read_file_into(path: &Path, trusted: &TrustedKeys, spare: Option<AlignedVec>) -> Result<Snapshot, ReadError> {
         let read_error = |source| ReadError::Io { path: path.display().to_string(), source };
         let mut file = std::fs::File::open(path).map_err(read_error)?;
-        let len = file.metadata().map_err(read_error)?.len();
-        let mut bytes = AlignedVec::with_capacity(usize::try_from(len).unwrap_or(0));
+        let len = usize::try_from(file.metadata().map_err(read_error)?.len()).unwrap_or(0);
+        let mut bytes = reusable(spare, len);
         bytes.extend_from_reader(&mut file).map_err(read_error)?;
         Ok(Snapshot::verify_owned(bytes, trusted)?)
+    }
+
+    /// Like [`Snapshot::verify`], copying into `spare` when it is large enough.
+    pub fn verify_into(bytes: &[u8], trusted: &TrustedKeys, spare: Option<AlignedVec>) -> Result<Snapshot, SnapshotError> {
+        let mut aligned = reusable(spare, bytes.len());
+        aligned.extend_from_slice(bytes);
+        Snapshot::verify_owned(aligned, trusted)
+    }
+
+    /// Gives back the buffer, emptied, for the next load; the snapshot is gone.
+    pub fn into_buffer(self) -> AlignedVec {
+        let mut bytes = self.bytes;
+        bytes.clear();
+        bytes
     }
 
     /// Reads the header without verifying anything: for `inspect`.
@@ -206,6 +228,17 @@ impl Snapshot {
         // constructor; `bytes` is never mutated afterwards, and the payload's offset is a
         // multiple of 16 inside a 16-aligned buffer, so the archive is well-formed and aligned.
         unsafe { rkyv::access_unchecked::<ArchivedSnapshotData>(archive) }
+    }
+}
+
+/// An empty aligned buffer with room for `len` bytes: `spare` when it has the room.
+fn reusable(spare: Option<AlignedVec>, len: usize) -> AlignedVec {
+    match spare {
+        Some(mut spare) if spare.capacity() >= len => {
+            spare.clear();
+            spare
+        }
+        _ => AlignedVec::with_capacity(len),
     }
 }
 

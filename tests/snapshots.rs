@@ -188,3 +188,22 @@ fn resigning_gives_a_new_revision_of_the_same_data() {
     assert_eq!(back, data);
     assert!(tollgate::snapshot::resign(b"garbage that is not a snapshot", 6, 0, &common::test_key(1)).is_err());
 }
+
+#[test]
+fn a_retired_snapshot_buffer_is_reused_and_still_verified() {
+    let data = common::example_data();
+    let first = Snapshot::verify(&common::signed(&data, 5, &common::test_key(1)), &trusted()).unwrap();
+    let spare = first.into_buffer();
+    let (address, capacity) = (spare.as_ptr(), spare.capacity());
+    assert!(spare.is_empty());
+    let second = Snapshot::verify_into(&common::signed(&data, 6, &common::test_key(1)), &trusted(), Some(spare)).unwrap();
+    assert_eq!(second.revision(), 6);
+    assert_eq!(second.data().accounts.len(), data.accounts.len());
+    let reused = second.into_buffer();
+    assert_eq!((reused.as_ptr(), reused.capacity()), (address, capacity), "the same memory served the second load");
+    // A reused buffer gets no pass: a forged snapshot read into it is still refused.
+    let mut forged = common::signed(&data, 7, &common::test_key(1));
+    let last = forged.len() - 1;
+    forged[last] ^= 1;
+    assert!(matches!(Snapshot::verify_into(&forged, &trusted(), Some(reused)), Err(SnapshotError::BadSignature(_))));
+}

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
+use rkyv::util::AlignedVec;
 
 use super::store::{SnapshotStore, unix_now_ms};
 use super::subscribe::{self, Subscription};
@@ -89,16 +90,15 @@ impl Source {
 
     /// Reads (or compiles and signs) and verifies a snapshot. `serving` is the revision in
     /// use; a compiled snapshot gets a newer one.
-    pub fn load(&self, trusted: &TrustedKeys, serving: Option<u64>) -> Result<Snapshot, LoadError> {
+    /// `spare` is a retired snapshot's buffer to read into, if there is one.
+    pub fn load(&self, trusted: &TrustedKeys, serving: Option<u64>, spare: Option<AlignedVec>) -> Result<Snapshot, LoadError> {
+        let read_error = |error| match error {
+            ReadError::Io { path, source } => LoadError::Read { path, source },
+            ReadError::Snapshot(error) => LoadError::Snapshot(error),
+        };
         match self {
-            Source::ControlPlane(subscription) => Snapshot::read_file(&subscription.cache_path(), trusted).map_err(|error| match error {
-                ReadError::Io { path, source } => LoadError::Read { path, source },
-                ReadError::Snapshot(error) => LoadError::Snapshot(error),
-            }),
-            Source::File(path) => Snapshot::read_file(path, trusted).map_err(|error| match error {
-                ReadError::Io { path, source } => LoadError::Read { path, source },
-                ReadError::Snapshot(error) => LoadError::Snapshot(error),
-            }),
+            Source::ControlPlane(subscription) => Snapshot::read_file_into(&subscription.cache_path(), trusted, spare).map_err(read_error),
+            Source::File(path) => Snapshot::read_file_into(path, trusted, spare).map_err(read_error),
             Source::Policies { dir, key } => {
                 let data = crate::policy::compile_dir(dir)?;
                 let now_ms = unix_now_ms();
@@ -120,7 +120,7 @@ pub fn reload(source: &Source, trusted: &TrustedKeys, store: &SnapshotStore) -> 
         return Err(format!("no cached snapshot at `{}` yet", subscription.cache_path().display()));
     }
     let started = std::time::Instant::now();
-    match source.load(trusted, store.revision()) {
+    match source.load(trusted, store.revision(), store.take_spare()) {
         Ok(snapshot) => {
             let loaded = started.elapsed();
             let revision = store.install(snapshot).map_err(|error| error.to_string())?;

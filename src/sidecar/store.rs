@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use rkyv::util::AlignedVec;
+
 use arc_swap::ArcSwapOption;
 use arc_swap::Guard;
 
@@ -43,7 +45,13 @@ pub struct SnapshotStore {
     max_staleness_ms: AtomicI64,
     /// Whether `/readyz` turns unready while stale.
     unready_when_stale: AtomicBool,
+    /// The buffer of the last snapshot retired, kept a little while for the next load.
+    spare: Arc<Mutex<Option<AlignedVec>>>,
 }
+
+/// How long a retired snapshot's buffer is kept for reuse; past it, it is freed, so memory
+/// between swaps stays at one snapshot.
+const SPARE_KEEP: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for SnapshotStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -78,6 +86,7 @@ impl SnapshotStore {
             synced_at_ms: AtomicI64::new(0),
             max_staleness_ms: AtomicI64::new(0),
             unready_when_stale: AtomicBool::new(false),
+            spare: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -115,10 +124,15 @@ impl SnapshotStore {
             status.loaded_at_ms = Some(unix_now_ms());
         }
         if let Some(old) = old {
-            retire(old);
+            retire(old, Arc::clone(&self.spare));
         }
         tracing::info!(revision = offered, accounts = n_accounts, "snapshot installed");
         Ok(offered)
+    }
+
+    /// The retired snapshot's buffer, if one is being kept, for the next load.
+    pub fn take_spare(&self) -> Option<AlignedVec> {
+        self.spare.lock().ok().and_then(|mut slot| slot.take())
     }
 
     /// Configures staleness: past `max_staleness` without a confirmation from the source,
@@ -176,7 +190,8 @@ impl SnapshotStore {
 /// Drops a replaced snapshot on a background thread once no request holds it, so freeing a
 /// large archive never lands on a request. arc-swap turns the readers' outstanding guards
 /// into counted references during the swap, so the strong count covers every reader.
-fn retire(old: Arc<Snapshot>) {
+/// Its buffer is then kept for a while as the store's spare, for the next load to reuse.
+fn retire(old: Arc<Snapshot>, spare: Arc<Mutex<Option<AlignedVec>>>) {
     let spawned = std::thread::Builder::new().name("tollgate-reaper".into()).spawn(move || {
         // Returning a large archive's pages to the kernel is background work too.
         super::background::lower_priority();
@@ -184,7 +199,19 @@ fn retire(old: Arc<Snapshot>) {
         while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(1));
         }
-        drop(old);
+        let Ok(snapshot) = Arc::try_unwrap(old) else { return };
+        let buffer = snapshot.into_buffer();
+        let address = buffer.as_ptr() as usize;
+        if let Ok(mut slot) = spare.lock() {
+            *slot = Some(buffer);
+        }
+        std::thread::sleep(SPARE_KEEP);
+        // Freed here unless a load took it (or a newer one replaced it) meanwhile.
+        let expired = spare.lock().ok().and_then(|mut slot| match slot.as_ref() {
+            Some(buffer) if buffer.as_ptr() as usize == address => slot.take(),
+            _ => None,
+        });
+        drop(expired);
     });
     if let Err(error) = spawned {
         // Without a thread the old snapshot is dropped by whoever holds it last.

@@ -202,7 +202,10 @@ pub async fn run(
                 let trusted = Arc::clone(&trusted);
                 let started = std::time::Instant::now();
                 let verify_bytes = bytes.clone();
-                match super::background::run(move || Snapshot::verify(&verify_bytes, &trusted).map_err(SubscribeError::from)).await {
+                let spare = store.take_spare();
+                let verified =
+                    super::background::run(move || Snapshot::verify_into(&verify_bytes, &trusted, spare).map_err(SubscribeError::from));
+                match verified.await {
                     Some(Ok(snapshot)) => match store.install(snapshot) {
                         Ok(revision) => {
                             // Cached only once installed: a snapshot the store refused (not
