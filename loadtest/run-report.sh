@@ -168,6 +168,8 @@ if [ "${SKIP_1M:-0}" != 1 ]; then
   rm -rf "$data/swaps"
   timeout 900 "$load" restamp "$data/s1m.snap" --key "$data/keys/tollgate.key" --out-dir "$data/swaps" \
     --from 2 --count $((SWAPS + 4)) 2>/dev/null
+  # Gigabytes were just written; let them reach the disk before measuring anything.
+  sync
   start_sidecar "$live"
   note "- sidecar idle RSS at 1M accounts: $(rss "$sidecar_pid")"
   DURATION="$SWAPS" run "swap-off-1m-5000" "$PORT" "$sidecar_pid" --scenario check --rate 5000 --accounts 1000000
