@@ -5,7 +5,7 @@
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
 port="${PORT:-39191}"
-(cd "$repo" && cargo build --release --bin tollgate -p tollgate-loadtest)
+(cd "$repo" && cargo build --release -p tollgate --bin tollgate && cargo build --release -p tollgate-loadtest)
 work="$(mktemp -d)"
 "$repo/target/release/tollgate" gen --accounts 1000 --out "$work/policies" >/dev/null
 "$repo/target/release/tollgate" sidecar --listen "127.0.0.1:$port" --policies "$work/policies" > "$work/sidecar.log" 2>&1 &
