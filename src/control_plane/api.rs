@@ -10,9 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, ETAG, HeaderValue};
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE, ETAG, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use super::store::{AuditQuery, Scope};
 use super::usage_store::{Delivery, DeliveryStatus};
 use super::{ApiError, Caller, ControlPlane, authenticate, changes, ingest, reports, tokens};
+use crate::serve::read_body;
 use crate::wire::ErrorJson;
 
 /// The OpenAPI document of this API.
@@ -142,20 +143,6 @@ async fn handle(server: Arc<Server>, request: Request<Incoming>) -> Result<HttpR
     let response = route(&server, request).await;
     server.control_plane.metrics.request(route_idx, response.status().as_u16(), started.elapsed().as_secs_f64());
     Ok(response)
-}
-
-async fn read_body(request: Request<Incoming>, max_body: usize) -> Result<Bytes, HttpResponse> {
-    let too_large =
-        || error_response(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body is larger than {max_body} bytes"));
-    let declared = request.headers().get(CONTENT_LENGTH).and_then(|value| value.to_str().ok()).and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|declared| declared > max_body as u64) {
-        return Err(too_large());
-    }
-    match Limited::new(request.into_body(), max_body).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(error) => Err(error_response(StatusCode::BAD_REQUEST, "body_unreadable", format!("cannot read request body: {error}"))),
-    }
 }
 
 fn query_param(request: &Request<Incoming>, name: &str) -> Option<String> {

@@ -17,14 +17,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::engine::{Decision, decide};
+use crate::serve::read_body;
 use crate::snapshot::{Snapshot, TrustedKeys};
 use crate::telemetry::{MeterResult, Metrics, Route};
 use crate::usage::{DecisionTally, MeterEvent, MeterOutcome, Recorded, UsageStore};
@@ -232,20 +233,6 @@ async fn route(sidecar: &Sidecar, request: Request<Incoming>) -> (Route, HttpRes
         response.headers_mut().insert("x-request-id", request_id);
     }
     (route, response)
-}
-
-async fn read_body(request: Request<Incoming>, max_body: usize) -> Result<Bytes, HttpResponse> {
-    let too_large =
-        || error_response(StatusCode::PAYLOAD_TOO_LARGE, "body_too_large", format!("request body is larger than {max_body} bytes"));
-    let declared = request.headers().get(CONTENT_LENGTH).and_then(|value| value.to_str().ok()).and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|declared| declared > max_body as u64) {
-        return Err(too_large());
-    }
-    match Limited::new(request.into_body(), max_body).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(error) => Err(error_response(StatusCode::BAD_REQUEST, "body_unreadable", format!("cannot read request body: {error}"))),
-    }
 }
 
 /// Decides one request against `snapshot`, timing the engine for the metrics.
