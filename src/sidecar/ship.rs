@@ -22,6 +22,11 @@ use crate::usage::{GlobalTotal, Shipped, TallyRow};
 
 /// Most events in one batch (the control plane takes at most 10000).
 const MAX_BATCH: usize = 5_000;
+/// A batch stays well under the control plane's 1 MiB body limit, whatever the length of ids
+/// and names: events and decision rows are cut at about this many bytes each, and the rest go
+/// with the next batch.
+const MAX_EVENT_BYTES: usize = 512 << 10;
+const MAX_TALLY_BYTES: usize = 256 << 10;
 /// Largest answer read from `/v1/usage`.
 const MAX_ANSWER: usize = 64 << 20;
 /// `state.json` is rewritten at most this often while shipping goes on (and always on flush).
@@ -172,8 +177,32 @@ impl Shipping {
 /// One round trip: ships up to a batch of pending events and the tally, applies the answer.
 /// `Ok(true)` when more is waiting (events left, or the feed has more totals).
 pub async fn ship_once(sidecar: &Sidecar, shipping: &Shipping, log: &UsageLog) -> Result<bool, ShipError> {
-    let events = log.pending_front(MAX_BATCH);
-    let decisions = sidecar.tally.as_ref().map(|tally| tally.take()).unwrap_or_default();
+    let mut events = log.pending_front(MAX_BATCH);
+    let fetched = events.len();
+    let mut event_bytes = 0;
+    let n_events = events
+        .iter()
+        .take_while(|event| {
+            event_bytes += event.account.len() + event.meter.len() + event.id.len() + 80;
+            event_bytes <= MAX_EVENT_BYTES
+        })
+        .count()
+        .max(1)
+        .min(events.len());
+    events.truncate(n_events);
+    let mut decisions = sidecar.tally.as_ref().map(|tally| tally.take()).unwrap_or_default();
+    let mut tally_bytes = 0;
+    let n_rows = decisions
+        .iter()
+        .take_while(|row| {
+            tally_bytes += row.account.len() + row.feature.len() + row.users.iter().map(|user| user.len() + 3).sum::<usize>() + 80;
+            tally_bytes <= MAX_TALLY_BYTES
+        })
+        .count();
+    let later = decisions.split_off(n_rows);
+    if let Some(tally) = &sidecar.tally {
+        tally.restore(&later);
+    }
     let since = shipping.status().cursor;
     let now = super::unix_now();
     let batch = BatchJson {
@@ -251,7 +280,10 @@ pub async fn ship_once(sidecar: &Sidecar, shipping: &Shipping, log: &UsageLog) -
     sidecar.metrics.usage_shipped(events.len() as u64, n_rejected);
     sidecar.metrics.usage_pending(log.n_pending());
     shipping.synced.send_modify(|generation| *generation += 1);
-    Ok(answer.more || log.n_pending() > 0 && events.len() == MAX_BATCH)
+    // More is waiting when the batch was cut short (by count or size), when decision rows
+    // were held back, or when the feed has more totals.
+    let cut_short = n_events < fetched || fetched == MAX_BATCH;
+    Ok(answer.more || cut_short || !later.is_empty())
 }
 
 /// Writes `state.json` when shipping moved on, then lets the log delete what is counted.
