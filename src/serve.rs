@@ -2,7 +2,7 @@
 //! connections from a bound listener until `shutdown` resolves, then stops accepting, calls
 //! `on_close` (so that long-polls can answer at once), and drains open connections for at most
 //! the grace timeout. It owns no routes and no state; the handler is the caller's. Also the
-//! capped body read both servers use.
+//! capped body read and the query-parameter lookup both servers use.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -84,4 +84,14 @@ pub async fn read_body(request: Request<Incoming>, max_body: usize) -> Result<By
         Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(error) => Err(error_answer(StatusCode::BAD_REQUEST, "body_unreadable", format!("cannot read request body: {error}"))),
     }
+}
+
+/// The first query parameter called `name`, percent-decoded (`+` as a space).
+pub fn query_param(request: &Request<Incoming>, name: &str) -> Option<String> {
+    let query = request.uri().query()?;
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        let key = percent_encoding::percent_decode_str(key).decode_utf8().ok()?;
+        (key == name).then(|| percent_encoding::percent_decode_str(&value.replace('+', " ")).decode_utf8_lossy().into_owned())
+    })
 }

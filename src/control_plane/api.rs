@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use super::store::{AuditQuery, Scope};
 use super::usage_store::{Delivery, DeliveryStatus};
 use super::{ApiError, Caller, ControlPlane, authenticate, changes, ingest, reports, tokens};
-use crate::serve::read_body;
+use crate::serve::{query_param, read_body};
 use crate::wire::ErrorJson;
 
 /// The OpenAPI document of this API.
@@ -143,15 +143,6 @@ async fn handle(server: Arc<Server>, request: Request<Incoming>) -> Result<HttpR
     let response = route(&server, request).await;
     server.control_plane.metrics.request(route_idx, response.status().as_u16(), started.elapsed().as_secs_f64());
     Ok(response)
-}
-
-fn query_param(request: &Request<Incoming>, name: &str) -> Option<String> {
-    let query = request.uri().query()?;
-    query.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let key = percent_encoding::percent_decode_str(key).decode_utf8().ok()?;
-        (key == name).then(|| percent_encoding::percent_decode_str(&value.replace('+', " ")).decode_utf8_lossy().into_owned())
-    })
 }
 
 fn number_param<T: std::str::FromStr>(request: &Request<Incoming>, name: &str) -> Result<Option<T>, ApiError> {

@@ -25,7 +25,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::engine::{Decision, decide};
-use crate::serve::read_body;
+use crate::serve::{query_param, read_body};
 use crate::snapshot::{Snapshot, TrustedKeys};
 use crate::telemetry::{MeterResult, Metrics, Route};
 use crate::usage::{DecisionTally, MeterEvent, MeterOutcome, Recorded, UsageStore};
@@ -492,16 +492,6 @@ async fn make_durable(
     written.map_err(|message| {
         sidecar.usage.unrecord(event);
         unavailable(message)
-    })
-}
-
-/// Query parameters, percent-decoded.
-fn query_param(request: &Request<Incoming>, name: &str) -> Option<String> {
-    let query = request.uri().query()?;
-    query.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let key = percent_encoding::percent_decode_str(key).decode_utf8().ok()?;
-        (key == name).then(|| percent_encoding::percent_decode_str(&value.replace('+', " ")).decode_utf8_lossy().into_owned())
     })
 }
 

@@ -37,7 +37,13 @@ impl TestControlPlane {
     }
 
     pub async fn start_with(data_dir: &Path, key: SigningKey, retired: Vec<ed25519_dalek::VerifyingKey>) -> TestControlPlane {
-        let control_plane = Arc::new(ControlPlane::open(data_dir, &repo_root().join("policies"), key, retired).unwrap());
+        let control_plane = ControlPlane::open(data_dir, &repo_root().join("policies"), key, retired).unwrap();
+        TestControlPlane::serve(control_plane, data_dir).await
+    }
+
+    /// Serves `control_plane` on 127.0.0.1:0 until `stop`.
+    async fn serve(control_plane: ControlPlane, data_dir: &Path) -> TestControlPlane {
+        let control_plane = Arc::new(control_plane);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -155,18 +161,6 @@ impl TestControlPlane {
     pub async fn start_configured(data_dir: &Path, configure: impl FnOnce(&mut ControlPlane)) -> TestControlPlane {
         let mut control_plane = ControlPlane::open(data_dir, &repo_root().join("policies"), signing_key(7), Vec::new()).unwrap();
         configure(&mut control_plane);
-        let control_plane = Arc::new(control_plane);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(control_plane::run(
-            Arc::clone(&control_plane),
-            listener,
-            async move {
-                let _ = stopped.await;
-            },
-            Duration::from_secs(2),
-        ));
-        TestControlPlane { addr, control_plane, data_dir: data_dir.to_path_buf(), stop, task }
+        TestControlPlane::serve(control_plane, data_dir).await
     }
 }
