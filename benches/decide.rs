@@ -12,13 +12,13 @@ use std::time::Duration;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ed25519_dalek::SigningKey;
 
-use tollgate::engine::{NoUsage, Request, decide};
-use tollgate::generate::{GenOptions, accounts, catalog};
-use tollgate::model::SnapshotData;
-use tollgate::policy::{Source, compile_sources};
-use tollgate::sidecar::Sidecar;
-use tollgate::snapshot::{self, Snapshot, TrustedKeys};
-use tollgate::telemetry::Metrics;
+use tollgate_core::engine::{NoUsage, Request, decide};
+use tollgate_core::model::SnapshotData;
+use tollgate_policy::generate::{GenOptions, accounts, catalog};
+use tollgate_policy::{Source, compile_sources};
+use tollgate_sidecar::Sidecar;
+use tollgate_sidecar::telemetry::Metrics;
+use tollgate_snapshot::{self as snapshot, Snapshot, TrustedKeys};
 
 const CHUNK: usize = 10_000;
 
@@ -112,7 +112,7 @@ fn bench_decide(c: &mut Criterion) {
 fn bench_batch(c: &mut Criterion) {
     let n_accounts = 10_000;
     let snapshot = Snapshot::verify(&snapshot::build(&compile(n_accounts), 1, 0, &key()).unwrap(), &trusted()).unwrap();
-    let sidecar = Sidecar::new(Arc::new(Metrics::new()), Arc::new(trusted()), "bench".into());
+    let sidecar = Sidecar::new(Arc::new(Metrics::new()), Arc::new(trusted()), "bench".into(), Arc::new(tollgate_core::clock::SystemClock));
     sidecar.store.install(snapshot).unwrap();
     let mut group = c.benchmark_group("batch_endpoint");
     for batch_size in [100usize, 1000] {
@@ -125,7 +125,7 @@ fn bench_batch(c: &mut Criterion) {
         let body = serde_json::to_vec(&serde_json::json!({ "checks": checks })).unwrap();
         group.throughput(Throughput::Elements(batch_size as u64));
         group.bench_function(BenchmarkId::from_parameter(batch_size), |b| {
-            b.iter(|| black_box(tollgate::sidecar::check_batch(&sidecar, black_box(&body))))
+            b.iter(|| black_box(tollgate_sidecar::check_batch(&sidecar, black_box(&body))))
         });
     }
     group.finish();
@@ -158,7 +158,10 @@ fn bench_snapshot_lifecycle(c: &mut Criterion) {
             group.bench_function(BenchmarkId::new("swap", n_accounts), |b| {
                 b.iter_batched(
                     || {
-                        let store = tollgate::sidecar::store::SnapshotStore::new(Arc::new(Metrics::new()));
+                        let store = tollgate_sidecar::store::SnapshotStore::new(
+                            Arc::new(Metrics::new()),
+                            Arc::new(tollgate_core::clock::SystemClock),
+                        );
                         store.install(older.clone()).unwrap();
                         (store, newer.clone())
                     },

@@ -5,7 +5,7 @@
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 
-use tollgate::sidecar::usage_log::{LoggedEvent, UsageLog};
+use tollgate_sidecar::usage_log::{LoggedEvent, UsageLog};
 
 fn event(n: u64) -> LoggedEvent {
     LoggedEvent {

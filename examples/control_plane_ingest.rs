@@ -7,6 +7,7 @@
 //! cargo run --release --example control_plane_ingest -- [BATCHES] [SIDECARS]
 //!
 //! Defaults: 100 batches per sidecar, 1 and then 4 concurrent sidecars. Prints one JSON object.
+#![allow(clippy::disallowed_methods, reason = "waits on real processes and sockets use wall-clock deadlines")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::net::SocketAddr;
@@ -18,7 +19,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use tokio::net::TcpStream;
 
-use tollgate::control_plane::{self, ControlPlane};
+use tollgate_control_plane::{self as control_plane, ControlPlane};
 
 const N_ACCOUNTS: usize = 1000;
 const BATCH: usize = 1000;
@@ -93,7 +94,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 async fn run_round(addr: SocketAddr, key: &str, round: usize, n_sidecars: usize, n_batches: usize) -> serde_json::Value {
-    let at = tollgate::period::format_rfc3339(tollgate::sidecar::store::unix_now_ms().div_euclid(1000));
+    let at = tollgate_core::period::format_rfc3339(tollgate_core::clock::system_now_ms().div_euclid(1000));
     let started = Instant::now();
     let tasks: Vec<_> = (0..n_sidecars)
         .map(|sidecar_idx| tokio::spawn(sidecar(addr, key.to_string(), format!("r{round}-pod-{sidecar_idx}"), n_batches, at.clone())))

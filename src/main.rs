@@ -9,13 +9,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 
-use tollgate::engine::{NoUsage, Request, decide};
-use tollgate::sidecar::source::{self, Source};
-use tollgate::sidecar::usage_log::UsageLog;
-use tollgate::sidecar::{self as sidecar_mod, Sidecar};
-use tollgate::snapshot::{self, Snapshot, TrustedKeys};
-use tollgate::telemetry::Metrics;
-use tollgate::wire::DecisionJson;
+use tollgate_core::engine::{NoUsage, Request, decide};
+use tollgate_protocol::DecisionJson;
+use tollgate_sidecar::source::{self, Source};
+use tollgate_sidecar::telemetry::Metrics;
+use tollgate_sidecar::usage_log::UsageLog;
+use tollgate_sidecar::{self as sidecar_mod, Sidecar};
+use tollgate_snapshot::{self as snapshot, Snapshot, TrustedKeys};
 
 #[derive(Parser)]
 #[command(name = "tollgate", version, about = "Entitlement decisions from signed policy snapshots")]
@@ -88,9 +88,11 @@ enum Command {
     },
     /// Serve the decision API on localhost.
     Sidecar(SidecarArgs),
+    #[cfg(feature = "control-plane")]
     /// Run the control plane (license repository, integration API, tokens, snapshot
     /// publishing), or manage its API keys.
     ControlPlane(ControlPlaneArgs),
+    #[cfg(feature = "control-plane")]
     /// License tokens: verify one offline against a JWKS.
     Token {
         #[command(subcommand)]
@@ -188,20 +190,20 @@ struct SidecarArgs {
     #[arg(long)]
     workers: Option<usize>,
     /// Envoy ext_authz: the request header naming the account.
-    #[arg(long, default_value = tollgate::sidecar::protocols::HEADER_ACCOUNT)]
+    #[arg(long, default_value = tollgate_sidecar::protocols::HEADER_ACCOUNT)]
     ext_authz_account_header: String,
     /// Envoy ext_authz: the request header naming the user.
-    #[arg(long, default_value = tollgate::sidecar::protocols::HEADER_USER)]
+    #[arg(long, default_value = tollgate_sidecar::protocols::HEADER_USER)]
     ext_authz_user_header: String,
     /// Envoy ext_authz: the request header naming the feature (a route in the catalog's
     /// `[routes]` map matching the path wins over it).
-    #[arg(long, default_value = tollgate::sidecar::protocols::HEADER_FEATURE)]
+    #[arg(long, default_value = tollgate_sidecar::protocols::HEADER_FEATURE)]
     ext_authz_feature_header: String,
     /// Envoy ext_authz: the request header naming the region.
-    #[arg(long, default_value = tollgate::sidecar::protocols::HEADER_REGION)]
+    #[arg(long, default_value = tollgate_sidecar::protocols::HEADER_REGION)]
     ext_authz_region_header: String,
     /// Envoy ext_authz: the request header naming the device.
-    #[arg(long, default_value = tollgate::sidecar::protocols::HEADER_DEVICE)]
+    #[arg(long, default_value = tollgate_sidecar::protocols::HEADER_DEVICE)]
     ext_authz_device_header: String,
 }
 
@@ -234,8 +236,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Compile { policy_dir, key, out, revision } => {
             let key = snapshot::read_signing_key(&key)?;
-            let data = tollgate::policy::compile_dir(&policy_dir)?;
-            let now_ms = sidecar_mod::store::unix_now_ms();
+            let data = tollgate_policy::compile_dir(&policy_dir)?;
+            let now_ms = tollgate_core::clock::system_now_ms();
             let revision = revision.unwrap_or(now_ms.max(0) as u64);
             let bytes = snapshot::build(&data, revision, now_ms, &key)?;
             write_atomically(&out, &bytes)?;
@@ -260,7 +262,7 @@ fn run(cli: Cli) -> Result<()> {
                 "format": header.format,
                 "revision": header.revision,
                 "key_id": header.key_id,
-                "created_at": tollgate::period::format_rfc3339(header.created_at_ms.div_euclid(1000)),
+                "created_at": tollgate_core::period::format_rfc3339(header.created_at_ms.div_euclid(1000)),
                 "payload_bytes": header.payload_len,
                 "counts": header.counts,
                 "signature": verified,
@@ -277,18 +279,18 @@ fn run(cli: Cli) -> Result<()> {
                     if trust_key.is_empty() {
                         bail!("`--trust-key` is required with `--snapshot`");
                     }
-                    Source::File(path).load(&read_trusted(&trust_key)?, None, None)?
+                    Source::File(path).load(&read_trusted(&trust_key)?, None, None, tollgate_core::clock::system_now_ms())?
                 }
                 (None, Some(dir)) => {
                     let (source, trusted) = dev_source(dir)?;
-                    source.load(&trusted, None, None)?
+                    source.load(&trusted, None, None, tollgate_core::clock::system_now_ms())?
                 }
                 (None, None) => bail!("give `--snapshot FILE --trust-key KEY` or `--policies DIR`"),
             };
             let now = match now {
-                Some(text) => tollgate::period::parse_rfc3339(&text)
+                Some(text) => tollgate_core::period::parse_rfc3339(&text)
                     .with_context(|| format!("`--now` value `{text}` is not an RFC 3339 timestamp"))?,
-                None => sidecar_mod::store::unix_now_ms().div_euclid(1000),
+                None => tollgate_core::clock::system_now_ms().div_euclid(1000),
             };
             let request = Request {
                 account: &account,
@@ -304,13 +306,18 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Gen { accounts, out, features, seed } => {
-            tollgate::generate::write(&out, &tollgate::generate::GenOptions { n_accounts: accounts, n_features: features, seed })
-                .with_context(|| format!("cannot write policies to `{}`", out.display()))?;
+            tollgate_policy::generate::write(
+                &out,
+                &tollgate_policy::generate::GenOptions { n_accounts: accounts, n_features: features, seed },
+            )
+            .with_context(|| format!("cannot write policies to `{}`", out.display()))?;
             println!("wrote {accounts} accounts to {}", out.display());
             Ok(())
         }
         Command::Sidecar(args) => run_sidecar(args),
+        #[cfg(feature = "control-plane")]
         Command::ControlPlane(args) => run_control_plane(args),
+        #[cfg(feature = "control-plane")]
         Command::Token { command } => run_token(command),
         Command::Health(args) => probe(&args, "/healthz"),
         Command::Ready(args) => probe(&args, "/readyz"),
@@ -319,7 +326,7 @@ fn run(cli: Cli) -> Result<()> {
 
 /// `tollgate health` and `tollgate ready`: the exit status is the answer.
 fn probe(args: &ProbeArgs, path: &str) -> Result<()> {
-    tollgate::container::probe(&args.addr, path, Duration::from_millis(args.timeout_ms.max(1)))?;
+    tollgate_sidecar::container::probe(&args.addr, path, Duration::from_millis(args.timeout_ms.max(1)))?;
     Ok(())
 }
 
@@ -401,11 +408,12 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
     };
     let metrics = Arc::new(Metrics::new());
     let trusted = Arc::new(trusted);
-    let mut sidecar = Sidecar::new(Arc::clone(&metrics), Arc::clone(&trusted), source.describe());
+    let mut sidecar =
+        Sidecar::new(Arc::clone(&metrics), Arc::clone(&trusted), source.describe(), Arc::new(tollgate_core::clock::SystemClock));
     sidecar.max_body = args.max_body;
     {
-        use tollgate::sidecar::protocols::header_name;
-        sidecar.ext_authz = tollgate::sidecar::protocols::ExtAuthzHeaders {
+        use tollgate_sidecar::protocols::header_name;
+        sidecar.ext_authz = tollgate_sidecar::protocols::ExtAuthzHeaders {
             account: header_name(&args.ext_authz_account_header).context("`--ext-authz-account-header`")?,
             user: header_name(&args.ext_authz_user_header).context("`--ext-authz-user-header`")?,
             feature: header_name(&args.ext_authz_feature_header).context("`--ext-authz-feature-header`")?,
@@ -424,7 +432,7 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
     if let Some(data_dir) = &args.data_dir {
         // The log is read back before serving, so quotas and event ids are as they were.
         let (log, recovery) = UsageLog::open(data_dir, subscription.is_some())?;
-        let now = sidecar_mod::store::unix_now_ms().div_euclid(1000);
+        let now = tollgate_core::clock::system_now_ms().div_euclid(1000);
         sidecar_mod::ship::restore(&sidecar.usage, &recovery.events, &recovery.state, now);
         tracing::info!(
             events = recovery.events.len(),
@@ -437,7 +445,7 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
             let id = sidecar_mod::ship::sidecar_id(data_dir)?;
             let interval = Duration::from_millis(args.usage_sync_interval_ms);
             sidecar.shipping = Some(Arc::new(sidecar_mod::ship::Shipping::new(Arc::clone(subscription), id, interval, &recovery.state)));
-            sidecar.tally = Some(tollgate::usage::DecisionTally::new());
+            sidecar.tally = Some(tollgate_sidecar::usage::DecisionTally::new());
         }
         sidecar.metrics.usage_pending(log.n_pending());
         sidecar.usage_log = Some(Arc::new(log));
@@ -464,7 +472,7 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
     // Workers follow the container's CPU limit, not the node's cores: more threads than the
     // quota only get throttled together. Snapshot loading runs on the blocking pool, capped
     // small so background work cannot fan out over the quota (deploy/README.md).
-    let workers = args.workers.unwrap_or_else(tollgate::container::worker_threads).max(1);
+    let workers = args.workers.unwrap_or_else(tollgate_sidecar::container::worker_threads).max(1);
     runtime.worker_threads(workers).max_blocking_threads(4);
     tracing::info!(workers, "async runtime");
     let runtime = runtime.build().context("cannot start the async runtime")?;
@@ -503,7 +511,7 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
                         _ = ticker.tick() => {}
                     }
                     sidecar.metrics.upkeep();
-                    let cutoff = sidecar_mod::store::unix_now_ms().div_euclid(1000) - args.dedupe_window_secs;
+                    let cutoff = tollgate_core::clock::system_now_ms().div_euclid(1000) - args.dedupe_window_secs;
                     sidecar.usage.prune_events(cutoff);
                 }
             })
@@ -566,6 +574,7 @@ async fn shutdown_signal() {
     }
 }
 
+#[cfg(feature = "control-plane")]
 #[derive(clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
 struct ControlPlaneArgs {
@@ -591,7 +600,7 @@ struct ControlPlaneArgs {
     #[arg(long)]
     sync_listen: Option<String>,
     /// Lifetime of license tokens, in seconds (never past the license's own end).
-    #[arg(long, default_value_t = tollgate::control_plane::DEFAULT_TOKEN_TTL_SECS)]
+    #[arg(long, default_value_t = tollgate_control_plane::DEFAULT_TOKEN_TTL_SECS)]
     token_ttl_secs: i64,
     /// How long SIGTERM waits for in-flight requests, in seconds.
     #[arg(long, default_value_t = 10)]
@@ -607,6 +616,7 @@ struct ControlPlaneArgs {
     webhook_secret_file: Option<PathBuf>,
 }
 
+#[cfg(feature = "control-plane")]
 #[derive(Subcommand)]
 enum ControlPlaneCommand {
     /// API keys.
@@ -616,6 +626,7 @@ enum ControlPlaneCommand {
     },
 }
 
+#[cfg(feature = "control-plane")]
 #[derive(Subcommand)]
 enum KeysCommand {
     /// Make a new API key and print it, alone, on stdout; only its hash is stored.
@@ -631,6 +642,7 @@ enum KeysCommand {
     },
 }
 
+#[cfg(feature = "control-plane")]
 #[derive(Subcommand)]
 enum TokenCommand {
     /// Verify a license token offline against a JWKS file; prints its claims, exits 1 if refused.
@@ -655,10 +667,11 @@ fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     Ok(Duration::from_secs(seconds))
 }
 
+#[cfg(feature = "control-plane")]
 fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
     if let Some(ControlPlaneCommand::Keys { command: KeysCommand::Create { data, scope, account } }) = args.command {
-        let repository = tollgate::control_plane::open_repository(&data)?;
-        let key = tollgate::control_plane::create_key(&repository, &scope, account.as_deref())?;
+        let repository = tollgate_control_plane::open_repository(&data)?;
+        let key = tollgate_control_plane::create_key(&repository, &scope, account.as_deref())?;
         println!("{key}");
         return Ok(());
     }
@@ -676,12 +689,12 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
         bail!("`--token-ttl-secs` must be greater than 0");
     }
     let webhook = match (&args.webhook_url, &args.webhook_secret_file) {
-        (Some(url), Some(secret_file)) => Some(tollgate::control_plane::webhooks::WebhookConfig::from_file(url, secret_file)?),
+        (Some(url), Some(secret_file)) => Some(tollgate_control_plane::webhooks::WebhookConfig::from_file(url, secret_file)?),
         _ => None,
     };
     let key = snapshot::read_signing_key(&signing_key)?;
     let retired = args.retired_key.iter().map(|path| snapshot::read_public_key(path)).collect::<Result<Vec<_>, _>>()?;
-    let mut control_plane = tollgate::control_plane::ControlPlane::open(&data, &policies, key, retired)?;
+    let mut control_plane = tollgate_control_plane::ControlPlane::open(&data, &policies, key, retired)?;
     control_plane.token_ttl_secs = args.token_ttl_secs;
     control_plane.webhook = webhook;
     let control_plane = Arc::new(control_plane);
@@ -703,18 +716,19 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
             tracing::info!("shutting down: draining in-flight requests");
         };
         let drain = Duration::from_secs(args.drain_timeout_secs);
-        tollgate::control_plane::run_with_sync(control_plane, listener, sync_listener, shutdown, drain).await;
+        tollgate_control_plane::run_with_sync(control_plane, listener, sync_listener, shutdown, drain).await;
         tracing::info!("stopped");
         Ok(())
     })
 }
 
+#[cfg(feature = "control-plane")]
 fn run_token(command: TokenCommand) -> Result<()> {
     let TokenCommand::Verify { jwks, token } = command;
     let text = std::fs::read_to_string(&jwks).with_context(|| format!("cannot read `{}`", jwks.display()))?;
-    let keys = tollgate::control_plane::tokens::parse_jwks(&text).with_context(|| format!("in `{}`", jwks.display()))?;
-    let now = sidecar_mod::store::unix_now_ms().div_euclid(1000);
-    let claims = tollgate::control_plane::tokens::verify(&token, &keys, now)?;
+    let keys = tollgate_control_plane::tokens::parse_jwks(&text).with_context(|| format!("in `{}`", jwks.display()))?;
+    let now = tollgate_core::clock::system_now_ms().div_euclid(1000);
+    let claims = tollgate_control_plane::tokens::verify(&token, &keys, now)?;
     println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(claims))?);
     Ok(())
 }

@@ -10,9 +10,9 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use tollgate::engine::{UsageLookup, decide};
-use tollgate::period::parse_rfc3339;
-use tollgate::wire::{CheckBody, DecisionJson};
+use tollgate_core::engine::{UsageLookup, decide};
+use tollgate_core::period::parse_rfc3339;
+use tollgate_protocol::{CheckBody, DecisionJson};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -58,9 +58,7 @@ fn check(path: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(path).unwrap();
     let case: CaseFile = toml::from_str(&text).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
     let data = match (&case.policies, &case.catalog, &case.accounts) {
-        (Some(dir), None, None) => {
-            tollgate::policy::compile_dir(&common::repo_root().join(dir)).unwrap_or_else(|errors| panic!("{errors}"))
-        }
+        (Some(dir), None, None) => tollgate_policy::compile_dir(&common::repo_root().join(dir)).unwrap_or_else(|errors| panic!("{errors}")),
         (None, Some(catalog), accounts) => common::compile_inline(catalog, accounts.as_deref().unwrap_or("")),
         _ => panic!("{}: give either `policies` or inline `catalog` (and `accounts`)", path.display()),
     };

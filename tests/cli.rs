@@ -1,6 +1,7 @@
 //! The `tollgate` binary end to end: keygen, compile, inspect, check, and the sidecar
 //! watching a snapshot file (atomic renames included), dev mode, bad configuration, and a
 //! clean drain on SIGTERM.
+#![allow(clippy::disallowed_methods, reason = "waits on real processes and sockets use wall-clock deadlines")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod common;

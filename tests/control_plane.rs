@@ -2,6 +2,7 @@
 //! the catalog, orders (every action, idempotency, conflicts, validation, nothing partial
 //! written), the audit log, users/seats/devices/overrides, the access-request workflow, and a
 //! restart that loses nothing committed.
+#![allow(clippy::disallowed_methods, reason = "waits on real processes and sockets use wall-clock deadlines")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod common;
@@ -282,8 +283,8 @@ async fn users_seats_devices_and_overrides() {
 
     // The token carries the result: sso added, export removed, the negotiated limit.
     let token = get(&mut client, "/v1/accounts/acme/license-token", &key).await.json()["token"].as_str().unwrap().to_string();
-    let keys = tollgate::control_plane::tokens::parse_jwks(&client.get("/.well-known/jwks.json").await.text()).unwrap();
-    let claims = tollgate::control_plane::tokens::verify(&token, &keys, tollgate::sidecar::store::unix_now_ms() / 1000).unwrap();
+    let keys = tollgate_control_plane::tokens::parse_jwks(&client.get("/.well-known/jwks.json").await.text()).unwrap();
+    let claims = tollgate_control_plane::tokens::verify(&token, &keys, tollgate_core::clock::system_now_ms() / 1000).unwrap();
     let features = claims["features"].as_array().unwrap();
     assert!(features.contains(&json!("sso")) && !features.contains(&json!("export")), "{features:?}");
     assert_eq!(claims["limits"]["api_calls"], json!({"hard": 120000}));
@@ -488,7 +489,7 @@ async fn account_keys_cannot_probe_other_accounts() {
 
     // Only customer keys can be bound to an account.
     for scope in ["admin", "integration", "sidecar"] {
-        let error = tollgate::control_plane::create_key(server.control_plane.repository.as_ref(), scope, Some("probe-a")).unwrap_err();
+        let error = tollgate_control_plane::create_key(server.control_plane.repository.as_ref(), scope, Some("probe-a")).unwrap_err();
         assert!(error.to_string().contains("only scope `account`"), "{scope}: {error}");
     }
     server.stop().await;
@@ -499,7 +500,7 @@ async fn a_sync_listener_takes_the_sidecar_routes_off_the_api_port() {
     use std::sync::Arc;
     let dir = tempfile::tempdir().unwrap();
     let control_plane = Arc::new(
-        tollgate::control_plane::ControlPlane::open(
+        tollgate_control_plane::ControlPlane::open(
             dir.path(),
             &common::repo_root().join("policies"),
             control_plane_support::signing_key(7),
@@ -507,13 +508,13 @@ async fn a_sync_listener_takes_the_sidecar_routes_off_the_api_port() {
         )
         .unwrap(),
     );
-    let sidecar_key = tollgate::control_plane::create_key(control_plane.repository.as_ref(), "sidecar", None).unwrap();
-    let integration = tollgate::control_plane::create_key(control_plane.repository.as_ref(), "integration", None).unwrap();
+    let sidecar_key = tollgate_control_plane::create_key(control_plane.repository.as_ref(), "sidecar", None).unwrap();
+    let integration = tollgate_control_plane::create_key(control_plane.repository.as_ref(), "integration", None).unwrap();
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sync = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (api_addr, sync_addr) = (api.local_addr().unwrap(), sync.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(tollgate::control_plane::run_with_sync(
+    let task = tokio::spawn(tollgate_control_plane::run_with_sync(
         control_plane,
         api,
         Some(sync),

@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use serde_json::{Value, json};
 
 use control_plane_support::{TestControlPlane, post};
-use tollgate::control_plane::api::ROUTES;
+use tollgate_control_plane::api::ROUTES;
 
 const METHODS: &[&str] = &["GET", "POST", "PUT", "DELETE"];
 
@@ -99,6 +99,6 @@ async fn the_order_schema_is_what_the_server_takes_and_answers() {
     }
     let actions: Vec<&str> =
         schema["properties"]["action"]["enum"].as_array().unwrap().iter().map(|action| action.as_str().unwrap()).collect();
-    assert_eq!(actions, tollgate::control_plane::changes::ORDER_ACTIONS);
+    assert_eq!(actions, tollgate_control_plane::changes::ORDER_ACTIONS);
     server.stop().await;
 }

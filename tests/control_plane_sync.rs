@@ -2,6 +2,7 @@
 //! upgrade order changing a running sidecar's answer with no restart, coalesced bursts, a
 //! stopped control plane (the sidecar keeps serving, restarts from its disk cache, turns
 //! stale), and a snapshot signed by an untrusted key (rejected).
+#![allow(clippy::disallowed_methods, reason = "waits on real processes and sockets use wall-clock deadlines")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod common;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use serde_json::json;
 
 use control_plane_support::{TestControlPlane, TestSidecar, get, post, signing_key, trusting};
-use tollgate::snapshot::Snapshot;
+use tollgate_snapshot::Snapshot;
 
 fn new_order(id: &str, account: &str, plan: &str) -> serde_json::Value {
     json!({"order_id": id, "action": "new", "account": account, "plan": plan})

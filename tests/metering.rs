@@ -5,6 +5,7 @@
 //! counted exactly once, and pods together stay within the documented overshoot bound. The
 //! same harness kills the control plane in the middle of a burst of orders: every order it
 //! acknowledged is still there after the restart, and a subscribed sidecar catches up.
+#![allow(clippy::disallowed_methods, reason = "waits on real processes and sockets use wall-clock deadlines")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::collections::BTreeSet;

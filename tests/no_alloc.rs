@@ -1,13 +1,15 @@
 //! `decide` allocates nothing: a counting global allocator sees zero allocations across
 //! thousands of decisions covering every reason code.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+// A counting global allocator is unsafe by nature: it forwards to the system allocator.
+#![expect(unsafe_code, reason = "a counting GlobalAlloc must implement an unsafe trait")]
 
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use tollgate::engine::{NoUsage, Request, decide};
+use tollgate_core::engine::{NoUsage, Request, decide};
 
 struct Counting;
 
@@ -44,7 +46,7 @@ static GLOBAL: Counting = Counting;
 #[test]
 fn decide_never_allocates() {
     let snapshot = common::verified(&common::example_data(), 1);
-    let store = tollgate::usage::UsageStore::new();
+    let store = tollgate_sidecar::usage::UsageStore::new();
     let requests = [
         Request { account: "acme", feature: "sso", user: Some("alice"), region: Some("eu"), device: Some("laptop-alice"), amount: None },
         Request { account: "acme", feature: "export", user: Some("carol"), ..Request::default() },
@@ -62,7 +64,7 @@ fn decide_never_allocates() {
         Request { account: "acme", feature: "nope", ..Request::default() },
         Request { account: "umbrella", feature: "uploads", amount: Some(60), ..Request::default() },
     ];
-    let now = tollgate::period::parse_rfc3339("2026-11-28T12:00:00Z").unwrap();
+    let now = tollgate_core::period::parse_rfc3339("2026-11-28T12:00:00Z").unwrap();
     let mut reasons = std::collections::HashSet::new();
     // Warm up anything lazily initialised outside the engine.
     for request in &requests {

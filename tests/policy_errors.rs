@@ -1,7 +1,7 @@
 //! Policy mistakes are reported with file, line and what is wrong, all of them at once.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use tollgate::policy::{PolicyError, Source, compile};
+use tollgate_policy::{PolicyError, Source, compile};
 
 fn source(path: &str, text: &str) -> Source {
     Source { path: path.into(), text: text.to_string() }
@@ -160,7 +160,7 @@ fn unknown_keys_and_wrong_types_name_the_line() {
 #[test]
 fn the_shipped_example_policies_compile() {
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies");
-    let data = tollgate::policy::compile_dir(&dir).unwrap_or_else(|errors| panic!("{errors}"));
+    let data = tollgate_policy::compile_dir(&dir).unwrap_or_else(|errors| panic!("{errors}"));
     assert!(data.plans.len() >= 3 && data.addons.len() >= 2 && data.meters.len() >= 2 && data.roles.len() >= 3);
 }
 

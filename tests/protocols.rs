@@ -7,7 +7,7 @@ mod common;
 
 use common::TestServer;
 use serde_json::json;
-use tollgate::sidecar::protocols::{ExtAuthzHeaders, header_name};
+use tollgate_sidecar::protocols::{ExtAuthzHeaders, header_name};
 
 async fn example_server() -> TestServer {
     TestServer::start(Some(common::verified(&common::example_data(), 42))).await
@@ -74,7 +74,7 @@ async fn ext_authz_header_names_are_configurable() {
 
 /// A catalog and account shaped after the AuthZEN 1.0 examples: account `123`, users
 /// `alice@acmecorp.com` (may read and edit) and `alice@example.com` (a viewer: may read only).
-fn spec_server() -> tollgate::model::SnapshotData {
+fn spec_server() -> tollgate_core::model::SnapshotData {
     common::compile_inline(
         r#"
         [features.can_read]
@@ -246,11 +246,11 @@ async fn authzen_requests_tollgate_cannot_map_are_denied_not_errors_and_bad_json
 
 #[test]
 fn route_map_mistakes_are_named_with_their_line() {
-    let catalog = tollgate::policy::Source {
+    let catalog = tollgate_policy::Source {
         path: "catalog.toml".into(),
         text: "[features.reports]\n\n[routes]\n\"/reports\" = \"reports\"\n\"reports\" = \"reports\"\n\"/x\" = \"nope\"\n".to_string(),
     };
-    let errors = tollgate::policy::compile(&catalog, &[]).unwrap_err().to_string();
+    let errors = tollgate_policy::compile(&catalog, &[]).unwrap_err().to_string();
     assert!(errors.contains("catalog.toml:5: route `reports` must be a path prefix starting with `/`"), "{errors}");
     assert!(errors.contains("catalog.toml:6: route `/x` names unknown feature `nope`"), "{errors}");
 }

@@ -5,10 +5,10 @@
 mod common;
 
 use proptest::prelude::*;
-use tollgate::engine::{NoUsage, Reason, Request, decide};
-use tollgate::generate::{GenOptions, accounts, catalog};
-use tollgate::model::{AccountStatus, SnapshotData, bits};
-use tollgate::policy::{Source, compile};
+use tollgate_core::engine::{NoUsage, Reason, Request, decide};
+use tollgate_core::model::{AccountStatus, SnapshotData, bits};
+use tollgate_policy::generate::{GenOptions, accounts, catalog};
+use tollgate_policy::{Source, compile};
 
 fn generated(options: &GenOptions) -> SnapshotData {
     let catalog = Source { path: "catalog.toml".into(), text: catalog(options) };

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::TestServer;
 use serde_json::json;
-use tollgate::sidecar::source::{Source, reload};
-use tollgate::snapshot::{Snapshot, SnapshotError, TrustedKeys};
+use tollgate_sidecar::source::{Source, reload};
+use tollgate_snapshot::{Snapshot, SnapshotError, TrustedKeys};
 
 fn trusted() -> TrustedKeys {
     TrustedKeys::new([common::test_key(1).verifying_key()])
@@ -116,8 +116,8 @@ async fn rejected_updates_keep_the_last_good_snapshot_serving() {
 
 /// Two catalogs that answer differently: in revision parity 0 `sso` is on the plan, in
 /// parity 1 it is not. An answer's `allow` must match its own `revision`.
-fn flip_flop(revision: u64) -> tollgate::model::SnapshotData {
-    let features = if revision % 2 == 0 { "[\"sso\", \"reports\"]" } else { "[\"reports\"]" };
+fn flip_flop(revision: u64) -> tollgate_core::model::SnapshotData {
+    let features = if revision.is_multiple_of(2) { "[\"sso\", \"reports\"]" } else { "[\"reports\"]" };
     common::compile_inline(
         &format!("[features.sso]\n[features.reports]\n[[plans]]\nid = \"pro\"\nfeatures = {features}\n"),
         "[accounts.a]\n[[accounts.a.licenses]]\nplan = \"pro\"\n",
@@ -180,13 +180,13 @@ async fn hot_swaps_under_load_lose_nothing_and_answer_from_one_revision() {
 fn resigning_gives_a_new_revision_of_the_same_data() {
     let data = common::example_data();
     let original = common::signed(&data, 5, &common::test_key(1));
-    let resigned = tollgate::snapshot::resign(&original, 6, 42, &common::test_key(1)).unwrap();
+    let resigned = tollgate_snapshot::resign(&original, 6, 42, &common::test_key(1)).unwrap();
     let snapshot = Snapshot::verify(&resigned, &trusted()).unwrap();
     assert_eq!(snapshot.revision(), 6);
     assert_eq!(snapshot.header().created_at_ms, 42);
-    let back: tollgate::model::SnapshotData = rkyv::deserialize::<_, rkyv::rancor::Error>(snapshot.data()).unwrap();
+    let back: tollgate_core::model::SnapshotData = rkyv::deserialize::<_, rkyv::rancor::Error>(snapshot.data()).unwrap();
     assert_eq!(back, data);
-    assert!(tollgate::snapshot::resign(b"garbage that is not a snapshot", 6, 0, &common::test_key(1)).is_err());
+    assert!(tollgate_snapshot::resign(b"garbage that is not a snapshot", 6, 0, &common::test_key(1)).is_err());
 }
 
 #[test]

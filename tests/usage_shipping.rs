@@ -9,14 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use control_plane_support::TestControlPlane;
-use tollgate::engine::Reason;
-use tollgate::sidecar::Sidecar;
-use tollgate::sidecar::ship::{Shipping, ship_once};
-use tollgate::sidecar::subscribe::Subscription;
-use tollgate::sidecar::usage_log::{ShipState, UsageLog};
-use tollgate::snapshot::TrustedKeys;
-use tollgate::telemetry::Metrics;
-use tollgate::usage::DecisionTally;
+use tollgate_core::engine::Reason;
+use tollgate_sidecar::Sidecar;
+use tollgate_sidecar::ship::{Shipping, ship_once};
+use tollgate_sidecar::subscribe::Subscription;
+use tollgate_sidecar::telemetry::Metrics;
+use tollgate_sidecar::usage::DecisionTally;
+use tollgate_sidecar::usage_log::{ShipState, UsageLog};
+use tollgate_snapshot::TrustedKeys;
 
 #[tokio::test]
 async fn a_tally_larger_than_a_request_body_ships_in_several_batches() {
@@ -28,7 +28,12 @@ async fn a_tally_larger_than_a_request_body_ships_in_several_batches() {
     let subscription = Arc::new(Subscription::new(&format!("http://{}", server.addr), &key_file, data_dir.clone()).unwrap());
     let shipping = Shipping::new(subscription, "pod-big".into(), Duration::from_secs(60), &ShipState::default());
     let (log, _) = UsageLog::open(&data_dir, true).unwrap();
-    let mut sidecar = Sidecar::new(Arc::new(Metrics::new()), Arc::new(TrustedKeys::default()), "test".into());
+    let mut sidecar = Sidecar::new(
+        Arc::new(Metrics::new()),
+        Arc::new(TrustedKeys::default()),
+        "test".into(),
+        Arc::new(tollgate_core::clock::SystemClock),
+    );
     let tally = DecisionTally::new();
     // 6000 pairs with a long user name each: several megabytes of rows.
     for n in 0..6_000 {

@@ -1,3 +1,4 @@
+#![allow(clippy::disallowed_methods, reason = "a load generator measures with the monotonic clock itself")]
 //! `tollgate-load`: an open-loop, coordinated-omission-corrected load generator for the
 //! Tollgate sidecar, the bare-hyper floor server it is compared with, the snapshot
 //! re-stamper for hot-swap runs, and a chart maker. Talks to loopback addresses only.

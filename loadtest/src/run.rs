@@ -329,7 +329,7 @@ pub async fn run(workload: Workload, options: RunOptions) -> Result<Summary> {
             // the kubelet's atomic writer): at idle priority, replacing a large file (the
             // kernel frees the old one's page cache inside `rename`) does not compete with the
             // sidecar being measured.
-            tollgate::sidecar::background::lower_priority();
+            lower_priority();
             let every = match &swap {
                 Swap::Command { every, .. } | Swap::Files { every, .. } => *every,
             };
@@ -484,4 +484,20 @@ pub async fn run(workload: Workload, options: RunOptions) -> Result<Summary> {
             _ => 0.0,
         },
     })
+}
+
+/// Lowers the calling thread to `SCHED_IDLE`, as the sidecar's own snapshot loader does, so
+/// the swapper competes with nothing it measures. Failure leaves normal priority.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: pid 0 changes only the calling thread's policy; `param` is a valid,
+        // initialised value that outlives the call.
+        #[expect(unsafe_code, reason = "sched_setscheduler has no safe wrapper in std")]
+        let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+        if result != 0 {
+            eprintln!("cannot lower the swapper's priority: {}", std::io::Error::last_os_error());
+        }
+    }
 }

@@ -13,11 +13,11 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use tokio::net::TcpStream;
 
-use tollgate::model::SnapshotData;
-use tollgate::policy::Source;
-use tollgate::sidecar::Sidecar;
-use tollgate::snapshot::{self, Snapshot, TrustedKeys};
-use tollgate::telemetry::Metrics;
+use tollgate_core::model::SnapshotData;
+use tollgate_policy::Source;
+use tollgate_sidecar::Sidecar;
+use tollgate_sidecar::telemetry::Metrics;
+use tollgate_snapshot::{self as snapshot, Snapshot, TrustedKeys};
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -26,11 +26,11 @@ pub fn repo_root() -> PathBuf {
 pub fn compile_inline(catalog: &str, accounts: &str) -> SnapshotData {
     let catalog = Source { path: "catalog.toml".into(), text: catalog.to_string() };
     let accounts = Source { path: "accounts/test.toml".into(), text: accounts.to_string() };
-    tollgate::policy::compile(&catalog, &[accounts]).unwrap_or_else(|errors| panic!("{errors}"))
+    tollgate_policy::compile(&catalog, &[accounts]).unwrap_or_else(|errors| panic!("{errors}"))
 }
 
 pub fn example_data() -> SnapshotData {
-    tollgate::policy::compile_dir(&repo_root().join("policies")).unwrap_or_else(|errors| panic!("{errors}"))
+    tollgate_policy::compile_dir(&repo_root().join("policies")).unwrap_or_else(|errors| panic!("{errors}"))
 }
 
 pub fn test_key(seed: u8) -> SigningKey {
@@ -61,7 +61,12 @@ impl TestServer {
 
     pub async fn start_with(snapshot: Option<Snapshot>, configure: impl FnOnce(&mut Sidecar)) -> TestServer {
         let key = test_key(1);
-        let mut sidecar = Sidecar::new(Arc::new(Metrics::new()), Arc::new(TrustedKeys::new([key.verifying_key()])), "test".into());
+        let mut sidecar = Sidecar::new(
+            Arc::new(Metrics::new()),
+            Arc::new(TrustedKeys::new([key.verifying_key()])),
+            "test".into(),
+            Arc::new(tollgate_core::clock::SystemClock),
+        );
         configure(&mut sidecar);
         if let Some(snapshot) = snapshot {
             sidecar.store.install(snapshot).unwrap();
@@ -70,7 +75,7 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(tollgate::sidecar::serve(
+        let task = tokio::spawn(tollgate_sidecar::serve(
             listener,
             Arc::clone(&sidecar),
             async move {

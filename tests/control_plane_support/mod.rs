@@ -1,5 +1,6 @@
 //! Shared helpers for the control-plane tests: a control plane on 127.0.0.1:0 over a
 //! temporary data directory and the shipped catalog, API keys, and a sidecar subscribed to it.
+#![allow(clippy::disallowed_methods, reason = "waits on real processes and sockets use wall-clock deadlines")]
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::net::SocketAddr;
@@ -9,12 +10,12 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 
-use tollgate::control_plane::{self, ControlPlane};
-use tollgate::sidecar::Sidecar;
-use tollgate::sidecar::source::Source;
-use tollgate::sidecar::subscribe::Subscription;
-use tollgate::snapshot::TrustedKeys;
-use tollgate::telemetry::Metrics;
+use tollgate_control_plane::{self as control_plane, ControlPlane};
+use tollgate_sidecar::Sidecar;
+use tollgate_sidecar::source::Source;
+use tollgate_sidecar::subscribe::Subscription;
+use tollgate_sidecar::telemetry::Metrics;
+use tollgate_snapshot::TrustedKeys;
 
 use crate::common::{Client, Reply, repo_root};
 
@@ -102,22 +103,27 @@ impl TestSidecar {
         subscription.wait = Duration::from_secs(5);
         let source = Arc::new(Source::ControlPlane(Arc::new(subscription)));
         let trusted = Arc::new(trusted);
-        let sidecar = Arc::new(Sidecar::new(Arc::new(Metrics::new()), Arc::clone(&trusted), source.describe()));
-        let _ = tollgate::sidecar::source::reload(&source, &trusted, &sidecar.store);
+        let sidecar = Arc::new(Sidecar::new(
+            Arc::new(Metrics::new()),
+            Arc::clone(&trusted),
+            source.describe(),
+            Arc::new(tollgate_core::clock::SystemClock),
+        ));
+        let _ = tollgate_sidecar::source::reload(&source, &trusted, &sidecar.store);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let until_stopped = |mut receiver: tokio::sync::watch::Receiver<bool>| async move {
             let _ = receiver.wait_for(|stop| *stop).await;
         };
-        let watcher = tokio::spawn(tollgate::sidecar::source::watch(
+        let watcher = tokio::spawn(tollgate_sidecar::source::watch(
             source,
             trusted,
             Arc::clone(&sidecar.store),
             Duration::from_millis(100),
             until_stopped(stopped.clone()),
         ));
-        let server = tokio::spawn(tollgate::sidecar::serve(listener, Arc::clone(&sidecar), until_stopped(stopped), Duration::from_secs(2)));
+        let server = tokio::spawn(tollgate_sidecar::serve(listener, Arc::clone(&sidecar), until_stopped(stopped), Duration::from_secs(2)));
         TestSidecar { addr, sidecar, stop, tasks: vec![watcher, server] }
     }
 

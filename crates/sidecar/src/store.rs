@@ -1,0 +1,225 @@
+//! The serving snapshot: an arc-swap cell that readers load without blocking, the install
+//! path that only ever replaces it with a verified, newer snapshot, and the readiness latch.
+//! Old snapshots are dropped on a reaper thread, never on a request.
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rkyv::util::AlignedVec;
+
+use arc_swap::ArcSwapOption;
+use arc_swap::Guard;
+
+use crate::telemetry::{Metrics, RejectCause};
+use tollgate_core::clock::{Clock, Stopwatch};
+use tollgate_snapshot::Snapshot;
+
+/// Why an offered snapshot was not installed.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    #[error("snapshot revision {offered} is not newer than the serving revision {serving}")]
+    NotNewer { offered: u64, serving: u64 },
+}
+
+#[derive(Debug, Clone, Default)]
+struct UpdateStatus {
+    last_error: Option<String>,
+    last_error_at_ms: Option<i64>,
+    loaded_at_ms: Option<i64>,
+}
+
+pub struct SnapshotStore {
+    current: ArcSwapOption<Snapshot>,
+    /// Turns true with the first good snapshot and never back (a latch).
+    ready: AtomicBool,
+    /// Serializes installers so the revision check and the swap are one step.
+    install_lock: Mutex<()>,
+    status: Mutex<UpdateStatus>,
+    swaps: AtomicU64,
+    rejects: AtomicU64,
+    metrics: Arc<Metrics>,
+    /// Unix ms when the source last confirmed that the serving snapshot is current (a
+    /// control-plane answer, or the snapshot's own creation time).
+    synced_at_ms: AtomicI64,
+    /// Answers are marked stale once the last confirmation is older than this; 0 = never.
+    max_staleness_ms: AtomicI64,
+    /// Whether `/readyz` turns unready while stale.
+    unready_when_stale: AtomicBool,
+    /// The buffer of the last snapshot retired, kept a little while for the next load.
+    spare: Arc<Mutex<Option<AlignedVec>>>,
+    /// Where time comes from: staleness, load and error times.
+    clock: Arc<dyn Clock>,
+}
+
+/// How long a retired snapshot's buffer is kept for reuse; past it, it is freed, so memory
+/// between swaps stays at one snapshot.
+const SPARE_KEEP: Duration = Duration::from_secs(10);
+
+impl std::fmt::Debug for SnapshotStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SnapshotStore").field("ready", &self.is_ready()).finish()
+    }
+}
+
+/// What `/v1/status` reports about updates.
+#[derive(Debug, Clone)]
+pub struct StoreStatus {
+    pub swaps: u64,
+    pub rejects: u64,
+    pub last_error: Option<String>,
+    pub last_error_at_ms: Option<i64>,
+    pub loaded_at_ms: Option<i64>,
+}
+
+impl SnapshotStore {
+    pub fn new(metrics: Arc<Metrics>, clock: Arc<dyn Clock>) -> SnapshotStore {
+        SnapshotStore {
+            current: ArcSwapOption::const_empty(),
+            ready: AtomicBool::new(false),
+            install_lock: Mutex::new(()),
+            status: Mutex::new(UpdateStatus::default()),
+            swaps: AtomicU64::new(0),
+            rejects: AtomicU64::new(0),
+            metrics,
+            synced_at_ms: AtomicI64::new(0),
+            max_staleness_ms: AtomicI64::new(0),
+            unready_when_stale: AtomicBool::new(false),
+            spare: Arc::new(Mutex::new(None)),
+            clock,
+        }
+    }
+
+    /// The clock this store (and the sidecar around it) reads time from.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// The serving snapshot. Keep the guard for a whole request so it sees one revision.
+    pub fn load(&self) -> Guard<Option<Arc<Snapshot>>> {
+        self.current.load()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    pub fn revision(&self) -> Option<u64> {
+        self.current.load().as_ref().map(|snapshot| snapshot.revision())
+    }
+
+    /// Installs a verified snapshot if it is newer than the serving one.
+    pub fn install(&self, snapshot: Snapshot) -> Result<u64, InstallError> {
+        let _installing = self.install_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let offered = snapshot.revision();
+        if let Some(serving) = self.revision()
+            && offered <= serving
+        {
+            let error = InstallError::NotNewer { offered, serving };
+            self.reject(RejectCause::NotNewer, &error.to_string());
+            return Err(error);
+        }
+        let n_accounts = snapshot.header().counts.accounts;
+        self.synced_at_ms.fetch_max(snapshot.header().created_at_ms, Ordering::Relaxed);
+        let old = self.current.swap(Some(Arc::new(snapshot)));
+        self.ready.store(true, Ordering::Release);
+        self.swaps.fetch_add(1, Ordering::Relaxed);
+        self.metrics.swapped(offered, n_accounts);
+        if let Ok(mut status) = self.status.lock() {
+            status.loaded_at_ms = Some(self.clock.now_ms());
+        }
+        if let Some(old) = old {
+            retire(old, Arc::clone(&self.spare));
+        }
+        tracing::info!(revision = offered, accounts = n_accounts, "snapshot installed");
+        Ok(offered)
+    }
+
+    /// The retired snapshot's buffer, if one is being kept, for the next load.
+    pub fn take_spare(&self) -> Option<AlignedVec> {
+        self.spare.lock().ok().and_then(|mut slot| slot.take())
+    }
+
+    /// Configures staleness: past `max_staleness` without a confirmation from the source,
+    /// answers are marked stale (and `/readyz` turns unready when `unready_when_stale`).
+    pub fn set_staleness(&self, max_staleness: Duration, unready_when_stale: bool) {
+        self.max_staleness_ms.store(i64::try_from(max_staleness.as_millis()).unwrap_or(i64::MAX), Ordering::Relaxed);
+        self.unready_when_stale.store(unready_when_stale, Ordering::Relaxed);
+    }
+
+    /// The source confirmed that the serving snapshot is current.
+    pub fn mark_synced(&self) {
+        self.synced_at_ms.fetch_max(self.clock.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Unix ms of the last confirmation, if any.
+    pub fn synced_at_ms(&self) -> Option<i64> {
+        Some(self.synced_at_ms.load(Ordering::Relaxed)).filter(|synced| *synced > 0)
+    }
+
+    /// Whether the serving snapshot is past the configured staleness.
+    pub fn is_stale(&self) -> bool {
+        let max = self.max_staleness_ms.load(Ordering::Relaxed);
+        max > 0 && self.clock.now_ms().saturating_sub(self.synced_at_ms.load(Ordering::Relaxed)) > max
+    }
+
+    /// Ready, and not stale when staleness is configured to make it unready.
+    pub fn is_serving_ready(&self) -> bool {
+        self.is_ready() && !(self.unready_when_stale.load(Ordering::Relaxed) && self.is_stale())
+    }
+
+    /// Records a rejected update: a log line, a metric and the status's last error. The
+    /// serving snapshot is untouched.
+    pub fn reject(&self, cause: RejectCause, message: &str) {
+        tracing::warn!(cause = cause.as_str(), error = message, "snapshot update rejected");
+        self.rejects.fetch_add(1, Ordering::Relaxed);
+        self.metrics.rejected(cause);
+        if let Ok(mut status) = self.status.lock() {
+            status.last_error = Some(message.to_string());
+            status.last_error_at_ms = Some(self.clock.now_ms());
+        }
+    }
+
+    pub fn status(&self) -> StoreStatus {
+        let status = self.status.lock().map(|status| status.clone()).unwrap_or_default();
+        StoreStatus {
+            swaps: self.swaps.load(Ordering::Relaxed),
+            rejects: self.rejects.load(Ordering::Relaxed),
+            last_error: status.last_error,
+            last_error_at_ms: status.last_error_at_ms,
+            loaded_at_ms: status.loaded_at_ms,
+        }
+    }
+}
+
+/// Drops a replaced snapshot on a background thread once no request holds it, so freeing a
+/// large archive never lands on a request. arc-swap turns the readers' outstanding guards
+/// into counted references during the swap, so the strong count covers every reader.
+/// Its buffer is then kept for a while as the store's spare, for the next load to reuse.
+fn retire(old: Arc<Snapshot>, spare: Arc<Mutex<Option<AlignedVec>>>) {
+    let spawned = std::thread::Builder::new().name("tollgate-reaper".into()).spawn(move || {
+        // Returning a large archive's pages to the kernel is background work too.
+        super::background::lower_priority();
+        let waiting = Stopwatch::start();
+        while Arc::strong_count(&old) > 1 && waiting.elapsed() < Duration::from_secs(60) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let Ok(snapshot) = Arc::try_unwrap(old) else { return };
+        let buffer = snapshot.into_buffer();
+        let address = buffer.as_ptr() as usize;
+        if let Ok(mut slot) = spare.lock() {
+            *slot = Some(buffer);
+        }
+        std::thread::sleep(SPARE_KEEP);
+        // Freed here unless a load took it (or a newer one replaced it) meanwhile.
+        let expired = spare.lock().ok().and_then(|mut slot| match slot.as_ref() {
+            Some(buffer) if buffer.as_ptr() as usize == address => slot.take(),
+            _ => None,
+        });
+        drop(expired);
+    });
+    if let Err(error) = spawned {
+        // Without a thread the old snapshot is dropped by whoever holds it last.
+        tracing::warn!(%error, "cannot start the reaper thread");
+    }
+}

@@ -1,0 +1,371 @@
+//! Signed snapshot files: the framing, ed25519 signing and verification, and [`Snapshot`],
+//! the only way to hold snapshot data that has passed its signature and rkyv validation.
+//! Key files are read and written here; nothing here decides anything.
+//!
+//! File layout (all integers little-endian):
+//! `magic (8) | header_len u32 (4) | header JSON | rkyv payload | signature (64)`.
+//! The header is padded with spaces so the payload starts at a multiple of 16 bytes: a file
+//! read into an aligned buffer is then accessed in place, with no copy. The signature covers
+//! everything before it.
+
+use std::fmt;
+use std::path::Path;
+
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
+use rkyv::util::AlignedVec;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use tollgate_core::model::{ArchivedSnapshotData, SnapshotData};
+
+const MAGIC: &[u8; 8] = b"TGSNAP\x00\x01";
+/// Version of the archived data model; bumped whenever `model` changes shape, so an old file
+/// is refused with a clear message instead of failing validation.
+pub const FORMAT: u32 = 2;
+const SIGNATURE_LEN: usize = 64;
+/// The payload's offset in the file is a multiple of this.
+const PAYLOAD_ALIGN: usize = 16;
+/// Headers are a few hundred bytes; anything far larger is not ours.
+const MAX_HEADER_LEN: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot is truncated: {0} bytes is shorter than its framing")]
+    Truncated(usize),
+    #[error("not a tollgate snapshot: bad magic bytes")]
+    BadMagic,
+    #[error("snapshot format {found} is not the format this build reads ({FORMAT}); recompile it with this version")]
+    Format { found: u32 },
+    #[error("snapshot header length {0} is out of range or leaves the payload unaligned")]
+    HeaderLength(usize),
+    #[error("snapshot header is not valid: {0}")]
+    Header(serde_json::Error),
+    #[error("snapshot payload is {actual} bytes but its header says {expected}")]
+    PayloadLength { expected: u64, actual: usize },
+    #[error("snapshot is signed by key `{0}`, which is not trusted")]
+    UntrustedKey(String),
+    #[error("snapshot signature does not verify against key `{0}`")]
+    BadSignature(String),
+    #[error("snapshot payload failed validation: {0}")]
+    Invalid(rkyv::rancor::Error),
+    #[error("cannot serialize snapshot: {0}")]
+    Serialize(rkyv::rancor::Error),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("cannot read key file `{path}`: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("cannot write key file `{path}`: {source}")]
+    Write { path: String, source: std::io::Error },
+    #[error("key file `{0}` must hold 64 hexadecimal digits (a 32-byte ed25519 key)")]
+    Format(String),
+    #[error("key file `{0}` does not hold a valid ed25519 public key")]
+    InvalidPublic(String),
+    #[error("cannot gather randomness for a new key: {0}")]
+    Random(getrandom::Error),
+}
+
+/// Counts of what a snapshot holds, for `inspect` and `/v1/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub features: u64,
+    pub meters: u64,
+    pub plans: u64,
+    pub addons: u64,
+    pub roles: u64,
+    pub accounts: u64,
+}
+
+/// The signed, human-readable part of a snapshot file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Header {
+    pub format: u32,
+    pub revision: u64,
+    pub key_id: String,
+    /// Unix milliseconds.
+    pub created_at_ms: i64,
+    pub payload_len: u64,
+    pub counts: Counts,
+}
+
+/// A short, stable name for a public key: the first 8 bytes of its SHA-256, in hex.
+pub fn key_id(key: &VerifyingKey) -> String {
+    let digest = Sha256::digest(key.to_bytes());
+    hex::encode(digest.get(..8).unwrap_or_default())
+}
+
+/// The public keys whose signatures a sidecar accepts.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedKeys {
+    keys: Vec<(String, VerifyingKey)>,
+}
+
+impl TrustedKeys {
+    pub fn new(keys: impl IntoIterator<Item = VerifyingKey>) -> TrustedKeys {
+        TrustedKeys { keys: keys.into_iter().map(|key| (key_id(&key), key)).collect() }
+    }
+
+    pub fn add(&mut self, key: VerifyingKey) {
+        self.keys.push((key_id(&key), key));
+    }
+
+    fn find(&self, key_id: &str) -> Option<&VerifyingKey> {
+        self.keys.iter().find(|(id, _)| id == key_id).map(|(_, key)| key)
+    }
+
+    pub fn ids(&self) -> impl Iterator<Item = &str> {
+        self.keys.iter().map(|(id, _)| id.as_str())
+    }
+}
+
+/// Snapshot data whose signature and archive have been verified. Read zero-copy.
+pub struct Snapshot {
+    header: Header,
+    /// The whole file; the archive is `bytes[payload]`.
+    bytes: AlignedVec,
+    payload: std::ops::Range<usize>,
+}
+
+/// A copy of a verified snapshot is still verified: the bytes are the same.
+impl Clone for Snapshot {
+    fn clone(&self) -> Snapshot {
+        let mut bytes = AlignedVec::with_capacity(self.bytes.len());
+        bytes.extend_from_slice(&self.bytes);
+        Snapshot { header: self.header.clone(), bytes, payload: self.payload.clone() }
+    }
+}
+
+impl fmt::Debug for Snapshot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Snapshot").field("header", &self.header).field("size", &self.bytes.len()).finish()
+    }
+}
+
+/// Where the parts of a snapshot file lie.
+struct Framing {
+    header: Header,
+    payload: std::ops::Range<usize>,
+    signed: std::ops::Range<usize>,
+}
+
+impl Snapshot {
+    /// Verifies a snapshot file's bytes: framing, trusted key, signature, then the archive.
+    pub fn verify(bytes: &[u8], trusted: &TrustedKeys) -> Result<Snapshot, SnapshotError> {
+        let mut aligned = AlignedVec::with_capacity(bytes.len());
+        aligned.extend_from_slice(bytes);
+        Snapshot::verify_owned(aligned, trusted)
+    }
+
+    /// Verifies a snapshot file already in an aligned buffer, without copying it.
+    pub fn verify_owned(bytes: AlignedVec, trusted: &TrustedKeys) -> Result<Snapshot, SnapshotError> {
+        let Framing { header, payload, signed } = parse_framing(&bytes)?;
+        let key = trusted.find(&header.key_id).ok_or_else(|| SnapshotError::UntrustedKey(header.key_id.clone()))?;
+        let bad_signature = || SnapshotError::BadSignature(header.key_id.clone());
+        let signature = bytes.get(signed.end..).and_then(|slice| Signature::from_slice(slice).ok()).ok_or_else(bad_signature)?;
+        let message = bytes.get(signed).ok_or_else(bad_signature)?;
+        key.verify_strict(message, &signature).map_err(|_| bad_signature())?;
+        let archive = bytes.get(payload.clone()).ok_or(SnapshotError::Truncated(bytes.len()))?;
+        rkyv::access::<ArchivedSnapshotData, rkyv::rancor::Error>(archive).map_err(SnapshotError::Invalid)?;
+        Ok(Snapshot { header, bytes, payload })
+    }
+
+    /// Reads a snapshot file into an aligned buffer and verifies it.
+    pub fn read_file(path: &Path, trusted: &TrustedKeys) -> Result<Snapshot, ReadError> {
+        Snapshot::read_file_into(path, trusted, None)
+    }
+
+    /// Like [`Snapshot::read_file`], reading into `spare` (a retired snapshot's buffer) when it
+    /// is large enough. Reusing memory that is already mapped spares the kernel faulting in a
+    /// fresh buffer the size of the snapshot, which is most of what a swap costs the rest of
+    /// the machine (loadtest/README.md).
+    pub fn read_file_into(path: &Path, trusted: &TrustedKeys, spare: Option<AlignedVec>) -> Result<Snapshot, ReadError> {
+        let read_error = |source| ReadError::Io { path: path.display().to_string(), source };
+        let mut file = std::fs::File::open(path).map_err(read_error)?;
+        let len = usize::try_from(file.metadata().map_err(read_error)?.len()).unwrap_or(0);
+        let mut bytes = reusable(spare, len);
+        bytes.extend_from_reader(&mut file).map_err(read_error)?;
+        Ok(Snapshot::verify_owned(bytes, trusted)?)
+    }
+
+    /// Like [`Snapshot::verify`], copying into `spare` when it is large enough.
+    pub fn verify_into(bytes: &[u8], trusted: &TrustedKeys, spare: Option<AlignedVec>) -> Result<Snapshot, SnapshotError> {
+        let mut aligned = reusable(spare, bytes.len());
+        aligned.extend_from_slice(bytes);
+        Snapshot::verify_owned(aligned, trusted)
+    }
+
+    /// Gives back the buffer, emptied, for the next load; the snapshot is gone.
+    pub fn into_buffer(self) -> AlignedVec {
+        let mut bytes = self.bytes;
+        bytes.clear();
+        bytes
+    }
+
+    /// Reads the header without verifying anything: for `inspect`.
+    pub fn read_header(bytes: &[u8]) -> Result<Header, SnapshotError> {
+        parse_framing(bytes).map(|framing| framing.header)
+    }
+
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.header.revision
+    }
+
+    /// Size of the snapshot file in bytes.
+    pub fn size(&self) -> usize {
+        self.bytes.len()
+    }
+
+    pub fn data(&self) -> &ArchivedSnapshotData {
+        // `payload` lies inside `bytes`: `verify_owned` checked it.
+        let archive = self.bytes.get(self.payload.clone()).unwrap_or_default();
+        // SAFETY: `archive` was validated by `rkyv::access` in `verify_owned`, the only
+        // constructor; `bytes` is never mutated afterwards, and the payload's offset is a
+        // multiple of 16 inside a 16-aligned buffer, so the archive is well-formed and aligned.
+        #[expect(unsafe_code, reason = "zero-copy access after the one validation at load is the point of the format")]
+        unsafe {
+            rkyv::access_unchecked::<ArchivedSnapshotData>(archive)
+        }
+    }
+}
+
+/// An empty aligned buffer with room for `len` bytes: `spare` when it has the room.
+fn reusable(spare: Option<AlignedVec>, len: usize) -> AlignedVec {
+    match spare {
+        Some(mut spare) if spare.capacity() >= len => {
+            spare.clear();
+            spare
+        }
+        _ => AlignedVec::with_capacity(len),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read `{path}`: {source}")]
+    Io { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+}
+
+fn parse_framing(bytes: &[u8]) -> Result<Framing, SnapshotError> {
+    let magic = bytes.get(..MAGIC.len()).ok_or(SnapshotError::Truncated(bytes.len()))?;
+    if magic != MAGIC {
+        return Err(SnapshotError::BadMagic);
+    }
+    let len_bytes: [u8; 4] =
+        bytes.get(MAGIC.len()..MAGIC.len() + 4).and_then(|slice| slice.try_into().ok()).ok_or(SnapshotError::Truncated(bytes.len()))?;
+    let header_len = u32::from_le_bytes(len_bytes) as usize;
+    let header_start = MAGIC.len() + 4;
+    let header_end = header_start + header_len;
+    if header_len == 0 || header_len > MAX_HEADER_LEN || !header_end.is_multiple_of(PAYLOAD_ALIGN) {
+        return Err(SnapshotError::HeaderLength(header_len));
+    }
+    let header_bytes = bytes.get(header_start..header_end).ok_or(SnapshotError::Truncated(bytes.len()))?;
+    let header: Header = serde_json::from_slice(header_bytes).map_err(SnapshotError::Header)?;
+    if header.format != FORMAT {
+        return Err(SnapshotError::Format { found: header.format });
+    }
+    let signed_end =
+        bytes.len().checked_sub(SIGNATURE_LEN).filter(|&end| end >= header_end).ok_or(SnapshotError::Truncated(bytes.len()))?;
+    let payload_len = signed_end - header_end;
+    if header.payload_len != payload_len as u64 {
+        return Err(SnapshotError::PayloadLength { expected: header.payload_len, actual: payload_len });
+    }
+    Ok(Framing { header, payload: header_end..signed_end, signed: 0..signed_end })
+}
+
+/// Archives and signs snapshot data into the bytes of a snapshot file.
+pub fn build(data: &SnapshotData, revision: u64, created_at_ms: i64, key: &SigningKey) -> Result<Vec<u8>, SnapshotError> {
+    let payload = rkyv::to_bytes::<rkyv::rancor::Error>(data).map_err(SnapshotError::Serialize)?;
+    let header = Header {
+        format: FORMAT,
+        revision,
+        key_id: key_id(&key.verifying_key()),
+        created_at_ms,
+        payload_len: payload.len() as u64,
+        counts: Counts {
+            features: data.features.len() as u64,
+            meters: data.meters.len() as u64,
+            plans: data.plans.len() as u64,
+            addons: data.addons.len() as u64,
+            roles: data.roles.len() as u64,
+            accounts: data.accounts.len() as u64,
+        },
+    };
+    frame(&header, &payload, key)
+}
+
+/// Lays out and signs a snapshot file from its header and archived payload.
+fn frame(header: &Header, payload: &[u8], key: &SigningKey) -> Result<Vec<u8>, SnapshotError> {
+    let mut header_json = serde_json::to_vec(header).map_err(SnapshotError::Header)?;
+    while !(MAGIC.len() + 4 + header_json.len()).is_multiple_of(PAYLOAD_ALIGN) {
+        header_json.push(b' ');
+    }
+    let mut bytes = Vec::with_capacity(MAGIC.len() + 4 + header_json.len() + payload.len() + SIGNATURE_LEN);
+    bytes.extend_from_slice(MAGIC);
+    bytes.extend_from_slice(&(header_json.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(&header_json);
+    bytes.extend_from_slice(payload);
+    let signature = key.sign(&bytes);
+    bytes.extend_from_slice(&signature.to_bytes());
+    Ok(bytes)
+}
+
+/// Re-signs a snapshot file's payload under another revision (and `key`): the same data as a
+/// new revision without recompiling, for load tests that swap a large snapshot every second.
+/// The payload is copied as is; it is not validated here (the sidecar does that on load).
+pub fn resign(bytes: &[u8], revision: u64, created_at_ms: i64, key: &SigningKey) -> Result<Vec<u8>, SnapshotError> {
+    let Framing { mut header, payload, .. } = parse_framing(bytes)?;
+    header.revision = revision;
+    header.created_at_ms = created_at_ms;
+    header.key_id = key_id(&key.verifying_key());
+    frame(&header, bytes.get(payload).ok_or(SnapshotError::Truncated(bytes.len()))?, key)
+}
+
+/// A new random signing key.
+pub fn generate_key() -> Result<SigningKey, KeyError> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(KeyError::Random)?;
+    Ok(SigningKey::from_bytes(&seed))
+}
+
+fn read_hex_key(path: &Path) -> Result<[u8; 32], KeyError> {
+    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.display().to_string(), source })?;
+    let mut bytes = [0u8; 32];
+    hex::decode_to_slice(text.trim(), &mut bytes).map_err(|_| KeyError::Format(path.display().to_string()))?;
+    Ok(bytes)
+}
+
+pub fn read_signing_key(path: &Path) -> Result<SigningKey, KeyError> {
+    read_hex_key(path).map(|seed| SigningKey::from_bytes(&seed))
+}
+
+pub fn read_public_key(path: &Path) -> Result<VerifyingKey, KeyError> {
+    let bytes = read_hex_key(path)?;
+    VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::InvalidPublic(path.display().to_string()))
+}
+
+/// Writes `DIR/tollgate.key` (mode 0600) and `DIR/tollgate.pub`; refuses to overwrite a key.
+pub fn write_key_pair(dir: &Path, key: &SigningKey) -> Result<(), KeyError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let write_error = |path: &Path| {
+        let path = path.display().to_string();
+        move |source| KeyError::Write { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(write_error(dir))?;
+    let secret_path = dir.join("tollgate.key");
+    let public_path = dir.join("tollgate.pub");
+    let mut secret =
+        std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&secret_path).map_err(write_error(&secret_path))?;
+    secret.write_all(format!("{}\n", hex::encode(key.to_bytes())).as_bytes()).map_err(write_error(&secret_path))?;
+    secret.sync_all().map_err(write_error(&secret_path))?;
+    std::fs::write(&public_path, format!("{}\n", hex::encode(key.verifying_key().to_bytes()))).map_err(write_error(&public_path))?;
+    Ok(())
+}
