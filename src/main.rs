@@ -347,13 +347,7 @@ fn dev_source(dir: PathBuf) -> Result<(Source, TrustedKeys)> {
 
 /// Writes through a temporary file and a rename, so a watcher never reads half a file.
 fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let file_name = path.file_name().with_context(|| format!("`{}` is not a file path", path.display()))?;
-    let temporary = path.with_file_name(format!(".{}.tmp", file_name.to_string_lossy()));
-    let mut file = std::fs::File::create(&temporary).with_context(|| format!("cannot create `{}`", temporary.display()))?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).with_context(|| format!("cannot write `{}`", temporary.display()))?;
-    std::fs::rename(&temporary, path).with_context(|| format!("cannot rename `{}` to `{}`", temporary.display(), path.display()))?;
-    Ok(())
+    tollgate_http::fs::write_atomically(path, bytes).with_context(|| format!("cannot write `{}`", path.display()))
 }
 
 fn run_sidecar(args: SidecarArgs) -> Result<()> {

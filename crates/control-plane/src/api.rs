@@ -22,19 +22,19 @@ use super::store::{AuditQuery, Scope};
 use super::usage_store::{Delivery, DeliveryStatus};
 use super::{ApiError, Caller, ControlPlane, authenticate, changes, ingest, reports, tokens};
 use tollgate_http::{query_param, read_body};
-use tollgate_protocol::ErrorJson;
 
 /// The OpenAPI document of this API.
 pub const OPENAPI: &str = include_str!("openapi.json");
 
-/// The header that carries a snapshot's revision on `/v1/snapshot` answers.
-pub const REVISION_HEADER: &str = "x-tollgate-revision";
+pub use tollgate_protocol::feed::REVISION_HEADER;
+use tollgate_protocol::feed::{AFTER_PARAM, SNAPSHOT_PATH, USAGE_PATH, WAIT_PARAM};
 /// Default long-poll wait on `/v1/snapshot`, in seconds.
 const DEFAULT_WAIT_SECS: u64 = 30;
 /// Most audit entries in one answer.
 const MAX_AUDIT: u32 = 1_000;
 
-pub type HttpResponse = Response<Full<Bytes>>;
+pub use tollgate_http::HttpResponse;
+use tollgate_http::{error_response, json_response};
 
 /// Which routes a listener answers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,7 +48,7 @@ pub enum Listener {
 }
 
 /// The routes sidecars call, served on the sync listener when there is one.
-pub const SYNC_ROUTES: &[&str] = &["/v1/snapshot", "/v1/usage"];
+pub const SYNC_ROUTES: &[&str] = &[SNAPSHOT_PATH, USAGE_PATH];
 
 impl Listener {
     fn serves(self, pattern: &str) -> bool {
@@ -83,18 +83,6 @@ pub async fn serve(
         let _ = closing_sender.send(true);
     };
     tollgate_http::connections(listener, move |request| handle(Arc::clone(&server), request), shutdown, on_close, drain_timeout).await;
-}
-
-fn json_response(status: StatusCode, body: &impl Serialize) -> HttpResponse {
-    let bytes = serde_json::to_vec(body).unwrap_or_else(|_| br#"{"error":{"code":"internal","message":"cannot encode answer"}}"#.to_vec());
-    let mut response = Response::new(Full::new(Bytes::from(bytes)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
-}
-
-fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> HttpResponse {
-    json_response(status, &ErrorJson::new(code, message))
 }
 
 fn api_error(error: &ApiError) -> HttpResponse {
@@ -654,11 +642,11 @@ async fn snapshot(server: &Server, caller: &Caller, request: &Request<Incoming>)
     if let Err(error) = checked {
         return api_error(&error);
     }
-    let after = match number_param::<u64>(request, "after") {
+    let after = match number_param::<u64>(request, AFTER_PARAM) {
         Ok(after) => after.unwrap_or(0),
         Err(error) => return api_error(&error),
     };
-    let wait = match number_param::<u64>(request, "wait") {
+    let wait = match number_param::<u64>(request, WAIT_PARAM) {
         Ok(wait) => Duration::from_secs(wait.unwrap_or(DEFAULT_WAIT_SECS)).min(server.control_plane.max_wait),
         Err(error) => return api_error(&error),
     };

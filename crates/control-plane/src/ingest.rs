@@ -9,8 +9,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use serde::{Deserialize, Serialize};
-
 use super::limits::{self, MeterLimits};
 use super::metrics::IngestResult;
 use super::store::{self, Transaction};
@@ -20,86 +18,15 @@ use tollgate_core::engine::Reason;
 use tollgate_core::model::{Period, SnapshotData};
 use tollgate_core::period::{format_rfc3339, parse_rfc3339};
 
-/// Most events in one batch.
-pub const MAX_EVENTS: usize = 10_000;
-/// Most user names in one decision count.
-pub const MAX_USERS: usize = 1_000;
 /// Most totals in one answer; `more` says when others remain.
 pub const TOTALS_PAGE: u32 = 10_000;
 /// How far in the future an event's `at` may be, in seconds (clock skew between pods).
 pub const MAX_FUTURE_SECS: i64 = 300;
-const MAX_EVENT_ID: usize = 256;
-const MAX_SIDECAR_ID: usize = 64;
-const MAX_USER: usize = 256;
 
-/// `POST /v1/usage` body.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UsageBatch {
-    pub sidecar: String,
-    #[serde(default)]
-    pub since: u64,
-    #[serde(default)]
-    pub events: Vec<UsageEvent>,
-    #[serde(default)]
-    pub decisions: Vec<DecisionCount>,
-    #[serde(default)]
-    pub decisions_at: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UsageEvent {
-    pub account: String,
-    pub meter: String,
-    pub id: String,
-    pub amount: u64,
-    pub at: String,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct DecisionCount {
-    pub account: String,
-    pub feature: String,
-    pub reason: String,
-    pub count: u64,
-    #[serde(default)]
-    pub users: Vec<String>,
-}
-
-/// The answer to a batch.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct IngestAnswer {
-    /// New events added to totals.
-    pub counted: u64,
-    /// Events already recorded (by an earlier batch or earlier in this one).
-    pub duplicates: u64,
-    /// Events no retry can make count (unknown account or meter); not recorded.
-    pub rejected: Vec<RejectedEvent>,
-    /// Current-period totals changed after `since`, in sequence order.
-    pub totals: Vec<TotalJson>,
-    /// The highest usage sequence scanned: the next batch's `since`.
-    pub cursor: u64,
-    /// More changed totals remain past `cursor`.
-    pub more: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RejectedEvent {
-    pub id: String,
-    pub account: String,
-    pub meter: String,
-    pub error: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TotalJson {
-    pub account: String,
-    pub meter: String,
-    pub period_start: String,
-    pub used: u64,
-}
+pub use tollgate_protocol::usage::{
+    DecisionRow as DecisionCount, MAX_EVENT_ID, MAX_EVENTS, MAX_SIDECAR_ID, MAX_USER, MAX_USERS, RejectedEvent,
+    UsageAnswer as IngestAnswer, UsageBatch, UsageEvent, UsageTotal as TotalJson,
+};
 
 fn sidecar_id_ok(id: &str) -> bool {
     (1..=MAX_SIDECAR_ID).contains(&id.len()) && id.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_'))

@@ -12,9 +12,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hmac::{Hmac, KeyInit, Mac};
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use sha2::Sha256;
-use tokio::net::TcpStream;
+use tollgate_http::backoff;
+use tollgate_http::client::{HttpClient, HttpUrl};
 
 use super::ControlPlane;
 use super::store::StoreError;
@@ -27,6 +28,9 @@ const BACKOFF_START: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(600);
 /// How long one attempt may take, connection included.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most of a receiver's answer that is read (and dropped).
+const MAX_ANSWER: usize = 64 * 1024;
 /// Longest sleep between looks at the outbox when nothing wakes the task.
 const IDLE_POLL: Duration = Duration::from_secs(30);
 /// Notifications taken from the outbox at a time.
@@ -47,35 +51,24 @@ pub enum WebhookError {
 /// Where notifications go and the secret that signs them.
 #[derive(Clone)]
 pub struct WebhookConfig {
-    /// `host:port`.
-    pub authority: String,
-    /// Path and query, starting with `/`.
-    pub path: String,
+    pub url: HttpUrl,
     secret: Vec<u8>,
 }
 
 impl std::fmt::Debug for WebhookConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("WebhookConfig").field("authority", &self.authority).field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("WebhookConfig").field("url", &self.url.to_string()).finish_non_exhaustive()
     }
 }
 
 impl WebhookConfig {
     /// Parses `http://HOST:PORT[/PATH]`; the secret must not be empty.
     pub fn new(url: &str, secret: Vec<u8>) -> Result<WebhookConfig, WebhookError> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| WebhookError::Url(url.to_string()))?;
-        let (authority, path) = match rest.find('/') {
-            Some(split) => rest.split_at(split),
-            None => (rest, "/"),
-        };
-        let port_ok = authority.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if !port_ok || authority.contains('@') {
-            return Err(WebhookError::Url(url.to_string()));
-        }
+        let url = HttpUrl::parse(url).map_err(|_| WebhookError::Url(url.to_string()))?;
         if secret.is_empty() {
             return Err(WebhookError::NoSecret);
         }
-        Ok(WebhookConfig { authority: authority.to_string(), path: path.to_string(), secret })
+        Ok(WebhookConfig { url, secret })
     }
 
     /// Like [`WebhookConfig::new`] with the secret read from a file; surrounding whitespace
@@ -145,10 +138,7 @@ pub fn reached(used: u64, limit: u64) -> impl Iterator<Item = u8> {
 /// The wait after a failed attempt number `attempts` (1-based): 1 s doubling to 10 min, the
 /// upper half jittered so retries from many notifications spread out.
 pub fn backoff(attempts: u32) -> Duration {
-    let ceiling = BACKOFF_START.saturating_mul(1u32 << attempts.saturating_sub(1).min(20)).min(BACKOFF_MAX);
-    let mut bytes = [0u8; 8];
-    let fraction = if getrandom::fill(&mut bytes).is_ok() { (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64 } else { 1.0 };
-    ceiling / 2 + (ceiling / 2).mul_f64(fraction)
+    backoff::equal_jitter(backoff::ceiling(BACKOFF_START, BACKOFF_MAX, attempts))
 }
 
 fn unix_now_ms() -> i64 {
@@ -156,31 +146,18 @@ fn unix_now_ms() -> i64 {
 }
 
 /// One attempt: `Ok` on a 2xx answer, otherwise what went wrong.
-async fn attempt(config: &WebhookConfig, delivery: &Delivery, now: i64) -> Result<(), String> {
-    let stream =
-        TcpStream::connect(&config.authority).await.map_err(|error| format!("cannot connect to `{}`: {error}", config.authority))?;
-    let _ = stream.set_nodelay(true);
-    let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
-        .await
-        .map_err(|error| format!("http handshake with `{}` failed: {error}", config.authority))?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
+async fn attempt(client: &HttpClient, config: &WebhookConfig, delivery: &Delivery, now: i64) -> Result<(), String> {
     let request = hyper::Request::builder()
         .method("POST")
-        .uri(&config.path)
-        .header("host", &config.authority)
+        .uri(config.url.absolute())
         .header("content-type", "application/json")
         .header("x-tollgate-timestamp", now.to_string())
         .header("x-tollgate-signature", config.signature(now, &delivery.body))
         .header("x-tollgate-delivery", delivery.id.to_string())
         .body(Full::new(Bytes::from(delivery.body.clone())))
         .map_err(|error| format!("cannot build request: {error}"))?;
-    let response = sender.send_request(request).await.map_err(|error| format!("request failed: {error}"))?;
-    let status = response.status();
-    // Read (and drop) the answer so the connection closes cleanly.
-    let _ = http_body_util::Limited::new(response.into_body(), 64 * 1024).collect().await;
-    if status.is_success() { Ok(()) } else { Err(format!("receiver answered {}", status.as_u16())) }
+    let answer = client.send(request, ATTEMPT_TIMEOUT, MAX_ANSWER).await.map_err(|error| error.to_string())?;
+    if answer.status.is_success() { Ok(()) } else { Err(format!("receiver answered {}", answer.status.as_u16())) }
 }
 
 /// The outcome of an attempt, as the outbox records it.
@@ -224,6 +201,7 @@ async fn repository_call<T: Send + 'static>(
 /// configured webhook.
 pub async fn run(control_plane: Arc<ControlPlane>, shutdown: impl std::future::Future<Output = ()>) {
     let Some(config) = control_plane.webhook.clone() else { return };
+    let client = HttpClient::new(CONNECT_TIMEOUT);
     tokio::pin!(shutdown);
     loop {
         let due = repository_call(&control_plane, |cp| cp.repository.due_deliveries(unix_now_ms(), DUE_BATCH)).await;
@@ -235,9 +213,8 @@ pub async fn run(control_plane: Arc<ControlPlane>, shutdown: impl std::future::F
             let now_ms = unix_now_ms();
             let outcome = tokio::select! {
                 () = &mut shutdown => return,
-                outcome = tokio::time::timeout(ATTEMPT_TIMEOUT, attempt(&config, delivery, now_ms.div_euclid(1000))) => outcome,
+                outcome = attempt(&client, &config, delivery, now_ms.div_euclid(1000)) => outcome,
             };
-            let outcome = outcome.unwrap_or_else(|_| Err(format!("no answer within {ATTEMPT_TIMEOUT:?}")));
             match &outcome {
                 Ok(()) => {
                     tracing::info!(id = delivery.id, account = %delivery.account, threshold = delivery.threshold, "webhook delivered")
@@ -270,8 +247,8 @@ mod tests {
     #[test]
     fn parses_http_urls_only() {
         let config = WebhookConfig::new("http://127.0.0.1:9000/hooks/usage", b"s".to_vec()).unwrap();
-        assert_eq!((config.authority.as_str(), config.path.as_str()), ("127.0.0.1:9000", "/hooks/usage"));
-        assert_eq!(WebhookConfig::new("http://hooks.local:80", b"s".to_vec()).unwrap().path, "/");
+        assert_eq!(config.url.absolute(), "http://127.0.0.1:9000/hooks/usage");
+        assert_eq!(WebhookConfig::new("http://hooks.local:80", b"s".to_vec()).unwrap().url.target(), "/");
         for bad in ["https://hooks.local:443/x", "http://hooks.local/x", "http://:80/x", "ftp://x:1/"] {
             assert!(WebhookConfig::new(bad, b"s".to_vec()).is_err(), "{bad}");
         }

@@ -1,5 +1,10 @@
-//! The JSON wire types of the sidecar API (DESIGN.md), shared by the sidecar and the `check`
-//! command: parsing request bodies with named errors and rendering decisions. No I/O.
+//! Every JSON type that crosses a Tollgate process boundary, used by both ends: the sidecar
+//! API (this module: request bodies parsed with named errors, decisions rendered), usage
+//! shipping between sidecar and control plane (`usage`), the snapshot feed's path, query and
+//! header (`feed`), and the one error body. No I/O.
+
+pub mod feed;
+pub mod usage;
 
 use std::borrow::Cow;
 

@@ -24,7 +24,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
-use serde::Serialize;
 use tokio::net::TcpListener;
 
 use crate::telemetry::{MeterResult, Metrics, Route};
@@ -33,7 +32,7 @@ use store::SnapshotStore;
 use tollgate_core::clock::{Clock, Stopwatch};
 use tollgate_core::engine::{Decision, decide};
 use tollgate_http::{query_param, read_body};
-use tollgate_protocol::{BatchBody, BatchJson, CheckBody, DecisionJson, ErrorJson, MeterBody, MeterJson, json_error};
+use tollgate_protocol::{BatchBody, BatchJson, CheckBody, DecisionJson, MeterBody, MeterJson, json_error};
 use tollgate_snapshot::{Snapshot, TrustedKeys};
 
 /// Largest request body accepted by default (1 MiB): room for a batch of about ten
@@ -144,27 +143,8 @@ async fn serve_scoped(
     tollgate_http::connections(listener, handler, shutdown, || {}, drain_timeout).await;
 }
 
-pub type HttpResponse = Response<Full<Bytes>>;
-
-fn json_response(status: StatusCode, body: &impl Serialize) -> HttpResponse {
-    json_response_sized(status, body, 256)
-}
-
-/// Like `json_response`, with room for `capacity` bytes reserved up front (batches are large).
-fn json_response_sized(status: StatusCode, body: &impl Serialize, capacity: usize) -> HttpResponse {
-    let mut bytes = Vec::with_capacity(capacity);
-    if serde_json::to_writer(&mut bytes, body).is_err() {
-        bytes = br#"{"error":{"code":"internal","message":"cannot encode answer"}}"#.to_vec();
-    }
-    let mut response = Response::new(Full::new(Bytes::from(bytes)));
-    *response.status_mut() = status;
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
-}
-
-fn error_response(status: StatusCode, code: &str, message: impl Into<String>) -> HttpResponse {
-    json_response(status, &ErrorJson::new(code, message))
-}
+pub use tollgate_http::HttpResponse;
+use tollgate_http::{error_response, json_response, json_response_sized};
 
 fn not_ready() -> HttpResponse {
     error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "no valid snapshot is loaded yet")

@@ -13,14 +13,16 @@ use tokio::time::Instant;
 
 use bytes::Bytes;
 use hyper::StatusCode;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, watch};
 
 use super::Sidecar;
-use super::subscribe::{BACKOFF_MAX, BACKOFF_START, SubscribeError, Subscription, jitter};
+use super::subscribe::{BACKOFF_MAX, BACKOFF_START, SubscribeError, Subscription};
 use super::usage_log::{LoggedEvent, ShipState, UsageLog, write_state};
-use crate::usage::{GlobalTotal, Shipped, TallyRow};
+use crate::usage::{GlobalTotal, Shipped};
 use tollgate_core::period::{Rfc3339, parse_rfc3339};
+use tollgate_http::backoff::Backoff;
+use tollgate_protocol::feed::USAGE_PATH;
+use tollgate_protocol::usage::{UsageAnswer, UsageBatch, UsageEvent};
 
 /// Most events in one batch (the control plane takes at most 10000).
 const MAX_BATCH: usize = 5_000;
@@ -74,51 +76,6 @@ pub struct ShipStatus {
     pub last_error: Option<String>,
     pub events_shipped: u64,
     pub events_rejected: u64,
-}
-
-#[derive(Serialize)]
-struct EventJson<'a> {
-    account: &'a str,
-    meter: &'a str,
-    id: &'a str,
-    amount: u64,
-    at: Rfc3339,
-}
-
-#[derive(Serialize)]
-struct BatchJson<'a> {
-    sidecar: &'a str,
-    since: u64,
-    events: Vec<EventJson<'a>>,
-    decisions: &'a [TallyRow],
-    decisions_at: Rfc3339,
-}
-
-#[derive(Deserialize)]
-struct TotalJson {
-    account: String,
-    meter: String,
-    period_start: String,
-    used: u64,
-}
-
-#[derive(Deserialize)]
-struct RejectedJson {
-    id: String,
-    account: String,
-    #[serde(default)]
-    error: String,
-}
-
-#[derive(Deserialize)]
-struct AnswerJson {
-    #[serde(default)]
-    rejected: Vec<RejectedJson>,
-    #[serde(default)]
-    totals: Vec<TotalJson>,
-    cursor: u64,
-    #[serde(default)]
-    more: bool,
 }
 
 /// Reads `DATA_DIR/sidecar-id`, making a random one the first time: the control plane tells
@@ -207,26 +164,26 @@ pub async fn ship_once(sidecar: &Sidecar, shipping: &Shipping, log: &UsageLog) -
     }
     let since = shipping.status().cursor;
     let now = sidecar.clock().now();
-    let batch = BatchJson {
-        sidecar: &shipping.sidecar_id,
+    let batch = UsageBatch {
+        sidecar: shipping.sidecar_id.clone(),
         since,
         events: events
             .iter()
-            .map(|event| EventJson {
-                account: &event.account,
-                meter: &event.meter,
-                id: &event.id,
+            .map(|event| UsageEvent {
+                account: event.account.clone(),
+                meter: event.meter.clone(),
+                id: event.id.clone(),
                 amount: event.amount,
-                at: Rfc3339(event.at),
+                at: Rfc3339(event.at).to_string(),
             })
             .collect(),
-        decisions: &decisions,
-        decisions_at: Rfc3339(now),
+        decisions,
+        decisions_at: Some(Rfc3339(now).to_string()),
     };
     let body = serde_json::to_vec(&batch).map_err(|error| ShipError::Answer(error.to_string()))?;
-    let outcome = shipping.subscription.exchange("POST", "/v1/usage", Bytes::from(body), MAX_ANSWER).await;
+    let outcome = shipping.subscription.exchange("POST", USAGE_PATH, Bytes::from(body), MAX_ANSWER).await;
     let answer = match outcome {
-        Ok((StatusCode::OK, body)) => serde_json::from_slice::<AnswerJson>(&body).map_err(|error| ShipError::Answer(error.to_string())),
+        Ok((StatusCode::OK, body)) => serde_json::from_slice::<UsageAnswer>(&body).map_err(|error| ShipError::Answer(error.to_string())),
         Ok((status, body)) => Err(ShipError::Status {
             status: status.as_u16(),
             body: String::from_utf8_lossy(body.get(..body.len().min(300)).unwrap_or_default()).into_owned(),
@@ -239,7 +196,7 @@ pub async fn ship_once(sidecar: &Sidecar, shipping: &Shipping, log: &UsageLog) -
             // Nothing was counted that we know of: the tally goes with the next batch, and the
             // events stay queued (a batch that did land is recognised by its ids next time).
             if let Some(tally) = &sidecar.tally {
-                tally.restore(&decisions);
+                tally.restore(&batch.decisions);
             }
             return Err(error);
         }
@@ -305,7 +262,7 @@ fn persist(sidecar: &Sidecar, shipping: &Shipping, log: &UsageLog, data_dir: &st
 pub async fn run(sidecar: Arc<Sidecar>, shipping: Arc<Shipping>, log: Arc<UsageLog>, shutdown: impl std::future::Future<Output = ()>) {
     tokio::pin!(shutdown);
     let data_dir = shipping.subscription.data_dir.clone();
-    let mut backoff = BACKOFF_START;
+    let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_MAX);
     let mut last_persist = Instant::now();
     let mut more = true;
     loop {
@@ -319,7 +276,7 @@ pub async fn run(sidecar: Arc<Sidecar>, shipping: Arc<Shipping>, log: Arc<UsageL
         match ship_once(&sidecar, &shipping, &log).await {
             Ok(more_waiting) => {
                 more = more_waiting;
-                backoff = BACKOFF_START;
+                backoff.reset();
                 let status = shipping.status();
                 if status.shipped_through > status.persisted_through && (last_persist.elapsed() >= PERSIST_EVERY || !more) {
                     let (sidecar, shipping, log, data_dir) =
@@ -331,10 +288,9 @@ pub async fn run(sidecar: Arc<Sidecar>, shipping: Arc<Shipping>, log: Arc<UsageL
             Err(error) => {
                 more = false;
                 sidecar.metrics.usage_ship_failed();
-                let delay = jitter(backoff);
+                let delay = backoff.fail();
                 tracing::warn!(%error, retry_in_ms = delay.as_millis() as u64, pending = log.n_pending(), "usage shipment failed");
                 shipping.update(|status| status.last_error = Some(error.to_string()));
-                backoff = (backoff * 2).min(BACKOFF_MAX);
                 tokio::select! {
                     () = &mut shutdown => return,
                     () = tokio::time::sleep(delay) => {}

@@ -9,9 +9,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::StatusCode;
-use tokio::net::TcpStream;
+use tollgate_http::backoff::Backoff;
+use tollgate_http::client::{ClientError, HttpClient, HttpUrl};
+use tollgate_protocol::feed;
 
 use super::store::SnapshotStore;
 use crate::telemetry::RejectCause;
@@ -26,16 +28,21 @@ pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Largest snapshot accepted from the control plane (1 GiB).
 const MAX_SNAPSHOT: usize = 1 << 30;
 
+/// How long a connection attempt to the control plane may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request other than the long-poll (a usage batch) may take in all.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Where and how to subscribe.
 #[derive(Debug, Clone)]
 pub struct Subscription {
-    /// `host:port` of the control plane.
-    pub authority: String,
-    /// Path prefix of the API (empty for none).
-    pub prefix: String,
+    /// The control plane's address and API path prefix.
+    pub url: HttpUrl,
     pub api_key: String,
     pub data_dir: PathBuf,
     pub wait: Duration,
+    /// Pooled: the long-poll and the shipper reuse their connections.
+    client: HttpClient,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,12 +53,10 @@ pub enum SubscribeError {
     KeyFile { path: String, source: std::io::Error },
     #[error("API key file `{0}` is empty")]
     EmptyKey(String),
-    #[error("cannot reach the control plane at `{authority}`: {message}")]
-    Connect { authority: String, message: String },
+    #[error("cannot reach the control plane: {0}")]
+    Connect(#[from] ClientError),
     #[error("control plane answered {status}: {body}")]
     Status { status: u16, body: String },
-    #[error("control plane did not answer within {0:?}")]
-    Timeout(Duration),
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
     #[error("cannot write snapshot cache `{path}`: {source}")]
@@ -61,15 +66,7 @@ pub enum SubscribeError {
 impl Subscription {
     /// Parses `http://HOST:PORT[/PREFIX]` and reads the API key file.
     pub fn new(url: &str, api_key_file: &Path, data_dir: PathBuf) -> Result<Subscription, SubscribeError> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| SubscribeError::Url(url.to_string()))?;
-        let (authority, prefix) = match rest.split_once('/') {
-            Some((authority, prefix)) => (authority, format!("/{}", prefix.trim_end_matches('/'))),
-            None => (rest, String::new()),
-        };
-        if authority.is_empty() || !authority.contains(':') {
-            return Err(SubscribeError::Url(url.to_string()));
-        }
-        let prefix = if prefix == "/" { String::new() } else { prefix };
+        let parsed = HttpUrl::parse(url).map_err(|_| SubscribeError::Url(url.to_string()))?;
         let api_key = std::fs::read_to_string(api_key_file)
             .map_err(|source| SubscribeError::KeyFile { path: api_key_file.display().to_string(), source })?
             .trim()
@@ -77,11 +74,17 @@ impl Subscription {
         if api_key.is_empty() {
             return Err(SubscribeError::EmptyKey(api_key_file.display().to_string()));
         }
-        Ok(Subscription { authority: authority.to_string(), prefix, api_key, data_dir, wait: Duration::from_secs(DEFAULT_WAIT_SECS) })
+        Ok(Subscription {
+            url: parsed,
+            api_key,
+            data_dir,
+            wait: Duration::from_secs(DEFAULT_WAIT_SECS),
+            client: HttpClient::new(CONNECT_TIMEOUT),
+        })
     }
 
     pub fn describe(&self) -> String {
-        format!("control-plane:http://{}{}", self.authority, self.prefix)
+        format!("control-plane:{}", self.url)
     }
 
     pub fn cache_path(&self) -> PathBuf {
@@ -91,16 +94,9 @@ impl Subscription {
     /// One long-poll: `Ok(Some(bytes))` for a newer snapshot, `Ok(None)` when nothing newer
     /// came within the wait.
     pub async fn poll(&self, after: u64) -> Result<Option<Bytes>, SubscribeError> {
+        let path = feed::snapshot_query(after, self.wait.as_secs());
         let limit = self.wait + Duration::from_secs(10);
-        match tokio::time::timeout(limit, self.poll_inner(after)).await {
-            Ok(result) => result,
-            Err(_) => Err(SubscribeError::Timeout(limit)),
-        }
-    }
-
-    async fn poll_inner(&self, after: u64) -> Result<Option<Bytes>, SubscribeError> {
-        let path = format!("/v1/snapshot?after={after}&wait={}", self.wait.as_secs());
-        let (status, body) = self.exchange("GET", &path, Bytes::new(), MAX_SNAPSHOT).await?;
+        let (status, body) = self.exchange_within("GET", &path, Bytes::new(), MAX_SNAPSHOT, limit).await?;
         match status {
             StatusCode::OK => Ok(Some(body)),
             StatusCode::NOT_MODIFIED => Ok(None),
@@ -111,50 +107,35 @@ impl Subscription {
         }
     }
 
-    /// One request to the control plane on a fresh connection, with the API key: the status
-    /// and a body of at most `max_body` bytes. Used by the snapshot feed and the usage shipper.
+    /// One request to the control plane with the API key, on a pooled connection: the status
+    /// and a body of at most `max_body` bytes, within [`REQUEST_TIMEOUT`]. Used by the usage
+    /// shipper.
     pub async fn exchange(&self, method: &str, path: &str, body: Bytes, max_body: usize) -> Result<(StatusCode, Bytes), SubscribeError> {
-        let connect_error = |message: String| SubscribeError::Connect { authority: self.authority.clone(), message };
-        let stream = TcpStream::connect(&self.authority).await.map_err(|error| connect_error(error.to_string()))?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, connection) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(hyper_util::rt::TokioIo::new(stream))
-            .await
-            .map_err(|error| connect_error(error.to_string()))?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
-        let mut request = hyper::Request::builder()
-            .method(method)
-            .uri(format!("{}{path}", self.prefix))
-            .header("host", &self.authority)
-            .header("authorization", format!("Bearer {}", self.api_key));
+        self.exchange_within(method, path, body, max_body, REQUEST_TIMEOUT).await
+    }
+
+    async fn exchange_within(
+        &self,
+        method: &str,
+        path: &str,
+        body: Bytes,
+        max_body: usize,
+        limit: Duration,
+    ) -> Result<(StatusCode, Bytes), SubscribeError> {
+        let mut request =
+            hyper::Request::builder().method(method).uri(self.url.join(path)).header("authorization", format!("Bearer {}", self.api_key));
         if !body.is_empty() {
             request = request.header("content-type", "application/json");
         }
-        let request = request.body(Full::new(body)).map_err(|error| connect_error(error.to_string()))?;
-        let response = sender.send_request(request).await.map_err(|error| connect_error(error.to_string()))?;
-        let status = response.status();
-        let body = http_body_util::Limited::new(response.into_body(), max_body)
-            .collect()
-            .await
-            .map_err(|error| connect_error(format!("cannot read answer: {error}")))?
-            .to_bytes();
-        Ok((status, body))
+        let request = request.body(Full::new(body)).map_err(|error| ClientError::Build(error.to_string()))?;
+        let answer = self.client.send(request, limit, max_body).await?;
+        Ok((answer.status, answer.body))
     }
 }
 
-/// Writes the cache through a temporary file and a rename, so a crash never leaves half a file.
+/// Writes the cache atomically, so a crash never leaves half a file.
 fn write_cache(path: &Path, bytes: &[u8]) -> Result<(), SubscribeError> {
-    use std::io::Write;
-    let cache_error = |source| SubscribeError::Cache { path: path.display().to_string(), source };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(cache_error)?;
-    }
-    let temporary = path.with_extension("tgs.tmp");
-    let mut file = std::fs::File::create(&temporary).map_err(cache_error)?;
-    file.write_all(bytes).and_then(|()| file.sync_all()).map_err(cache_error)?;
-    std::fs::rename(&temporary, path).map_err(cache_error)?;
-    Ok(())
+    tollgate_http::fs::write_atomically(path, bytes).map_err(|source| SubscribeError::Cache { path: path.display().to_string(), source })
 }
 
 fn reject_cause(error: &SubscribeError) -> RejectCause {
@@ -167,17 +148,6 @@ fn reject_cause(error: &SubscribeError) -> RejectCause {
     }
 }
 
-/// A random duration in `[0, ceiling]`: full jitter, so sidecars that lost the control plane
-/// together do not come back in step.
-pub fn jitter(ceiling: Duration) -> Duration {
-    let mut bytes = [0u8; 8];
-    if getrandom::fill(&mut bytes).is_err() {
-        return ceiling;
-    }
-    let fraction = (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64;
-    ceiling.mul_f64(fraction)
-}
-
 /// Follows the control plane until `shutdown` resolves.
 pub async fn run(
     subscription: Arc<Subscription>,
@@ -186,7 +156,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
-    let mut backoff = BACKOFF_START;
+    let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_MAX);
     loop {
         let after = store.revision().unwrap_or(0);
         let outcome = tokio::select! {
@@ -235,14 +205,13 @@ pub async fn run(
             Err(error) => Some((error.to_string(), Some(reject_cause(&error)))),
         };
         match failure {
-            None => backoff = BACKOFF_START,
+            None => backoff.reset(),
             Some((message, cause)) => {
                 if let Some(cause) = cause {
                     store.reject(cause, &message);
                 }
-                let delay = jitter(backoff);
+                let delay = backoff.fail();
                 tracing::warn!(error = %message, retry_in_ms = delay.as_millis() as u64, "control plane subscription failed");
-                backoff = (backoff * 2).min(BACKOFF_MAX);
                 tokio::select! {
                     () = &mut shutdown => return,
                     () = tokio::time::sleep(delay) => {}

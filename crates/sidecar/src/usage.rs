@@ -285,14 +285,7 @@ pub struct DecisionTally {
 }
 
 /// One tallied row, as shipped.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct TallyRow {
-    pub account: String,
-    pub feature: String,
-    pub reason: &'static str,
-    pub count: u64,
-    pub users: Vec<String>,
-}
+pub use tollgate_protocol::usage::DecisionRow as TallyRow;
 
 impl DecisionTally {
     pub fn new() -> DecisionTally {
@@ -361,7 +354,7 @@ impl DecisionTally {
                     rows.push(TallyRow {
                         account: account.to_string(),
                         feature: feature.to_string(),
-                        reason: reason.as_str(),
+                        reason: reason.as_str().to_string(),
                         count,
                         users: if first { std::mem::take(&mut users) } else { Vec::new() },
                     });
@@ -375,7 +368,7 @@ impl DecisionTally {
     /// Puts rows back after a failed shipment, so they go with the next one.
     pub fn restore(&self, rows: &[TallyRow]) {
         for row in rows {
-            let Some(reason) = Reason::parse(row.reason) else { continue };
+            let Some(reason) = Reason::parse(&row.reason) else { continue };
             let mut features = self.accounts.entry(row.account.as_str().into()).or_default();
             let idx = match features.iter().position(|(name, _)| **name == *row.feature) {
                 Some(idx) => idx,
@@ -522,8 +515,8 @@ mod tests {
         tally.record("acme", "made-up", None, Reason::UnknownFeature);
         tally.record("nobody", "sso", None, Reason::UnknownAccount);
         let mut rows = tally.take();
-        rows.sort_by(|a, b| a.reason.cmp(b.reason));
-        let summary: Vec<(&str, u64)> = rows.iter().map(|row| (row.reason, row.count)).collect();
+        rows.sort_by(|a, b| a.reason.cmp(&b.reason));
+        let summary: Vec<(&str, u64)> = rows.iter().map(|row| (row.reason.as_str(), row.count)).collect();
         assert_eq!(summary, [("ok", 2), ("role_forbidden", 1), ("unknown_user", 1)]);
         let users: Vec<&String> = rows.iter().flat_map(|row| &row.users).collect();
         assert_eq!(users, ["alice", "bob"]);

@@ -188,14 +188,9 @@ fn read_state(dir: &Path) -> Result<ShipState, LogError> {
 pub fn write_state(data_dir: &Path, state: &ShipState) -> Result<(), LogError> {
     let dir = data_dir.join(USAGE_DIR);
     let path = dir.join(STATE_FILE);
-    let temporary = dir.join(format!("{STATE_FILE}.tmp"));
     let write_error = |source| LogError::Write { path: path.display().to_string(), source };
     let bytes = serde_json::to_vec(state).map_err(|error| write_error(std::io::Error::other(error)))?;
-    let mut file = File::create(&temporary).map_err(write_error)?;
-    file.write_all(&bytes).and_then(|()| file.sync_all()).map_err(write_error)?;
-    std::fs::rename(&temporary, &path).map_err(write_error)?;
-    sync_dir(&dir);
-    Ok(())
+    tollgate_http::fs::write_atomically(&path, &bytes).map_err(write_error)
 }
 
 /// Lists the segments of `dir` in log order.
