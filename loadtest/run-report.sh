@@ -4,7 +4,7 @@
 # loopback, runs every scenario, cross-checks with oha, and writes loadtest/out/.
 #
 # Knobs (environment): DURATION (measured seconds per run, default 10), WARMUP (default 3),
-# PORT (sidecar, default 39181; the floor uses PORT+1), SKIP_1M=1 (only the 10k part),
+# PORT (sidecar, default 18181, below the ephemeral range; the floor uses PORT+1), SKIP_1M=1 (only the 10k part),
 # SKIP_OHA=1, SWAPS (seconds of the swap run, default 20), CONNECTIONS (default 32).
 # Every wait and every run is bounded by `timeout`.
 set -euo pipefail
@@ -14,7 +14,7 @@ repo="$(dirname "$here")"
 out="$here/out"
 DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-3}"
-PORT="${PORT:-39181}"
+PORT="${PORT:-18181}"
 FLOOR_PORT=$((PORT + 1))
 SWAPS="${SWAPS:-20}"
 CONNECTIONS="${CONNECTIONS:-32}"

@@ -4,7 +4,7 @@
 # error, timeout or non-2xx answer. Loopback only; every wait is bounded.
 set -euo pipefail
 repo="$(cd "$(dirname "$0")/.." && pwd)"
-port="${PORT:-39191}"
+port="${PORT:-18191}"
 (cd "$repo" && cargo build --release -p tollgate --bin tollgate && cargo build --release -p tollgate-loadtest)
 work="$(mktemp -d)"
 "$repo/target/release/tollgate" gen --accounts 1000 --out "$work/policies" >/dev/null

@@ -28,8 +28,12 @@ struct Cli {
 enum Command {
     /// Write a new ed25519 key pair as DIR/tollgate.key (secret, mode 0600) and DIR/tollgate.pub.
     Keygen {
+        /// Directory to write the pair into (created if missing).
         #[arg(long)]
         out: PathBuf,
+        /// Replace a key pair already in the directory (the old secret key is gone for good).
+        #[arg(long)]
+        force: bool,
     },
     /// Compile a policies directory into a signed snapshot file.
     Compile {
@@ -223,9 +227,9 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Keygen { out } => {
+        Command::Keygen { out, force } => {
             let key = snapshot::generate_key()?;
-            snapshot::write_key_pair(&out, &key)?;
+            snapshot::write_key_pair(&out, &key, force)?;
             println!(
                 "wrote {} and {} (key id {})",
                 out.join("tollgate.key").display(),

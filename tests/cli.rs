@@ -167,9 +167,28 @@ fn bad_configuration_exits_non_zero_with_a_clear_message() {
     assert!(String::from_utf8_lossy(&no_key.stderr).contains("--trust-key"));
 
     let garbage_key = dir.path().join("bad.pub");
-    std::fs::write(&garbage_key, "not hex").unwrap();
+    std::fs::write(&garbage_key, "not a key").unwrap();
     let bad_key = tollgate(&["sidecar", "--snapshot", "/nonexistent", "--trust-key", path(&garbage_key)]);
-    assert!(String::from_utf8_lossy(&bad_key.stderr).contains("64 hexadecimal digits"), "{}", String::from_utf8_lossy(&bad_key.stderr));
+    assert!(String::from_utf8_lossy(&bad_key.stderr).contains("is not a key file"), "{}", String::from_utf8_lossy(&bad_key.stderr));
+
+    // Key files say what they hold, and each flag refuses the other kind by name.
+    let keys = dir.path().join("keys");
+    ok(&tollgate(&["keygen", "--out", path(&keys)]));
+    let (secret, public) = (keys.join("tollgate.key"), keys.join("tollgate.pub"));
+    let signs_with_public = tollgate(&["compile", "policies", "--key", path(&public), "--out", path(&dir.path().join("s.tgs"))]);
+    assert!(!signs_with_public.status.success());
+    let stderr = String::from_utf8_lossy(&signs_with_public.stderr);
+    assert!(stderr.contains("holds a public key, but a secret (private) key is needed"), "{stderr}");
+    let trusts_a_secret = tollgate(&["sidecar", "--snapshot", "/nonexistent", "--trust-key", path(&secret)]);
+    assert!(!trusts_a_secret.status.success());
+    let stderr = String::from_utf8_lossy(&trusts_a_secret.stderr);
+    assert!(stderr.contains("holds a secret (private) key, but a public key is needed"), "{stderr}");
+    let again = tollgate(&["keygen", "--out", path(&keys)]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("--force"), "{}", String::from_utf8_lossy(&again.stderr));
+    let before = std::fs::read(&public).unwrap();
+    ok(&tollgate(&["keygen", "--out", path(&keys), "--force"]));
+    assert_ne!(std::fs::read(&public).unwrap(), before, "--force writes a new pair");
 
     let bad_listen = tollgate(&["sidecar", "--listen", "localhost", "--policies", "policies"]);
     assert!(String::from_utf8_lossy(&bad_listen.stderr).contains("`--listen`"));

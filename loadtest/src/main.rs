@@ -30,10 +30,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Send requests at a fixed rate and report latency from their intended send times.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Serve a fixed small JSON body on every path: the floor of HTTP on loopback.
     Floor {
-        #[arg(long, default_value = "127.0.0.1:8282")]
+        /// Address to serve on (not the sidecar's 8181 nor the control plane's 8282, and
+        /// below the kernel's ephemeral port range, so it never collides with either).
+        #[arg(long, default_value = "127.0.0.1:18080")]
         listen: String,
         /// Tokio worker threads.
         #[arg(long, default_value_t = 2)]
@@ -122,9 +124,13 @@ struct RunArgs {
     /// The snapshot file the sidecar watches.
     #[arg(long)]
     swap_target: Option<PathBuf>,
-    /// Process to sample for RSS and CPU time (the sidecar).
+    /// Process to sample for RSS and CPU time (the sidecar): a PID, or a file holding one
+    /// (a PID file). Without it, the process listening on `--target` is found in /proc.
     #[arg(long)]
-    pid: Option<u32>,
+    pid: Option<String>,
+    /// Do not sample any process for RSS and CPU time.
+    #[arg(long, conflicts_with = "pid")]
+    no_pid: bool,
     /// Do not poll GET /v1/status each second.
     #[arg(long)]
     no_status: bool,
@@ -170,6 +176,13 @@ fn run_command(mut args: RunArgs) -> Result<bool> {
         (Some(every), None, Some(dir), Some(target)) => Some(Swap::Files { every: Duration::from_secs_f64(every), dir, target }),
         _ => anyhow::bail!("`--swap-every` needs either `--swap-cmd` or `--swap-dir` with `--swap-target`"),
     };
+    // Output folders are made (or refused) before the run, not after minutes of load.
+    for path in [&args.json, &args.svg].into_iter().flatten() {
+        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).with_context(|| format!("cannot create the output folder `{}`", parent.display()))?;
+        }
+    }
+    let pid = if args.no_pid { None } else { target_pid(args.pid.as_deref(), &args.target)? };
     let workload = Workload::new(args.scenario, args.accounts, args.features, args.zipf, args.batch_size, args.seed);
     let label = args.label.unwrap_or_else(|| format!("{:?} @ {}/s", args.scenario, args.rate).to_lowercase());
     let options = RunOptions {
@@ -181,7 +194,7 @@ fn run_command(mut args: RunArgs) -> Result<bool> {
         duration: Duration::from_secs_f64(args.duration),
         timeout: Duration::from_secs_f64(args.timeout),
         swap,
-        pid: args.pid,
+        pid,
         poll_status: !args.no_status,
         quiet: args.quiet,
     };
@@ -210,7 +223,7 @@ fn run_command(mut args: RunArgs) -> Result<bool> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run_command(args),
+        Command::Run(args) => run_command(*args),
         Command::Floor { listen, workers } => runtime(workers).and_then(|runtime| runtime.block_on(floor::serve(&listen))).map(|()| true),
         Command::Restamp { snapshot, key, out_dir, from, count } => restamp::restamp(&snapshot, &key, &out_dir, from, count).map(|()| true),
         Command::Table { runs } => table(&runs).map(|()| true),
@@ -227,16 +240,54 @@ fn main() -> ExitCode {
     }
 }
 
+/// The process to sample: `--pid` as a number or a PID file, else whoever listens on the
+/// target's port (so several sidecars on one machine are told apart by port, not by name).
+fn target_pid(pid: Option<&str>, target: &str) -> Result<Option<u32>> {
+    match pid {
+        Some(text) => match text.parse::<u32>() {
+            Ok(pid) => Ok(Some(pid)),
+            Err(_) => {
+                let contents = std::fs::read_to_string(text)
+                    .with_context(|| format!("`--pid` value `{text}` is neither a PID nor a readable PID file"))?;
+                let pid = contents.trim().parse::<u32>().with_context(|| format!("PID file `{text}` does not hold a process id"))?;
+                Ok(Some(pid))
+            }
+        },
+        None => {
+            let port = target.rsplit_once(':').and_then(|(_, port)| port.parse::<u16>().ok());
+            let found = port.and_then(procfs::listener_pid);
+            if found.is_none() {
+                eprintln!("note: no process found listening on `{target}`; RSS and CPU are not sampled (give --pid)");
+            }
+            Ok(found)
+        }
+    }
+}
+
+/// Prints a line to stdout; a closed pipe (`| head`) ends the output quietly instead of
+/// panicking as `println!` does.
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        if let Err(error) = writeln!(std::io::stdout().lock(), $($arg)*) {
+            if error.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(());
+            }
+            return Err(error.into());
+        }
+    }};
+}
+
 fn read_summary(path: &std::path::Path) -> Result<report::Summary> {
     let text = std::fs::read(path).with_context(|| format!("cannot read `{}`", path.display()))?;
     serde_json::from_slice(&text).with_context(|| format!("`{}` is not a run summary", path.display()))
 }
 
 fn table(runs: &[PathBuf]) -> Result<()> {
-    println!(
+    out!(
         "| run | rate/s | achieved/s | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | errors | non-2xx | decisions/s | target cores | cores per 1k/s | target max RSS MiB |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    out!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     for path in runs {
         let run = read_summary(path)?;
         let latency = &run.latency_us;
@@ -250,7 +301,7 @@ fn table(runs: &[PathBuf]) -> Result<()> {
             ),
             None => ("-".into(), "-".into(), "-".into()),
         };
-        println!(
+        out!(
             "| {} | {rate} | {:.0} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {cores} | {per_1k} | {rss} |",
             run.label,
             run.achieved_rps,
@@ -271,7 +322,7 @@ fn ratio(floor: &std::path::Path, run: &std::path::Path) -> Result<()> {
     let floor = read_summary(floor)?;
     let run = read_summary(run)?;
     let (f, r) = (&floor.latency_us, &run.latency_us);
-    println!(
+    out!(
         "{} vs {}: p50 {:.2}x  p99 {:.2}x  p99.9 {:.2}x",
         run.label,
         floor.label,

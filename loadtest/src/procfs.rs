@@ -48,3 +48,26 @@ pub fn cpu_ticks(pid: u32) -> Option<u64> {
     let stime: u64 = fields.get(12)?.parse().ok()?;
     Some(utime + stime)
 }
+
+/// The process listening on TCP `port` (IPv4 or IPv6), found through the socket inode in
+/// `/proc/net/tcp*` and the open files of each process. `None` when there is none, or when
+/// permissions hide it.
+pub fn listener_pid(port: u16) -> Option<u32> {
+    let inode = ["/proc/net/tcp", "/proc/net/tcp6"].iter().find_map(|table| {
+        let text = std::fs::read_to_string(table).ok()?;
+        text.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local = fields.get(1)?;
+            let state = fields.get(3)?;
+            let local_port = u16::from_str_radix(local.rsplit_once(':')?.1, 16).ok()?;
+            // 0A is LISTEN.
+            (local_port == port && *state == "0A").then(|| fields.get(9).map(|inode| inode.to_string())).flatten()
+        })
+    })?;
+    let wanted = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|entry| {
+        let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+        let fds = std::fs::read_dir(entry.path().join("fd")).ok()?;
+        fds.flatten().any(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target.to_str() == Some(wanted.as_str()))).then_some(pid)
+    })
+}

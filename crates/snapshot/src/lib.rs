@@ -58,10 +58,22 @@ pub enum KeyError {
     Read { path: String, source: std::io::Error },
     #[error("cannot write key file `{path}`: {source}")]
     Write { path: String, source: std::io::Error },
-    #[error("key file `{0}` must hold 64 hexadecimal digits (a 32-byte ed25519 key)")]
+    #[error("`{0}` is not a key file: expected a PEM ed25519 key (`tollgate keygen` writes them)")]
     Format(String),
-    #[error("key file `{0}` does not hold a valid ed25519 public key")]
-    InvalidPublic(String),
+    #[error("`{0}` is not a regular file of at most 64 KiB, so it is not a key file")]
+    NotAKeyFile(String),
+    #[error(
+        "`{0}` holds a bare hexadecimal key, which does not say whether it is secret or public; write a new pair with `tollgate keygen --out DIR` (PEM files that say what they are)"
+    )]
+    LegacyHex(String),
+    #[error("`{path}` holds {}, but {} is needed here", found.as_str(), expected.as_str())]
+    WrongKind { path: String, expected: KeyKind, found: KeyKind },
+    #[error("`{path}` does not hold a valid ed25519 key ({})", kind.as_str())]
+    Invalid { path: String, kind: KeyKind },
+    #[error("`{0}` already exists; choose another directory or pass `--force` to replace the key pair")]
+    Exists(String),
+    #[error("cannot encode the key as PEM")]
+    Encode,
     #[error("cannot gather randomness for a new key: {0}")]
     Random(getrandom::Error),
 }
@@ -335,24 +347,92 @@ pub fn generate_key() -> Result<SigningKey, KeyError> {
     Ok(SigningKey::from_bytes(&seed))
 }
 
-fn read_hex_key(path: &Path) -> Result<[u8; 32], KeyError> {
-    let text = std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.display().to_string(), source })?;
-    let mut bytes = [0u8; 32];
-    hex::decode_to_slice(text.trim(), &mut bytes).map_err(|_| KeyError::Format(path.display().to_string()))?;
-    Ok(bytes)
+/// Largest key file read: PEM keys are a few hundred bytes, so anything far larger is not one.
+const MAX_KEY_FILE: u64 = 64 * 1024;
+
+/// What a key file holds, by its PEM label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyKind {
+    /// `-----BEGIN PRIVATE KEY-----` (PKCS#8): signs snapshots and tokens.
+    Secret,
+    /// `-----BEGIN PUBLIC KEY-----` (SubjectPublicKeyInfo): verifies them.
+    Public,
 }
 
+impl KeyKind {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            KeyKind::Secret => "a secret (private) key",
+            KeyKind::Public => "a public key",
+        }
+    }
+}
+
+fn read_key_text(path: &Path) -> Result<String, KeyError> {
+    let read_error = |source| KeyError::Read { path: path.display().to_string(), source };
+    let metadata = std::fs::metadata(path).map_err(read_error)?;
+    if !metadata.is_file() || metadata.len() > MAX_KEY_FILE {
+        return Err(KeyError::NotAKeyFile(path.display().to_string()));
+    }
+    std::fs::read_to_string(path).map_err(read_error)
+}
+
+/// Which kind of key `text` holds; `Err` names what it is instead.
+fn kind_of(path: &Path, text: &str) -> Result<KeyKind, KeyError> {
+    if text.contains("-----BEGIN PRIVATE KEY-----") {
+        return Ok(KeyKind::Secret);
+    }
+    if text.contains("-----BEGIN PUBLIC KEY-----") {
+        return Ok(KeyKind::Public);
+    }
+    let trimmed = text.trim();
+    if trimmed.len() == 64 && trimmed.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+        return Err(KeyError::LegacyHex(path.display().to_string()));
+    }
+    Err(KeyError::Format(path.display().to_string()))
+}
+
+/// Reads a secret key file (PKCS#8 PEM, as `tollgate keygen` writes); a public key file is
+/// refused by name, so nothing is ever signed with a key that sidecars cannot trust.
 pub fn read_signing_key(path: &Path) -> Result<SigningKey, KeyError> {
-    read_hex_key(path).map(|seed| SigningKey::from_bytes(&seed))
+    use ed25519_dalek::pkcs8::DecodePrivateKey;
+    let text = read_key_text(path)?;
+    match kind_of(path, &text)? {
+        KeyKind::Secret => {
+            SigningKey::from_pkcs8_pem(&text).map_err(|_| KeyError::Invalid { path: path.display().to_string(), kind: KeyKind::Secret })
+        }
+        found => Err(KeyError::WrongKind { path: path.display().to_string(), expected: KeyKind::Secret, found }),
+    }
 }
 
+/// Reads a public key file (SubjectPublicKeyInfo PEM); a secret key file is refused, so a
+/// secret never ends up distributed as a trust anchor.
 pub fn read_public_key(path: &Path) -> Result<VerifyingKey, KeyError> {
-    let bytes = read_hex_key(path)?;
-    VerifyingKey::from_bytes(&bytes).map_err(|_| KeyError::InvalidPublic(path.display().to_string()))
+    use ed25519_dalek::pkcs8::DecodePublicKey;
+    let text = read_key_text(path)?;
+    match kind_of(path, &text)? {
+        KeyKind::Public => VerifyingKey::from_public_key_pem(&text)
+            .map_err(|_| KeyError::Invalid { path: path.display().to_string(), kind: KeyKind::Public }),
+        found => Err(KeyError::WrongKind { path: path.display().to_string(), expected: KeyKind::Public, found }),
+    }
 }
 
-/// Writes `DIR/tollgate.key` (mode 0600) and `DIR/tollgate.pub`; refuses to overwrite a key.
-pub fn write_key_pair(dir: &Path, key: &SigningKey) -> Result<(), KeyError> {
+/// The PEM texts of a key pair: (secret PKCS#8, public SPKI).
+pub fn key_pair_pem(key: &SigningKey) -> Result<(String, String), KeyError> {
+    use ed25519_dalek::pkcs8::spki::der::pem::LineEnding;
+    use ed25519_dalek::pkcs8::{EncodePrivateKey, EncodePublicKey};
+    let secret = key.to_pkcs8_pem(LineEnding::LF).map_err(|_| KeyError::Encode)?;
+    let public = key.verifying_key().to_public_key_pem(LineEnding::LF).map_err(|_| KeyError::Encode)?;
+    Ok((secret.to_string(), public))
+}
+
+/// The file names `write_key_pair` uses inside its directory.
+pub const SECRET_KEY_FILE: &str = "tollgate.key";
+pub const PUBLIC_KEY_FILE: &str = "tollgate.pub";
+
+/// Writes `DIR/tollgate.key` (PKCS#8 PEM, mode 0600) and `DIR/tollgate.pub` (SPKI PEM). An
+/// existing pair is replaced only with `force`; otherwise the error says so.
+pub fn write_key_pair(dir: &Path, key: &SigningKey, force: bool) -> Result<(), KeyError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let write_error = |path: &Path| {
@@ -360,12 +440,62 @@ pub fn write_key_pair(dir: &Path, key: &SigningKey) -> Result<(), KeyError> {
         move |source| KeyError::Write { path, source }
     };
     std::fs::create_dir_all(dir).map_err(write_error(dir))?;
-    let secret_path = dir.join("tollgate.key");
-    let public_path = dir.join("tollgate.pub");
+    let secret_path = dir.join(SECRET_KEY_FILE);
+    let public_path = dir.join(PUBLIC_KEY_FILE);
+    for path in [&secret_path, &public_path] {
+        if path.exists() {
+            if !force {
+                return Err(KeyError::Exists(path.display().to_string()));
+            }
+            std::fs::remove_file(path).map_err(write_error(path))?;
+        }
+    }
+    let (secret_pem, public_pem) = key_pair_pem(key)?;
     let mut secret =
         std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&secret_path).map_err(write_error(&secret_path))?;
-    secret.write_all(format!("{}\n", hex::encode(key.to_bytes())).as_bytes()).map_err(write_error(&secret_path))?;
+    secret.write_all(secret_pem.as_bytes()).map_err(write_error(&secret_path))?;
     secret.sync_all().map_err(write_error(&secret_path))?;
-    std::fs::write(&public_path, format!("{}\n", hex::encode(key.verifying_key().to_bytes()))).map_err(write_error(&public_path))?;
+    std::fs::write(&public_path, public_pem).map_err(write_error(&public_path))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod key_tests {
+    use super::*;
+
+    #[test]
+    fn key_files_say_what_they_are_and_each_reader_refuses_the_other_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = generate_key().unwrap();
+        write_key_pair(dir.path(), &key, false).unwrap();
+        let secret = dir.path().join(SECRET_KEY_FILE);
+        let public = dir.path().join(PUBLIC_KEY_FILE);
+        assert_eq!(read_signing_key(&secret).unwrap().to_bytes(), key.to_bytes());
+        assert_eq!(read_public_key(&public).unwrap(), key.verifying_key());
+        let wrong = read_signing_key(&public).unwrap_err().to_string();
+        assert!(wrong.contains("holds a public key") && wrong.contains("secret"), "{wrong}");
+        let wrong = read_public_key(&secret).unwrap_err().to_string();
+        assert!(wrong.contains("holds a secret (private) key"), "{wrong}");
+        assert!(matches!(write_key_pair(dir.path(), &key, false), Err(KeyError::Exists(_))));
+        let other = generate_key().unwrap();
+        write_key_pair(dir.path(), &other, true).unwrap();
+        assert_eq!(read_public_key(&public).unwrap(), other.verifying_key());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&secret).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn bare_hex_and_garbage_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let hex_file = dir.path().join("old.key");
+        std::fs::write(&hex_file, format!("{}\n", "ab".repeat(32))).unwrap();
+        assert!(matches!(read_signing_key(&hex_file), Err(KeyError::LegacyHex(_))));
+        let garbage = dir.path().join("garbage.pub");
+        std::fs::write(&garbage, "hello").unwrap();
+        assert!(matches!(read_public_key(&garbage), Err(KeyError::Format(_))));
+        assert!(matches!(read_public_key(dir.path()), Err(KeyError::NotAKeyFile(_))));
+        let broken = dir.path().join("broken.pub");
+        std::fs::write(&broken, "-----BEGIN PUBLIC KEY-----\nnot base64\n-----END PUBLIC KEY-----\n").unwrap();
+        assert!(matches!(read_public_key(&broken), Err(KeyError::Invalid { .. })));
+    }
 }
