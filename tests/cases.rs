@@ -10,7 +10,7 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use tollgate_core::engine::{UsageLookup, decide};
+use tollgate_core::engine::{UsageLookup, decide, meter_limit};
 use tollgate_core::period::parse_rfc3339;
 use tollgate_protocol::{CheckBody, DecisionJson};
 
@@ -72,8 +72,35 @@ fn check(path: &Path) -> Vec<String> {
         let body: CheckBody<'_> =
             serde_json::from_str(&request_json).unwrap_or_else(|error| panic!("{}: {}: {error}", path.display(), check.name));
         let decision = decide(snapshot.data(), &body.request(), now, &usage);
-        let actual =
+        let mut actual =
             serde_json::to_value(DecisionJson::new(snapshot.data(), &body.account, snapshot.revision(), &decision, false)).unwrap();
+        // The limit `/v1/meter` would enforce on the feature's meter: an amount this check
+        // allows must never be refused there.
+        let request = body.request();
+        let meter_idx = snapshot.data().feature_index.get(request.feature).and_then(|feature_idx| {
+            snapshot
+                .data()
+                .features
+                .get(feature_idx.to_native() as usize)
+                .and_then(|feature| feature.meter.as_ref().map(|idx| idx.to_native()))
+        });
+        if let Some(meter_idx) = meter_idx {
+            let hard = meter_limit(snapshot.data(), request.account, meter_idx, now).and_then(|limit| limit.hard);
+            if let (true, Some(quota), Some(hard)) = (decision.allow(), decision.quota, hard)
+                && quota.used + request.amount.unwrap_or(1) > hard
+            {
+                failures.push(format!(
+                    "{} / {}: allowed {} more after {} but /v1/meter's limit is {hard}",
+                    path.display(),
+                    check.name,
+                    request.amount.unwrap_or(1),
+                    quota.used
+                ));
+            }
+            if let (Some(hard), Some(object)) = (hard, actual.as_object_mut()) {
+                object.insert("meter_limit".into(), hard.into());
+            }
+        }
         for (key, expected) in &check.expect {
             let expected = serde_json::to_value(expected).unwrap();
             let found = actual.get(key);

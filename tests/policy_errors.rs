@@ -191,3 +191,81 @@ fn plans_must_be_listed_cheapest_first() {
     let errors = errors(catalog, &[]);
     assert!(has(&errors, "catalog.toml", 8, "plan `free` (price 0) is listed after plan `team` (price 2900)"), "{errors:?}");
 }
+
+#[test]
+fn region_vocabulary_groups_and_fences_are_checked() {
+    let catalog = r#"regions = ["us", "de", "US"]
+[region_groups]
+eu = ["de", "mars"]
+De = ["de"]
+[features.a]
+regions = { deny = ["eu", "pluto"] }
+[features.b]
+regions = { block = ["us"] }
+[[plans]]
+id = "p"
+regions = ["EU", "atlantis"]
+"#;
+    let errors = errors(catalog, &[]);
+    let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    for (line, fragment) in [
+        (1, "duplicate region `US`"),
+        (3, "region group `eu` names unknown region `mars`"),
+        (4, "region group `De` reuses the name of a region"),
+        (6, "feature `a` names unknown region `pluto`"),
+        (8, "`{ allow = [...] }` or `{ deny = [...] }`"),
+        (11, "plan `p` names unknown region `atlantis`"),
+    ] {
+        assert!(has(&errors, "catalog.toml", line, fragment), "no error at line {line} saying {fragment:?} in:\n{}", rendered.join("\n"));
+    }
+    assert_eq!(errors.len(), 6, "{}", rendered.join("\n"));
+}
+
+#[test]
+fn license_ids_group_names_and_repeated_addons_follow_the_documented_rules() {
+    let catalog = "regions = [\"us\"]\n[features.x]\n[[plans]]\nid = \"p\"\nfeatures = [\"x\"]\n[[addons]]\nid = \"boost\"\n[roles.r]\nfeatures = [\"x\"]\n";
+    let account = r#"[accounts.acme]
+groups = { "ops team" = ["r"] }
+[[accounts.acme.licenses]]
+id = "acme 2026"
+plan = "p"
+addons = ["boost", "boost"]
+regions = { deny = ["mars"] }
+"#;
+    let errors = errors(catalog, &[("accounts/a.toml", account)]);
+    let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    for (line, fragment) in [
+        (2, "group id `ops team` must be"),
+        (4, "license id `acme 2026` must be"),
+        (6, "lists add-on `boost` more than once"),
+        (7, "names unknown region `mars`"),
+    ] {
+        assert!(
+            has(&errors, "accounts/a.toml", line, fragment),
+            "no error at line {line} saying {fragment:?} in:\n{}",
+            rendered.join("\n")
+        );
+    }
+}
+
+#[test]
+fn account_specs_compile_through_the_same_lowering_with_field_context() {
+    use tollgate_policy::{AccountSpec, LicenseSpec, compile_accounts, compile_catalog};
+    let catalog = compile_catalog(&source("catalog.toml", GOOD_CATALOG)).unwrap();
+    let mut license = LicenseSpec::new("pro");
+    license.addons = vec!["nope".into()];
+    let bad = AccountSpec { licenses: vec![license, LicenseSpec::new("platinum")], ..AccountSpec::default() };
+    let errors = compile_accounts(&catalog, [("acme".to_string(), bad)]).unwrap_err().0;
+    let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    assert!(
+        rendered.iter().any(|error| error.contains("field `licenses[0].addons[0]`") && error.contains("unknown add-on `nope`")),
+        "{rendered:?}"
+    );
+    assert!(
+        rendered.iter().any(|error| error.contains("field `licenses[1].plan`") && error.contains("unknown plan `platinum`")),
+        "{rendered:?}"
+    );
+    let good = AccountSpec { licenses: vec![LicenseSpec::new("pro")], ..AccountSpec::default() };
+    let data = compile_accounts(&catalog, [("acme".to_string(), good)]).unwrap();
+    assert_eq!(data.accounts["acme"].licenses[0].id, "acme-1");
+}

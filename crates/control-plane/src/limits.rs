@@ -1,15 +1,16 @@
 //! Meter limits of accounts at an instant, for usage answers, exports, analytics and threshold
 //! webhooks. Stored accounts are compiled with the catalog by the policy compiler and read
-//! with `engine::account_limit`, the very rule sidecars apply, so the control plane never
-//! resolves plans, add-ons and overrides a second way. [`LimitCache`] keeps each account's
+//! with `rules::owned_meter_limit`, the very rule sidecars apply (`engine::meter_limit` is the
+//! same function over the archived form), so the control plane never resolves plans, add-ons
+//! and overrides a second way. [`LimitCache`] keeps each account's
 //! limits keyed by the revision it was stored at and only until its next license boundary.
 //! No I/O: callers pass the documents.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
-use tollgate_core::engine;
-use tollgate_core::model::{ArchivedSnapshotData, Limit, SnapshotData};
+use tollgate_core::model::{Limit, SnapshotData};
+use tollgate_core::rules;
 use tollgate_policy::Source;
 
 use super::accounts;
@@ -41,10 +42,10 @@ pub fn effective(limit: Option<&Limit>) -> Option<(u64, LimitKind)> {
     }
 }
 
-/// Compiled accounts, read the way the engine reads them.
+/// Compiled accounts, read with the engine's rules.
 #[derive(Clone, Copy)]
 pub struct LimitView<'a> {
-    archived: &'a ArchivedSnapshotData,
+    data: &'a SnapshotData,
 }
 
 impl std::fmt::Debug for LimitView<'_> {
@@ -54,22 +55,19 @@ impl std::fmt::Debug for LimitView<'_> {
 }
 
 impl LimitView<'_> {
-    /// The limit on `meter_idx` of the account's best license valid at `at`.
+    /// The account's effective limit on `meter_idx` at `at`: the one `/v1/meter` enforces.
     pub fn limit(&self, account: &str, meter_idx: u32, at: i64) -> Option<Limit> {
-        engine::account_limit(self.archived, account, meter_idx, at)
+        rules::owned_meter_limit(self.data, account, meter_idx, at)
     }
 
     /// The first instant after `now` at which one of the account's licenses starts, expires
     /// or leaves its grace period: until then its limits at `now` hold.
     pub fn stable_until(&self, account: &str, now: i64) -> i64 {
-        let Some(account) = self.archived.accounts.get(account) else { return i64::MAX };
+        let Some(account) = self.data.accounts.get(account) else { return i64::MAX };
         account
             .licenses
             .iter()
-            .flat_map(|license| {
-                let expires_at = license.expires_at.to_native();
-                [license.starts_at.to_native(), expires_at, expires_at.saturating_add(license.grace_seconds.to_native())]
-            })
+            .flat_map(|license| [license.starts_at, license.expires_at, license.expires_at.saturating_add(license.grace_seconds)])
             .filter(|boundary| *boundary > now)
             .min()
             .unwrap_or(i64::MAX)
@@ -77,10 +75,7 @@ impl LimitView<'_> {
 }
 
 fn view<T>(data: &SnapshotData, read: impl FnOnce(&LimitView<'_>) -> T) -> Result<T, Vec<String>> {
-    let bytes = rkyv::to_bytes::<rkyv::rancor::Error>(data).map_err(|error| vec![format!("cannot archive compiled accounts: {error}")])?;
-    let archived = rkyv::access::<ArchivedSnapshotData, rkyv::rancor::Error>(&bytes)
-        .map_err(|error| vec![format!("compiled accounts do not validate: {error}")])?;
-    Ok(read(&LimitView { archived }))
+    Ok(read(&LimitView { data }))
 }
 
 /// Compiles one account (as `compile_one` validates it) and hands `read` a view of it.
@@ -95,8 +90,7 @@ pub fn with_accounts<T>(
     accounts: &[(String, AccountDoc)],
     read: impl FnOnce(&LimitView<'_>) -> T,
 ) -> Result<T, Vec<String>> {
-    let data =
-        accounts::compile_all(catalog, accounts).map_err(|errors| errors.0.into_iter().map(|error| error.message).collect::<Vec<_>>())?;
+    let data = accounts::compile_all(catalog, accounts).map_err(|error| error.messages())?;
     view(&data, read)
 }
 

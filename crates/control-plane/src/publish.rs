@@ -30,7 +30,7 @@ pub enum PublishError {
     #[error(transparent)]
     Store(#[from] super::store::StoreError),
     #[error(transparent)]
-    Compile(#[from] tollgate_policy::PolicyErrors),
+    Compile(#[from] super::accounts::CompileError),
     #[error(transparent)]
     Build(#[from] tollgate_snapshot::SnapshotError),
 }

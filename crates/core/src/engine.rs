@@ -5,12 +5,15 @@
 
 use rkyv::option::ArchivedOption;
 use rkyv::rend::{u32_le, u64_le};
+
+pub use crate::rules::Validity;
 use rkyv::vec::ArchivedVec;
 
 use crate::model::{
-    ArchivedAccount, ArchivedAccountStatus, ArchivedLicense, ArchivedLimit, ArchivedSnapshotData, NEVER_EXPIRES, SINCE_FOREVER, bits,
-    fnv1a64,
+    ArchivedAccount, ArchivedAccountStatus, ArchivedLicense, ArchivedLimit, ArchivedSnapshotData, Limit, NEVER_EXPIRES, SINCE_FOREVER,
+    bits, fnv1a64,
 };
+use crate::rules::{self, LicenseTerms};
 
 /// One question: may `account` (and `user`) use `feature`, here and now, for `amount`?
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -168,62 +171,45 @@ fn grants(snapshot: &ArchivedSnapshotData, license: &ArchivedLicense, feature_id
     bits::contains_le(feature_set(snapshot, &license.features), feature_idx)
 }
 
-/// Whether a license is valid at `now`, and whether only by its grace period.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Validity {
-    Invalid,
-    Valid,
-    Grace,
-}
-
-fn validity(license: &ArchivedLicense, now: i64) -> Validity {
-    if now < license.starts_at.to_native() {
-        return Validity::Invalid;
-    }
-    match expires_at(license) {
-        None => Validity::Valid,
-        Some(expires_at) if now < expires_at => Validity::Valid,
-        Some(expires_at) if now < expires_at.saturating_add(license.grace_seconds.to_native()) => Validity::Grace,
-        Some(_) => Validity::Invalid,
-    }
-}
-
-/// Among the licenses valid at `now` for which `accept` holds, the best: one out of grace
-/// before one in grace, then the higher plan.
+/// The preferred license in force at `now` for which `accept` holds (`rules::preferred`).
 fn best_license(
     account: &ArchivedAccount,
     now: i64,
-    accept: impl Fn(&ArchivedLicense) -> bool,
+    accept: impl FnMut(&ArchivedLicense) -> bool,
 ) -> Option<(u32, &ArchivedLicense, Validity)> {
-    let mut best: Option<(u32, &ArchivedLicense, Validity)> = None;
-    for (license_idx, license) in account.licenses.iter().enumerate() {
-        let license_validity = validity(license, now);
-        if license_validity == Validity::Invalid || !accept(license) {
-            continue;
-        }
-        let better = match best {
-            None => true,
-            Some((_, current, current_validity)) => {
-                (current_validity == Validity::Grace && license_validity == Validity::Valid)
-                    || (current_validity == license_validity && license.plan.to_native() > current.plan.to_native())
-            }
-        };
-        if better {
-            best = Some((license_idx as u32, license, license_validity));
-        }
-    }
-    best
+    rules::preferred(account.licenses.as_slice(), now, accept)
 }
 
-fn fence_allows(fence: &ArchivedOption<ArchivedVec<u32_le>>, region_idx: Option<u32>) -> bool {
+/// Whether a geo-fence (a bitset over region indices) admits the request's region. No fence
+/// admits anything; a fence admits nothing without a declared region (fail closed).
+fn fence_allows(fence: &ArchivedOption<ArchivedVec<u64_le>>, region_idx: Option<u32>) -> bool {
     match fence.as_ref() {
         None => true,
-        Some(regions) => region_idx.is_some_and(|region_idx| regions.iter().any(|allowed| allowed.to_native() == region_idx)),
+        Some(regions) => region_idx.is_some_and(|region_idx| bits::contains_le(regions, region_idx)),
     }
+}
+
+/// The longest region name looked up; longer ones cannot be declared (ids are at most 128).
+const MAX_REGION_LEN: usize = 128;
+
+/// The index of a declared region, compared case-insensitively (ASCII; region ids are ASCII).
+/// Lowercases into a stack buffer, so it does not allocate.
+fn region_index(snapshot: &ArchivedSnapshotData, region: &str) -> Option<u32> {
+    let mut buffer = [0u8; MAX_REGION_LEN];
+    let lowered = buffer.get_mut(..region.len())?;
+    lowered.copy_from_slice(region.as_bytes());
+    lowered.make_ascii_lowercase();
+    let key = std::str::from_utf8(lowered).ok()?;
+    snapshot.region_index.get(key).map(|idx| idx.to_native())
 }
 
 fn find_limit(limits: &[ArchivedLimit], meter_idx: u32) -> Option<&ArchivedLimit> {
     limits.binary_search_by_key(&meter_idx, |limit| limit.meter.to_native()).ok().and_then(|position| limits.get(position))
+}
+
+/// A license's resolved limit on a meter, `None` when it sets none.
+fn license_limit(snapshot: &ArchivedSnapshotData, license: &ArchivedLicense, meter_idx: u32) -> Option<Limit> {
+    find_limit(limit_set(snapshot, license), meter_idx).map(rules::native_limit)
 }
 
 /// The rollout bucket (0..100) of an account for a feature whose seed is `seed`.
@@ -238,8 +224,25 @@ pub fn rollout_bucket(seed: u64, account: &str) -> u8 {
     (hash % 100) as u8
 }
 
+/// The decision resting on `license`, allowed unless changed.
+fn resting_on(license_idx: u32, license: &ArchivedLicense, validity: Validity) -> Decision {
+    Decision {
+        reason: Reason::Ok,
+        license: Some(license_idx),
+        expires_at: expires_at(license),
+        grace: validity == Validity::Grace,
+        quota: None,
+        upgrade: None,
+    }
+}
+
 /// Decides one request. Pure: the same snapshot, request, `now` (unix seconds) and usage
 /// always give the same decision.
+///
+/// The account's licenses narrow step by step (in force → granting the feature → admitting the
+/// region → with room on the meter); the first step that leaves none gives the reason, and an
+/// allow rests on the preferred survivor. Each step is one pass over the account's few
+/// licenses with the shared preference rule, never an allocation.
 pub fn decide(snapshot: &ArchivedSnapshotData, request: &Request<'_>, now: i64, usage: &impl UsageLookup) -> Decision {
     let Some(account) = snapshot.accounts.get(request.account) else {
         return Decision::deny(Reason::UnknownAccount);
@@ -253,58 +256,43 @@ pub fn decide(snapshot: &ArchivedSnapshotData, request: &Request<'_>, now: i64, 
     let Some(feature) = snapshot.features.get(feature_idx as usize) else {
         return Decision::deny(Reason::UnknownFeature);
     };
-    let Some((_, _, _)) = best_license(account, now, |_| true) else {
-        return Decision::deny(Reason::LicenseExpired);
+
+    // Geo-fences: the feature's applies whatever the license; a plan's and a license's apply
+    // to that license only.
+    let region_idx = request.region.and_then(|region| region_index(snapshot, region));
+    let feature_in_region = fence_allows(&feature.regions, region_idx);
+    let in_region = |license: &ArchivedLicense| {
+        feature_in_region
+            && fence_allows(&license.regions, region_idx)
+            && snapshot.plans.get(license.plan.to_native() as usize).is_none_or(|plan| fence_allows(&plan.regions, region_idx))
     };
-    let Some((license_idx, license, license_validity)) = best_license(account, now, |license| grants(snapshot, license, feature_idx))
-    else {
-        let mut decision = Decision::deny(Reason::NotEntitled);
-        decision.upgrade = upgrade_for_feature(snapshot, account, now, feature_idx);
-        return decision;
+    let granting_in_region = best_license(account, now, |license| grants(snapshot, license, feature_idx) && in_region(license));
+    let (license_idx, license, validity) = match granting_in_region {
+        Some(found) => found,
+        None => {
+            let Some((granting_idx, granting, granting_validity)) =
+                best_license(account, now, |license| grants(snapshot, license, feature_idx))
+            else {
+                if best_license(account, now, |_| true).is_none() {
+                    return Decision::deny(Reason::LicenseExpired);
+                }
+                let mut decision = Decision::deny(Reason::NotEntitled);
+                decision.upgrade = upgrade_for_feature(snapshot, account, now, feature_idx);
+                return decision;
+            };
+            let mut decision = resting_on(granting_idx, granting, granting_validity);
+            decision.reason = if in_rollout(feature, request.account) { Reason::RegionBlocked } else { Reason::NotInRollout };
+            return decision;
+        }
     };
-    let mut decision = Decision {
-        reason: Reason::Ok,
-        license: Some(license_idx),
-        expires_at: expires_at(license),
-        grace: license_validity == Validity::Grace,
-        quota: None,
-        upgrade: None,
-    };
+    let mut decision = resting_on(license_idx, license, validity);
     let deny = |mut decision: Decision, reason: Reason| {
         decision.reason = reason;
         decision
     };
-
-    if let Some(rollout) = feature.rollout.as_ref()
-        && rollout_bucket(rollout.seed.to_native(), request.account) >= rollout.percent
-    {
+    if !in_rollout(feature, request.account) {
         return deny(decision, Reason::NotInRollout);
     }
-
-    // Geo-fences: the feature's applies whatever the license; the plan's and the license's
-    // apply to the license the request rests on. When the best granting license is fenced
-    // out, another granting license that the region satisfies serves instead.
-    let region_idx = request.region.and_then(|region| snapshot.region_index.get(region)).map(|idx| idx.to_native());
-    if !fence_allows(&feature.regions, region_idx) {
-        return deny(decision, Reason::RegionBlocked);
-    }
-    let in_region = |license: &ArchivedLicense| {
-        fence_allows(&license.regions, region_idx)
-            && snapshot.plans.get(license.plan.to_native() as usize).is_none_or(|plan| fence_allows(&plan.regions, region_idx))
-    };
-    let license = if in_region(license) {
-        license
-    } else {
-        let Some((other_idx, other, other_validity)) =
-            best_license(account, now, |candidate| grants(snapshot, candidate, feature_idx) && in_region(candidate))
-        else {
-            return deny(decision, Reason::RegionBlocked);
-        };
-        decision.license = Some(other_idx);
-        decision.expires_at = expires_at(other);
-        decision.grace = other_validity == Validity::Grace;
-        other
-    };
 
     if let Some(user_id) = request.user {
         let Some(user) =
@@ -335,25 +323,47 @@ pub fn decide(snapshot: &ArchivedSnapshotData, request: &Request<'_>, now: i64, 
         let window = meter.period.to_native().window(now);
         let used = usage.used(request.account, meter.name.as_str(), window.start);
         let amount = request.amount.unwrap_or(1);
-        let after = used.saturating_add(amount);
-        let limit = find_limit(limit_set(snapshot, license), meter_idx);
-        let hard = limit.and_then(|limit| limit.hard.as_ref().map(|hard| hard.to_native()));
-        let soft = limit.and_then(|limit| limit.soft.as_ref().map(|soft| soft.to_native()));
-        let shown_limit = hard.or(soft);
+        // The last step: among the licenses still in the running, those with room. Usually
+        // the preferred one has room and is the answer.
+        let with_room = if rules::has_room(license_limit(snapshot, license, meter_idx).as_ref(), used, amount) {
+            Some((license_idx, license, validity))
+        } else {
+            best_license(account, now, |candidate| {
+                grants(snapshot, candidate, feature_idx)
+                    && in_region(candidate)
+                    && rules::has_room(license_limit(snapshot, candidate, meter_idx).as_ref(), used, amount)
+            })
+        };
+        let (quota_license, exceeded) = match with_room {
+            Some((room_idx, room_license, room_validity)) => {
+                decision = resting_on(room_idx, room_license, room_validity);
+                (room_license, false)
+            }
+            None => (license, true),
+        };
+        let limit = license_limit(snapshot, quota_license, meter_idx);
+        let shown = rules::shown_limit(limit.as_ref());
+        let soft = limit.and_then(|limit| limit.soft);
         decision.quota = Some(Quota {
             meter: meter_idx,
-            limit: shown_limit,
+            limit: shown,
             used,
-            remaining: shown_limit.map(|limit| limit.saturating_sub(used)),
+            remaining: shown.map(|limit| limit.saturating_sub(used)),
             reset_at: window.reset_at,
-            overage: soft.is_some_and(|soft| after > soft),
+            overage: soft.is_some_and(|soft| used.saturating_add(amount) > soft),
         });
-        if hard.is_some_and(|hard| after > hard) {
-            decision.upgrade = upgrade_for_quota(snapshot, license, feature_idx, meter_idx, hard.unwrap_or(0));
+        if exceeded {
+            let hard = limit.and_then(|limit| limit.hard).unwrap_or(0);
+            decision.upgrade = upgrade_for_quota(snapshot, license, feature_idx, meter_idx, hard);
             return deny(decision, Reason::QuotaExceeded);
         }
     }
     decision
+}
+
+/// Whether the account is inside the feature's percentage rollout (always, without one).
+fn in_rollout(feature: &crate::model::ArchivedFeature, account: &str) -> bool {
+    feature.rollout.as_ref().is_none_or(|rollout| rollout_bucket(rollout.seed.to_native(), account) < rollout.percent)
 }
 
 /// The cheaper of a plan and an add-on candidate: by price where both have one, else the
@@ -501,7 +511,7 @@ pub fn entitlements<'s>(
         .licenses
         .iter()
         .map(|license| {
-            let license_validity = validity(license, now);
+            let license_validity = license.validity(now);
             LicenseView {
                 id: license.id.as_str(),
                 plan: snapshot.plans.get(license.plan.to_native() as usize).map_or("", |plan| plan.name.as_str()),
@@ -534,9 +544,10 @@ pub fn entitlements<'s>(
         .enumerate()
         .map(|(meter_idx, meter)| {
             let window = meter.period.to_native().window(now);
-            let limit = primary.and_then(|license| find_limit(limit_set(snapshot, license), meter_idx as u32));
-            let soft_limit = limit.and_then(|limit| limit.soft.as_ref().map(|soft| soft.to_native()));
-            let hard_limit = limit.and_then(|limit| limit.hard.as_ref().map(|hard| hard.to_native()));
+            // The limit `/v1/meter` enforces, so the UI shows what metering will do.
+            let limit = account_meter_limit(snapshot, account, meter_idx as u32, now);
+            let soft_limit = limit.and_then(|limit| limit.soft);
+            let hard_limit = limit.and_then(|limit| limit.hard);
             let used = usage.used(account_id, meter.name.as_str(), window.start);
             MeterView {
                 meter: meter.name.as_str(),
@@ -569,14 +580,22 @@ pub fn entitlements<'s>(
     })
 }
 
-/// The limit on `meter_idx` of the license an account's usage counts against: its best
-/// license valid at `now`. `None` when no valid license sets one.
-pub fn account_limit(snapshot: &ArchivedSnapshotData, account: &str, meter_idx: u32, now: i64) -> Option<crate::model::Limit> {
-    let account = snapshot.accounts.get(account)?;
-    let (_, license, _) = best_license(account, now, |_| true)?;
-    find_limit(limit_set(snapshot, license), meter_idx).map(|limit| crate::model::Limit {
-        meter: meter_idx,
-        soft: limit.soft.as_ref().map(|soft| soft.to_native()),
-        hard: limit.hard.as_ref().map(|hard| hard.to_native()),
-    })
+fn account_meter_limit(snapshot: &ArchivedSnapshotData, account: &ArchivedAccount, meter_idx: u32, now: i64) -> Option<Limit> {
+    let consumers = snapshot.meters.get(meter_idx as usize).map_or(&[][..], |meter| meter.features.as_slice());
+    rules::meter_limit(
+        account.licenses.as_slice(),
+        now,
+        |license| {
+            let granted = feature_set(snapshot, &license.features);
+            granted.iter().zip(consumers).any(|(granted, consumer)| granted.to_native() & consumer.to_native() != 0)
+        },
+        |license| license_limit(snapshot, license, meter_idx),
+    )
+}
+
+/// The effective limit of an account on a meter at `now`, the one `/v1/meter` enforces and
+/// `/v1/entitlements` reports: the most generous limit among the licenses in force that
+/// grant a feature consuming the meter (see `rules::meter_limit`). `None` is unlimited.
+pub fn meter_limit(snapshot: &ArchivedSnapshotData, account: &str, meter_idx: u32, now: i64) -> Option<Limit> {
+    account_meter_limit(snapshot, snapshot.accounts.get(account)?, meter_idx, now)
 }

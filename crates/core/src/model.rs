@@ -18,9 +18,11 @@ pub struct SnapshotData {
     /// Ordered cheapest first.
     pub addons: Vec<Addon>,
     pub roles: Vec<Role>,
+    /// The declared region vocabulary, as the catalog spells it.
     pub regions: Vec<String>,
     pub feature_index: HashMap<String, u32>,
     pub meter_index: HashMap<String, u32>,
+    /// Region names lowercased (regions compare case-insensitively) to region indices.
     pub region_index: HashMap<String, u32>,
     /// Distinct feature bitsets that licenses point into; set 0 is the empty set. Most
     /// licenses share a handful of plan and add-on combinations, so this keeps a snapshot of a
@@ -55,8 +57,9 @@ pub struct Feature {
     pub description: String,
     /// The meter a use of this feature consumes, if any.
     pub meter: Option<u32>,
-    /// Geo-fence: the regions this feature may be used in (sorted region indices).
-    pub regions: Option<Vec<u32>>,
+    /// Geo-fence: the regions this feature may be used in, a bitset over region indices
+    /// (deny-lists and groups are resolved at compile time).
+    pub regions: Option<Vec<u64>>,
     /// Percentage rollout: only accounts whose bucket is below `percent` get the feature.
     pub rollout: Option<Rollout>,
 }
@@ -84,6 +87,9 @@ pub struct Meter {
     pub name: String,
     pub unit: String,
     pub period: Period,
+    /// The features that consume this meter, a bitset: a license pays for the meter when it
+    /// grants one of them.
+    pub features: Vec<u64>,
 }
 
 /// Limits on one meter. `hard` denies past it; `soft` only marks overage.
@@ -102,7 +108,8 @@ pub struct Plan {
     pub features: Vec<u64>,
     /// Sorted by meter index.
     pub limits: Vec<Limit>,
-    pub regions: Option<Vec<u32>>,
+    /// Geo-fence on everything the plan grants: a bitset over region indices.
+    pub regions: Option<Vec<u64>>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -159,7 +166,8 @@ pub struct License {
     pub removed: u32,
     /// Meters whose limit an override set outright, sorted: no purchase changes those.
     pub overridden_meters: Vec<u32>,
-    pub regions: Option<Vec<u32>>,
+    /// Geo-fence of this license: a bitset over region indices.
+    pub regions: Option<Vec<u64>>,
     pub max_devices: Option<u32>,
 }
 

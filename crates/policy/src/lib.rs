@@ -1,21 +1,25 @@
 //! The policy files: the TOML formats of `catalog.toml` and `accounts/*.toml` (documented in
 //! `policies/README.md`), reading a policies directory, and compiling it into a
 //! [`SnapshotData`]. Every mistake is reported with file, line and what is wrong, all at once.
-//! Reads files only in [`compile_dir`]; everything else is pure. `generate` writes synthetic
-//! policies of any size for benches and load tests.
+//! Accounts need not come from files: [`compile_accounts`] takes typed [`AccountSpec`]s (the
+//! control plane's path), and account files are parsed into the same specs, so both go
+//! through one validation and lowering (`spec`). Reads files only in [`compile_dir`];
+//! everything else is pure. `generate` writes synthetic policies of any size for benches and
+//! load tests.
 
 pub mod generate;
+pub mod spec;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+pub use spec::{AccountSpec, FenceSpec, LicenseSpec, LimitSpec, OverridesSpec, SpecError, SpecErrors, UserSpec};
+
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use toml::Spanned;
 
-use tollgate_core::model::{
-    self, Account, AccountStatus, Addon, Feature, License, Limit, Meter, Period, Plan, Role, Rollout, SnapshotData, User, bits,
-};
+use tollgate_core::model::{self, AccountStatus, Addon, Feature, Limit, Meter, Period, Plan, Role, Rollout, SnapshotData, bits};
 
 /// One policy file's name and contents.
 #[derive(Debug, Clone)]
@@ -66,6 +70,9 @@ impl fmt::Display for PolicyErrors {
 struct CatalogFile {
     #[serde(default)]
     regions: Vec<Spanned<String>>,
+    /// Named groups of regions, usable wherever a fence names regions.
+    #[serde(default)]
+    region_groups: BTreeMap<Spanned<String>, Vec<Spanned<String>>>,
     #[serde(default)]
     features: BTreeMap<Spanned<String>, FeatureFile>,
     #[serde(default)]
@@ -87,7 +94,7 @@ struct FeatureFile {
     #[serde(default)]
     description: String,
     meter: Option<Spanned<String>>,
-    regions: Option<Vec<Spanned<String>>>,
+    regions: Option<Spanned<toml::Value>>,
     rollout: Option<Spanned<i64>>,
 }
 
@@ -109,7 +116,7 @@ struct PlanFile {
     features: Vec<Spanned<String>>,
     #[serde(default)]
     limits: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
-    regions: Option<Vec<Spanned<String>>>,
+    regions: Option<Spanned<toml::Value>>,
 }
 
 #[derive(Deserialize)]
@@ -153,7 +160,7 @@ struct LicenseFile {
     starts_at: Option<Spanned<toml::value::Datetime>>,
     expires_at: Option<Spanned<toml::value::Datetime>>,
     grace_days: Option<Spanned<i64>>,
-    regions: Option<Vec<Spanned<String>>>,
+    regions: Option<Spanned<toml::Value>>,
     max_devices: Option<Spanned<i64>>,
     #[serde(default)]
     overrides: OverridesFile,
@@ -270,14 +277,19 @@ fn parse_toml<T: serde::de::DeserializeOwned>(source: &Source, errors: &mut Vec<
 }
 
 /// Name-to-index tables of the catalog, used while compiling accounts.
-struct Names {
-    features: HashMap<String, u32>,
-    meters: HashMap<String, u32>,
-    regions: HashMap<String, u32>,
-    plans: HashMap<String, u32>,
-    addons: HashMap<String, u32>,
-    roles: HashMap<String, u32>,
-    n_words: usize,
+#[derive(Debug, Clone)]
+pub(crate) struct Names {
+    pub(crate) features: HashMap<String, u32>,
+    pub(crate) meters: HashMap<String, u32>,
+    /// Lowercased region name to region index.
+    pub(crate) regions: HashMap<String, u32>,
+    /// Lowercased group name to the bitset of its regions.
+    pub(crate) region_groups: HashMap<String, Vec<u64>>,
+    pub(crate) n_regions: usize,
+    pub(crate) plans: HashMap<String, u32>,
+    pub(crate) addons: HashMap<String, u32>,
+    pub(crate) roles: HashMap<String, u32>,
+    pub(crate) n_words: usize,
 }
 
 /// Compiles a catalog and account files into snapshot data, or every mistake found.
@@ -308,7 +320,7 @@ impl<T: std::hash::Hash + Eq + Clone> Dedup<T> {
 }
 
 /// Deduplicates feature sets and limit lists so licenses can point at shared copies.
-struct Interner {
+pub(crate) struct Interner {
     feature_sets: Dedup<Vec<u64>>,
     limit_sets: Dedup<Vec<Limit>>,
 }
@@ -321,7 +333,7 @@ impl Interner {
         interner
     }
 
-    fn features(&mut self, mut set: Vec<u64>) -> u32 {
+    pub(crate) fn features(&mut self, mut set: Vec<u64>) -> u32 {
         // Trailing zero words change nothing; dropping them lets equal sets meet.
         while set.last() == Some(&0) {
             set.pop();
@@ -329,21 +341,28 @@ impl Interner {
         self.feature_sets.intern(set)
     }
 
-    fn limits(&mut self, set: Vec<Limit>) -> u32 {
+    pub(crate) fn limits(&mut self, set: Vec<Limit>) -> u32 {
         self.limit_sets.intern(set)
     }
 }
 
-/// Compiles a catalog and a stream of account files (each parsed, compiled and dropped in
-/// turn), or reports every mistake found.
-pub fn compile_sources(
-    catalog: &Source,
-    accounts: impl Iterator<Item = Result<Source, PolicyError>>,
-) -> Result<SnapshotData, PolicyErrors> {
-    let mut errors = Vec::new();
-    let parsed_catalog = parse_toml::<CatalogFile>(catalog, &mut errors);
+/// A compiled catalog (features, meters, plans, add-ons, roles, regions, routes) with the name
+/// tables accounts are resolved against. Compile it once and lower many accounts against it.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    data: SnapshotData,
+    names: Names,
+}
 
-    let mut data = SnapshotData {
+impl Catalog {
+    /// The catalog as snapshot data without accounts.
+    pub fn data(&self) -> &SnapshotData {
+        &self.data
+    }
+}
+
+fn empty_data() -> SnapshotData {
+    SnapshotData {
         features: Vec::new(),
         meters: Vec::new(),
         plans: Vec::new(),
@@ -357,8 +376,55 @@ pub fn compile_sources(
         limit_sets: Vec::new(),
         accounts: HashMap::new(),
         routes: Vec::new(),
-    };
-    let names = parsed_catalog.as_ref().map(|parsed| compile_catalog(parsed, &mut data, &mut Diagnostics::new(catalog, &mut errors)));
+    }
+}
+
+/// Compiles a catalog file alone, or reports every mistake in it with its line.
+pub fn compile_catalog(source: &Source) -> Result<Catalog, PolicyErrors> {
+    let mut errors = Vec::new();
+    let parsed = parse_toml::<CatalogFile>(source, &mut errors);
+    let mut data = empty_data();
+    let names = parsed.as_ref().map(|parsed| compile_catalog_file(parsed, &mut data, &mut Diagnostics::new(source, &mut errors)));
+    match names {
+        Some(names) if errors.is_empty() => Ok(Catalog { data, names }),
+        _ => Err(PolicyErrors(errors)),
+    }
+}
+
+/// Compiles typed account specs against a compiled catalog: the path of accounts that are not
+/// files (the control plane's database). Every mistake is reported with account and field.
+pub fn compile_accounts(catalog: &Catalog, accounts: impl IntoIterator<Item = (String, AccountSpec)>) -> Result<SnapshotData, SpecErrors> {
+    let mut data = catalog.data.clone();
+    let mut interner = Interner::new();
+    let mut errors = Vec::new();
+    for (account_id, account_spec) in accounts {
+        if data.accounts.contains_key(&account_id) {
+            errors.push(SpecError {
+                account: account_id.clone(),
+                field: String::new(),
+                message: format!("duplicate account `{account_id}`"),
+            });
+            continue;
+        }
+        if let Some(account) = spec::lower_account(&account_id, &account_spec, &data, &catalog.names, &mut interner, &mut errors) {
+            data.accounts.insert(account_id, account);
+        }
+    }
+    data.feature_sets = interner.feature_sets.items;
+    data.limit_sets = interner.limit_sets.items;
+    if errors.is_empty() { Ok(data) } else { Err(SpecErrors(errors)) }
+}
+
+/// Compiles a catalog and a stream of account files (each parsed, compiled and dropped in
+/// turn), or reports every mistake found.
+pub fn compile_sources(
+    catalog: &Source,
+    accounts: impl Iterator<Item = Result<Source, PolicyError>>,
+) -> Result<SnapshotData, PolicyErrors> {
+    let mut errors = Vec::new();
+    let parsed_catalog = parse_toml::<CatalogFile>(catalog, &mut errors);
+    let mut data = empty_data();
+    let names = parsed_catalog.as_ref().map(|parsed| compile_catalog_file(parsed, &mut data, &mut Diagnostics::new(catalog, &mut errors)));
     let mut interner = Interner::new();
 
     // Where each account was first defined: the file and the line of its id.
@@ -389,7 +455,16 @@ pub fn compile_sources(
             }
             let line = diagnostics.line(account_id.span().start);
             account_origin.insert(account_id.get_ref().clone(), (file_idx, line));
-            if let Some(account) = compile_account(&account_id, &account_file, &data, names, &mut interner, &mut diagnostics) {
+            let n_errors_before = diagnostics.errors.len();
+            let (account_spec, spans) = account_spec_of_file(&account_id, &account_file, &mut diagnostics);
+            let mut spec_errors = Vec::new();
+            let account = spec::lower_account(account_id.get_ref(), &account_spec, &data, names, &mut interner, &mut spec_errors);
+            for error in spec_errors {
+                diagnostics.at(spans.find(&error.field, account_id.span()), error.message);
+            }
+            if let Some(account) = account
+                && diagnostics.errors.len() == n_errors_before
+            {
                 data.accounts.insert(account_id.into_inner(), account);
             }
         }
@@ -407,28 +482,217 @@ pub fn compile_sources(
     Err(PolicyErrors(errors))
 }
 
-fn check_id(id: &Spanned<String>, what: &str, diagnostics: &mut Diagnostics<'_>) {
-    let valid = !id.get_ref().is_empty()
-        && id.get_ref().len() <= 128
-        && id.get_ref().chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@'));
-    if !valid {
-        diagnostics.at(
-            id.span(),
-            format!("{what} id `{}` must be 1 to 128 characters of letters, digits, `-`, `_`, `.`, `:` or `@`", id.get_ref()),
-        );
+/// Where each field of an account file is, by the field paths `SpecError`s use.
+struct Spans(HashMap<String, std::ops::Range<usize>>);
+
+impl Spans {
+    /// The span of `field`, else of the nearest enclosing field, else `account`.
+    fn find(&self, field: &str, account: std::ops::Range<usize>) -> std::ops::Range<usize> {
+        let mut field = field;
+        loop {
+            if let Some(span) = self.0.get(field) {
+                return span.clone();
+            }
+            match field.rfind(['.', '[']) {
+                Some(cut) => field = field.get(..cut).unwrap_or(""),
+                None => return account,
+            }
+        }
     }
 }
 
-fn compile_catalog(catalog: &CatalogFile, data: &mut SnapshotData, diagnostics: &mut Diagnostics<'_>) -> Names {
+/// An `[accounts.ID]` table as an [`AccountSpec`], with where each field is. The mistakes only
+/// a file can make (wrong types, numbers out of range, dates without a time zone) are reported
+/// here; everything else is left to the shared lowering.
+fn account_spec_of_file(account_id: &Spanned<String>, file: &AccountFile, diagnostics: &mut Diagnostics<'_>) -> (AccountSpec, Spans) {
+    let mut spans = HashMap::new();
+    let owner = format!("account `{}`", account_id.get_ref());
+    let status = match file.status.as_ref().map(|status| status.get_ref().as_str()) {
+        None | Some("active") => AccountStatus::Active,
+        Some("suspended") => AccountStatus::Suspended,
+        Some(other) => {
+            if let Some(status) = &file.status {
+                diagnostics.at(status.span(), format!("{owner} has unknown status `{other}` (expected active or suspended)"));
+            }
+            AccountStatus::Suspended
+        }
+    };
+    let mut licenses = Vec::new();
+    for (license_number, license_file) in file.licenses.iter().enumerate() {
+        let field = |name: &str| format!("licenses[{license_number}]{name}");
+        spans.insert(field(""), license_file.span());
+        let license_file = license_file.get_ref();
+        let id =
+            license_file.id.as_ref().map_or_else(|| format!("{}-{}", account_id.get_ref(), license_number + 1), |id| id.get_ref().clone());
+        let license_owner = format!("license `{id}` of {owner}");
+        if let Some(id) = &license_file.id {
+            spans.insert(field(".id"), id.span());
+        }
+        spans.insert(field(".plan"), license_file.plan.span());
+        for (number, addon) in license_file.addons.iter().enumerate() {
+            spans.insert(field(&format!(".addons[{number}]")), addon.span());
+        }
+        let overrides = &license_file.overrides;
+        for (number, feature) in overrides.add_features.iter().enumerate() {
+            spans.insert(field(&format!(".overrides.add_features[{number}]")), feature.span());
+        }
+        for (number, feature) in overrides.remove_features.iter().enumerate() {
+            spans.insert(field(&format!(".overrides.remove_features[{number}]")), feature.span());
+        }
+        let mut override_limits = BTreeMap::new();
+        for (meter, value) in &overrides.limits {
+            spans.insert(field(&format!(".overrides.limits.{}", meter.get_ref())), meter.span());
+            if let Some(limit) = parse_limit(0, value, &license_owner, meter.get_ref(), false, diagnostics) {
+                override_limits.insert(meter.get_ref().clone(), LimitSpec { soft: limit.soft, hard: limit.hard });
+            }
+        }
+        if let Some(expires_at) = &license_file.expires_at {
+            spans.insert(field(".expires_at"), expires_at.span());
+        }
+        let regions = license_file.regions.as_ref().and_then(|value| {
+            spans.insert(field(".regions"), value.span());
+            parse_fence(value, &license_owner, diagnostics)
+        });
+        licenses.push(LicenseSpec {
+            id: license_file.id.as_ref().map(|id| id.get_ref().clone()),
+            plan: license_file.plan.get_ref().clone(),
+            addons: license_file.addons.iter().map(|addon| addon.get_ref().clone()).collect(),
+            seats: non_negative(&license_file.seats, &license_owner, "seats", diagnostics).unwrap_or(1),
+            trial: license_file.trial,
+            starts_at: license_file.starts_at.as_ref().and_then(|value| datetime_to_unix(value, &license_owner, "starts_at", diagnostics)),
+            expires_at: license_file
+                .expires_at
+                .as_ref()
+                .and_then(|value| datetime_to_unix(value, &license_owner, "expires_at", diagnostics)),
+            grace_days: non_negative(&license_file.grace_days, &license_owner, "grace_days", diagnostics).unwrap_or(0),
+            regions,
+            max_devices: non_negative(&license_file.max_devices, &license_owner, "max_devices", diagnostics),
+            overrides: OverridesSpec {
+                add_features: overrides.add_features.iter().map(|feature| feature.get_ref().clone()).collect(),
+                remove_features: overrides.remove_features.iter().map(|feature| feature.get_ref().clone()).collect(),
+                limits: override_limits,
+            },
+        });
+    }
+    let mut groups = BTreeMap::new();
+    for (group, roles) in &file.groups {
+        spans.insert(format!("groups.{}", group.get_ref()), group.span());
+        for (number, role) in roles.iter().enumerate() {
+            spans.insert(format!("groups.{}[{number}]", group.get_ref()), role.span());
+        }
+        groups.insert(group.get_ref().clone(), roles.iter().map(|role| role.get_ref().clone()).collect());
+    }
+    let mut users = BTreeMap::new();
+    for (user_id, user_file) in &file.users {
+        let field = format!("users.{}", user_id.get_ref());
+        for (number, role) in user_file.roles.iter().enumerate() {
+            spans.insert(format!("{field}.roles[{number}]"), role.span());
+        }
+        for (number, group) in user_file.groups.iter().enumerate() {
+            spans.insert(format!("{field}.groups[{number}]"), group.span());
+        }
+        spans.insert(field, user_id.span());
+        users.insert(
+            user_id.get_ref().clone(),
+            UserSpec {
+                roles: user_file.roles.iter().map(|role| role.get_ref().clone()).collect(),
+                groups: user_file.groups.iter().map(|group| group.get_ref().clone()).collect(),
+                seat: user_file.seat.unwrap_or(true),
+            },
+        );
+    }
+    for (number, device) in file.devices.iter().enumerate() {
+        spans.insert(format!("devices[{number}]"), device.span());
+    }
+    let devices = file.devices.iter().map(|device| device.get_ref().clone()).collect();
+    (AccountSpec { status, licenses, users, groups, devices }, Spans(spans))
+}
+
+/// A fence is a list of region and group names (an allow-list), or a table with exactly one of
+/// `allow` or `deny` holding such a list.
+fn parse_fence(value: &Spanned<toml::Value>, owner: &str, diagnostics: &mut Diagnostics<'_>) -> Option<FenceSpec> {
+    let names =
+        |items: &toml::value::Array| -> Option<Vec<String>> { items.iter().map(|item| item.as_str().map(str::to_string)).collect() };
+    let parsed = match value.get_ref() {
+        toml::Value::Array(items) => names(items).map(FenceSpec::Allow),
+        toml::Value::Table(table) if table.len() == 1 => match table.iter().next() {
+            Some((key, toml::Value::Array(items))) if key == "allow" => names(items).map(FenceSpec::Allow),
+            Some((key, toml::Value::Array(items))) if key == "deny" => names(items).map(FenceSpec::Deny),
+            _ => None,
+        },
+        _ => None,
+    };
+    if parsed.is_none() {
+        diagnostics.at(
+            value.span(),
+            format!("{owner} has `regions` that is not a list of region names, `{{ allow = [...] }}` or `{{ deny = [...] }}`"),
+        );
+    }
+    parsed
+}
+
+fn check_id(id: &Spanned<String>, what: &str, diagnostics: &mut Diagnostics<'_>) {
+    if !spec::valid_id(id.get_ref()) {
+        diagnostics.at(id.span(), spec::id_message(what, id.get_ref()));
+    }
+}
+
+/// A fence of the catalog (on a feature or a plan) as a region bitset.
+fn catalog_fence(value: &Spanned<toml::Value>, names: &Names, owner: &str, diagnostics: &mut Diagnostics<'_>) -> Option<Vec<u64>> {
+    let fence = parse_fence(value, owner, diagnostics)?;
+    match spec::resolve_fence(&fence, names) {
+        Ok(set) => Some(set),
+        Err(unknown) => {
+            for name in unknown {
+                diagnostics.at(value.span(), format!("{owner} names unknown region `{name}`"));
+            }
+            None
+        }
+    }
+}
+
+fn compile_catalog_file(catalog: &CatalogFile, data: &mut SnapshotData, diagnostics: &mut Diagnostics<'_>) -> Names {
+    // Regions compare case-insensitively: the index is keyed by the lowercased name.
     for region in &catalog.regions {
         check_id(region, "region", diagnostics);
-        if data.region_index.contains_key(region.get_ref()) {
+        let key = region.get_ref().to_ascii_lowercase();
+        if data.region_index.contains_key(&key) {
             diagnostics.at(region.span(), format!("duplicate region `{}`", region.get_ref()));
             continue;
         }
-        data.region_index.insert(region.get_ref().clone(), data.regions.len() as u32);
+        data.region_index.insert(key, data.regions.len() as u32);
         data.regions.push(region.get_ref().clone());
     }
+    let mut region_groups: HashMap<String, Vec<u64>> = HashMap::new();
+    for (group, members) in &catalog.region_groups {
+        check_id(group, "region group", diagnostics);
+        let key = group.get_ref().to_ascii_lowercase();
+        if data.region_index.contains_key(&key) || region_groups.contains_key(&key) {
+            diagnostics.at(group.span(), format!("region group `{}` reuses the name of a region or another group", group.get_ref()));
+            continue;
+        }
+        let mut set = vec![0u64; bits::words_for(data.regions.len())];
+        for member in members {
+            match data.region_index.get(&member.get_ref().to_ascii_lowercase()) {
+                Some(region_idx) => bits::set(&mut set, *region_idx),
+                None => {
+                    diagnostics.at(member.span(), format!("region group `{}` names unknown region `{}`", group.get_ref(), member.get_ref()))
+                }
+            }
+        }
+        region_groups.insert(key, set);
+    }
+    let mut names = Names {
+        features: HashMap::new(),
+        meters: HashMap::new(),
+        regions: data.region_index.clone(),
+        region_groups,
+        n_regions: data.regions.len(),
+        plans: HashMap::new(),
+        addons: HashMap::new(),
+        roles: HashMap::new(),
+        n_words: 0,
+    };
 
     for (name, meter) in &catalog.meters {
         check_id(name, "meter", diagnostics);
@@ -440,7 +704,7 @@ fn compile_catalog(catalog: &CatalogFile, data: &mut SnapshotData, diagnostics: 
             Period::Never
         });
         data.meter_index.insert(name.get_ref().clone(), data.meters.len() as u32);
-        data.meters.push(Meter { name: name.get_ref().clone(), unit: meter.unit.clone(), period });
+        data.meters.push(Meter { name: name.get_ref().clone(), unit: meter.unit.clone(), period, features: Vec::new() });
     }
 
     // Features are indexed first so that references to them can be resolved in any order.
@@ -457,10 +721,16 @@ fn compile_catalog(catalog: &CatalogFile, data: &mut SnapshotData, diagnostics: 
             }
             found
         });
+        if let (Some(meter_idx), Some(feature_idx)) = (meter, data.feature_index.get(name.get_ref()))
+            && let Some(consumed) = data.meters.get_mut(meter_idx as usize)
+        {
+            consumed.features.resize(n_words, 0);
+            bits::set(&mut consumed.features, *feature_idx);
+        }
         let regions = feature
             .regions
             .as_ref()
-            .map(|regions| resolve_regions(regions, &data.region_index, &format!("feature `{}`", name.get_ref()), diagnostics));
+            .and_then(|regions| catalog_fence(regions, &names, &format!("feature `{}`", name.get_ref()), diagnostics));
         let rollout = feature.rollout.as_ref().map(|percent| {
             let value = *percent.get_ref();
             if !(0..=100).contains(&value) {
@@ -472,17 +742,13 @@ fn compile_catalog(catalog: &CatalogFile, data: &mut SnapshotData, diagnostics: 
         data.features.push(Feature { name: name.get_ref().clone(), description: feature.description.clone(), meter, regions, rollout });
     }
 
-    let mut names = Names {
-        features: data.feature_index.clone(),
-        meters: data.meter_index.clone(),
-        regions: data.region_index.clone(),
-        plans: HashMap::new(),
-        addons: HashMap::new(),
-        roles: HashMap::new(),
-        n_words,
-    };
+    names.features = data.feature_index.clone();
+    names.meters = data.meter_index.clone();
+    names.n_words = n_words;
 
-    for (kind, files, index) in [("plan", &catalog.plans, &mut names.plans), ("add-on", &catalog.addons, &mut names.addons)] {
+    let mut plan_index = HashMap::new();
+    let mut addon_index = HashMap::new();
+    for (kind, files, index) in [("plan", &catalog.plans, &mut plan_index), ("add-on", &catalog.addons, &mut addon_index)] {
         for file in files.iter() {
             check_id(&file.id, kind, diagnostics);
             if index.contains_key(file.id.get_ref()) {
@@ -504,12 +770,12 @@ fn compile_catalog(catalog: &CatalogFile, data: &mut SnapshotData, diagnostics: 
                 }
             }
             let limits = resolve_limits(&file.limits, &data.meter_index, &owner, diagnostics);
-            let regions = file.regions.as_ref().map(|regions| {
+            let regions = file.regions.as_ref().and_then(|regions| {
                 if kind == "add-on" {
                     diagnostics
                         .at(file.id.span(), format!("{owner} cannot carry `regions`; geo-fences belong on features, plans and licenses"));
                 }
-                resolve_regions(regions, &data.region_index, &owner, diagnostics)
+                catalog_fence(regions, &names, &owner, diagnostics)
             });
             if kind == "plan" {
                 // Plans are the upgrade path, cheapest first: an upgrade hint names the first
@@ -535,6 +801,8 @@ fn compile_catalog(catalog: &CatalogFile, data: &mut SnapshotData, diagnostics: 
         }
     }
 
+    names.plans = plan_index;
+    names.addons = addon_index;
     for (name, role) in &catalog.roles {
         check_id(name, "role", diagnostics);
         let owner = format!("role `{}`", name.get_ref());
@@ -590,15 +858,17 @@ fn resolve(
     found
 }
 
-fn resolve_regions(regions: &[Spanned<String>], index: &HashMap<String, u32>, owner: &str, diagnostics: &mut Diagnostics<'_>) -> Vec<u32> {
-    let mut resolved: Vec<u32> = regions.iter().filter_map(|region| resolve(region, index, "region", owner, diagnostics)).collect();
-    resolved.sort_unstable();
-    resolved.dedup();
-    resolved
-}
-
 /// A limit is either a number (a hard limit) or a table `{ soft = N, hard = M }`.
-fn parse_limit(meter_idx: u32, value: &Spanned<toml::Value>, owner: &str, meter: &str, diagnostics: &mut Diagnostics<'_>) -> Option<Limit> {
+/// With `check_order`, a soft limit above the hard one is reported here (catalog limits);
+/// account overrides leave that to the shared lowering.
+fn parse_limit(
+    meter_idx: u32,
+    value: &Spanned<toml::Value>,
+    owner: &str,
+    meter: &str,
+    check_order: bool,
+    diagnostics: &mut Diagnostics<'_>,
+) -> Option<Limit> {
     let mut check = |number: &toml::Value, which: &str| -> Option<u64> {
         match number {
             toml::Value::Integer(n) if *n >= 0 => Some(*n as u64),
@@ -631,7 +901,7 @@ fn parse_limit(meter_idx: u32, value: &Spanned<toml::Value>, owner: &str, meter:
                     }
                 }
             }
-            if let (Some(soft), Some(hard)) = (limit.soft, limit.hard)
+            if let (Some(soft), Some(hard), true) = (limit.soft, limit.hard, check_order)
                 && soft > hard
             {
                 diagnostics.at(value.span(), format!("{owner} has soft limit {soft} above hard limit {hard} for meter `{meter}`"));
@@ -651,7 +921,7 @@ fn resolve_limits(
     let mut resolved = Vec::new();
     for (meter, value) in limits {
         let Some(meter_idx) = resolve(meter, meter_index, "meter", owner, diagnostics) else { continue };
-        if let Some(limit) = parse_limit(meter_idx, value, owner, meter.get_ref(), diagnostics) {
+        if let Some(limit) = parse_limit(meter_idx, value, owner, meter.get_ref(), true, diagnostics) {
             resolved.push(limit);
         }
     }
@@ -690,189 +960,4 @@ fn non_negative(value: &Option<Spanned<i64>>, owner: &str, field: &str, diagnost
             None
         }
     }
-}
-
-fn compile_account(
-    account_id: &Spanned<String>,
-    file: &AccountFile,
-    data: &SnapshotData,
-    names: &Names,
-    interner: &mut Interner,
-    diagnostics: &mut Diagnostics<'_>,
-) -> Option<Account> {
-    let n_errors_before = diagnostics.errors.len();
-    check_id(account_id, "account", diagnostics);
-    let owner = format!("account `{}`", account_id.get_ref());
-    let status = match file.status.as_ref().map(|status| status.get_ref().as_str()) {
-        None | Some("active") => AccountStatus::Active,
-        Some("suspended") => AccountStatus::Suspended,
-        Some(other) => {
-            if let Some(status) = &file.status {
-                diagnostics.at(status.span(), format!("{owner} has unknown status `{other}` (expected active or suspended)"));
-            }
-            AccountStatus::Suspended
-        }
-    };
-
-    let mut licenses = Vec::new();
-    let mut license_failed = false;
-    let mut license_ids = HashSet::new();
-    for (license_number, license_file) in file.licenses.iter().enumerate() {
-        let span = license_file.span();
-        let license_file = license_file.get_ref();
-        let id =
-            license_file.id.as_ref().map_or_else(|| format!("{}-{}", account_id.get_ref(), license_number + 1), |id| id.get_ref().clone());
-        let license_owner = format!("license `{id}` of {owner}");
-        if !license_ids.insert(id.clone()) {
-            diagnostics.at(span.clone(), format!("{owner} has duplicate license id `{id}`"));
-        }
-        if let Some(id) = &license_file.id {
-            check_id(id, "license", diagnostics);
-        }
-        // An unknown plan still lets the rest of the license be checked, so every mistake in
-        // it is reported; the license itself is then left out.
-        let plan = resolve(&license_file.plan, &names.plans, "plan", &license_owner, diagnostics)
-            .and_then(|plan_idx| data.plans.get(plan_idx as usize).map(|plan| (plan_idx, plan)));
-        let mut features = plan.map_or_else(|| vec![0u64; names.n_words], |(_, plan)| plan.features.clone());
-        let mut limits: BTreeMap<u32, Limit> =
-            plan.map_or_else(BTreeMap::new, |(_, plan)| plan.limits.iter().map(|limit| (limit.meter, *limit)).collect());
-        let mut addons = Vec::new();
-        for addon_name in &license_file.addons {
-            let Some(addon_idx) = resolve(addon_name, &names.addons, "add-on", &license_owner, diagnostics) else { continue };
-            let Some(addon) = data.addons.get(addon_idx as usize) else { continue };
-            if addons.contains(&addon_idx) {
-                diagnostics.at(addon_name.span(), format!("{license_owner} lists add-on `{}` more than once", addon_name.get_ref()));
-                continue;
-            }
-            addons.push(addon_idx);
-            bits::union_into(&mut features, &addon.features);
-            for addon_limit in &addon.limits {
-                // An add-on raises a limit the plan sets; where the plan sets none the meter is
-                // already unlimited and stays so.
-                if let Some(limit) = limits.get_mut(&addon_limit.meter) {
-                    limit.soft = limit.soft.zip(addon_limit.soft).map(|(a, b)| a.saturating_add(b)).or(limit.soft);
-                    limit.hard = limit.hard.zip(addon_limit.hard).map(|(a, b)| a.saturating_add(b)).or(limit.hard);
-                }
-            }
-        }
-        let overrides = &license_file.overrides;
-        for feature in &overrides.add_features {
-            if let Some(feature_idx) = resolve(feature, &names.features, "feature", &license_owner, diagnostics) {
-                bits::set(&mut features, feature_idx);
-            }
-        }
-        let mut removed = Vec::new();
-        if !overrides.remove_features.is_empty() {
-            removed = vec![0u64; names.n_words];
-        }
-        for feature in &overrides.remove_features {
-            if let Some(feature_idx) = resolve(feature, &names.features, "feature", &license_owner, diagnostics) {
-                bits::clear(&mut features, feature_idx);
-                bits::set(&mut removed, feature_idx);
-            }
-        }
-        let override_limits = resolve_limits(&overrides.limits, &names.meters, &license_owner, diagnostics);
-        let mut overridden_meters: Vec<u32> = override_limits.iter().map(|limit| limit.meter).collect();
-        overridden_meters.sort_unstable();
-        for limit in override_limits {
-            limits.insert(limit.meter, limit);
-        }
-        let starts_at = license_file.starts_at.as_ref().and_then(|value| datetime_to_unix(value, &license_owner, "starts_at", diagnostics));
-        let expires_at =
-            license_file.expires_at.as_ref().and_then(|value| datetime_to_unix(value, &license_owner, "expires_at", diagnostics));
-        if let (Some(starts), Some(expires), Some(value)) = (starts_at, expires_at, &license_file.expires_at)
-            && expires <= starts
-        {
-            diagnostics.at(value.span(), format!("{license_owner} expires before it starts"));
-        }
-        let grace_days = non_negative(&license_file.grace_days, &license_owner, "grace_days", diagnostics).unwrap_or(0);
-        let seats = non_negative(&license_file.seats, &license_owner, "seats", diagnostics).unwrap_or(1);
-        let max_devices = non_negative(&license_file.max_devices, &license_owner, "max_devices", diagnostics);
-        let regions = license_file.regions.as_ref().map(|regions| resolve_regions(regions, &names.regions, &license_owner, diagnostics));
-        let Some((plan_idx, _)) = plan else {
-            license_failed = true;
-            continue;
-        };
-        licenses.push(License {
-            id,
-            plan: plan_idx,
-            addons,
-            seats,
-            trial: license_file.trial,
-            starts_at: starts_at.unwrap_or(model::SINCE_FOREVER),
-            expires_at: expires_at.unwrap_or(model::NEVER_EXPIRES),
-            grace_seconds: i64::from(grace_days) * 86_400,
-            features: interner.features(features),
-            limits: interner.limits(limits.into_values().collect()),
-            removed: interner.features(removed),
-            overridden_meters,
-            regions,
-            max_devices,
-        });
-    }
-
-    let mut groups: HashMap<&str, Vec<u32>> = HashMap::new();
-    for (group, roles) in &file.groups {
-        check_id(group, "group", diagnostics);
-        let group_owner = format!("group `{}` of {owner}", group.get_ref());
-        let resolved = roles.iter().filter_map(|role| resolve(role, &names.roles, "role", &group_owner, diagnostics)).collect();
-        groups.insert(group.get_ref(), resolved);
-    }
-
-    let mut users = Vec::new();
-    let mut n_seated = 0u32;
-    let mut seat_span = account_id.span();
-    for (user_id, user_file) in &file.users {
-        check_id(user_id, "user", diagnostics);
-        let user_owner = format!("user `{}` of {owner}", user_id.get_ref());
-        let mut roles: Vec<u32> =
-            user_file.roles.iter().filter_map(|role| resolve(role, &names.roles, "role", &user_owner, diagnostics)).collect();
-        for group in &user_file.groups {
-            match groups.get(group.get_ref().as_str()) {
-                Some(group_roles) => roles.extend(group_roles),
-                None => diagnostics.at(group.span(), format!("{user_owner} names unknown group `{}`", group.get_ref())),
-            }
-        }
-        roles.sort_unstable();
-        roles.dedup();
-        let seat = user_file.seat.unwrap_or(true);
-        if seat {
-            n_seated += 1;
-            seat_span = user_id.span();
-        }
-        users.push(User { id: user_id.get_ref().clone(), seat, roles });
-    }
-    users.sort_by(|a, b| a.id.cmp(&b.id));
-    // Seat and device counts are only meaningful once every license compiled.
-    let max_seats = licenses.iter().map(|license| license.seats).max().unwrap_or(0);
-    if !license_failed && n_seated > max_seats {
-        diagnostics.at(seat_span, format!("{owner} assigns {n_seated} seats but its licenses allow at most {max_seats}"));
-    }
-
-    let mut devices: Vec<String> = Vec::new();
-    for device in &file.devices {
-        check_id(device, "device", diagnostics);
-        devices.push(device.get_ref().clone());
-    }
-    devices.sort();
-    let n_devices = devices.len();
-    devices.dedup();
-    if devices.len() != n_devices {
-        diagnostics.at(account_id.span(), format!("{owner} lists a device more than once"));
-    }
-    let device_limit = if licenses.iter().any(|license| license.max_devices.is_none()) {
-        None
-    } else {
-        licenses.iter().filter_map(|license| license.max_devices).max()
-    };
-    if let (Some(limit), Some(first), false) = (device_limit, file.devices.first(), license_failed)
-        && devices.len() > limit as usize
-    {
-        diagnostics.at(first.span(), format!("{owner} activates {} devices but its licenses allow at most {limit}", devices.len()));
-    }
-
-    if diagnostics.errors.len() > n_errors_before {
-        return None;
-    }
-    Some(Account { status, licenses, users, devices })
 }

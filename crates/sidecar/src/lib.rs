@@ -317,7 +317,7 @@ fn meter_context(sidecar: &Sidecar, account: &str, meter_name: &str, at: i64, no
         return Err(error_response(StatusCode::BAD_REQUEST, "unknown_meter", format!("`meter` names unknown meter `{meter_name}`")));
     };
     let period = meter.period.to_native();
-    let limit = tollgate_core::engine::account_limit(data, account, meter_idx, now);
+    let limit = tollgate_core::engine::meter_limit(data, account, meter_idx, now);
     let hard_limit = limit.and_then(|limit| limit.hard);
     Ok(MeterContext {
         revision: snapshot.revision(),
