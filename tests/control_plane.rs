@@ -489,7 +489,7 @@ async fn account_keys_cannot_probe_other_accounts() {
 
     // Only customer keys can be bound to an account.
     for scope in ["admin", "integration", "sidecar"] {
-        let error = tollgate_control_plane::create_key(server.control_plane.repository.as_ref(), scope, Some("probe-a")).unwrap_err();
+        let error = tollgate_control_plane::create_key(server.control_plane.repository.as_ref(), scope, Some("probe-a"), 0).unwrap_err();
         assert!(error.to_string().contains("only scope `account`"), "{scope}: {error}");
     }
     server.stop().await;
@@ -508,8 +508,9 @@ async fn a_sync_listener_takes_the_sidecar_routes_off_the_api_port() {
         )
         .unwrap(),
     );
-    let sidecar_key = tollgate_control_plane::create_key(control_plane.repository.as_ref(), "sidecar", None).unwrap();
-    let integration = tollgate_control_plane::create_key(control_plane.repository.as_ref(), "integration", None).unwrap();
+    let sidecar_key = tollgate_control_plane::create_key(control_plane.repository.as_ref(), "sidecar", None, control_plane.now()).unwrap();
+    let integration =
+        tollgate_control_plane::create_key(control_plane.repository.as_ref(), "integration", None, control_plane.now()).unwrap();
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sync = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (api_addr, sync_addr) = (api.local_addr().unwrap(), sync.local_addr().unwrap());
