@@ -126,8 +126,8 @@ async fn main() {
     let policies = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("policies");
     let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
     let control_plane = Arc::new(ControlPlane::open(dir.path(), &policies, key, Vec::new()).unwrap());
-    let admin = control_plane::create_key(control_plane.repository.as_ref(), "admin", None).unwrap();
-    let sidecar_key = control_plane::create_key(control_plane.repository.as_ref(), "sidecar", None).unwrap();
+    let admin = control_plane::create_key(control_plane.repository.as_ref(), "admin", None, control_plane.now()).unwrap();
+    let sidecar_key = control_plane::create_key(control_plane.repository.as_ref(), "sidecar", None, control_plane.now()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

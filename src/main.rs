@@ -669,7 +669,9 @@ fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
 fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
     if let Some(ControlPlaneCommand::Keys { command: KeysCommand::Create { data, scope, account } }) = args.command {
         let repository = tollgate_control_plane::open_repository(&data)?;
-        let key = tollgate_control_plane::create_key(&repository, &scope, account.as_deref())?;
+        // The one control-plane time read outside a `ControlPlane`: the key's creation stamp.
+        let now = tollgate_core::clock::system_now_ms().div_euclid(1000);
+        let key = tollgate_control_plane::create_key(&repository, &scope, account.as_deref(), now)?;
         println!("{key}");
         return Ok(());
     }
@@ -692,9 +694,8 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
     };
     let key = snapshot::read_signing_key(&signing_key)?;
     let retired = args.retired_key.iter().map(|path| snapshot::read_public_key(path)).collect::<Result<Vec<_>, _>>()?;
-    let mut control_plane = tollgate_control_plane::ControlPlane::open(&data, &policies, key, retired)?;
-    control_plane.token_ttl_secs = args.token_ttl_secs;
-    control_plane.webhook = webhook;
+    let config = tollgate_control_plane::Config { token_ttl_secs: args.token_ttl_secs, webhook, ..Default::default() };
+    let control_plane = tollgate_control_plane::ControlPlane::open_with_config(&data, &policies, key, retired, config)?;
     let control_plane = Arc::new(control_plane);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async move {

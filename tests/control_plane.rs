@@ -489,7 +489,7 @@ async fn account_keys_cannot_probe_other_accounts() {
 
     // Only customer keys can be bound to an account.
     for scope in ["admin", "integration", "sidecar"] {
-        let error = tollgate_control_plane::create_key(server.control_plane.repository.as_ref(), scope, Some("probe-a")).unwrap_err();
+        let error = tollgate_control_plane::create_key(server.control_plane.repository.as_ref(), scope, Some("probe-a"), 0).unwrap_err();
         assert!(error.to_string().contains("only scope `account`"), "{scope}: {error}");
     }
     server.stop().await;
@@ -508,8 +508,9 @@ async fn a_sync_listener_takes_the_sidecar_routes_off_the_api_port() {
         )
         .unwrap(),
     );
-    let sidecar_key = tollgate_control_plane::create_key(control_plane.repository.as_ref(), "sidecar", None).unwrap();
-    let integration = tollgate_control_plane::create_key(control_plane.repository.as_ref(), "integration", None).unwrap();
+    let sidecar_key = tollgate_control_plane::create_key(control_plane.repository.as_ref(), "sidecar", None, control_plane.now()).unwrap();
+    let integration =
+        tollgate_control_plane::create_key(control_plane.repository.as_ref(), "integration", None, control_plane.now()).unwrap();
     let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let sync = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (api_addr, sync_addr) = (api.local_addr().unwrap(), sync.local_addr().unwrap());
@@ -538,4 +539,89 @@ async fn a_sync_listener_takes_the_sidecar_routes_off_the_api_port() {
     assert_eq!(sync_client.get("/healthz").await.status, 200);
     let _ = stop.send(());
     task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_mistyped_order_action_is_named_before_the_account_is_looked_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestControlPlane::start(dir.path()).await;
+    let key = server.key("integration", None);
+    let mut client = server.client().await;
+    // `nobody` does not exist: the action is still what is wrong, not the account.
+    for (action, account) in [("upgrad", "nobody"), ("Renew", "nobody"), ("addon", "acme")] {
+        let reply = post(&mut client, "/v1/orders", &key, &order("m-1", action, account, json!({"plan": "team"}))).await;
+        assert_eq!(reply.status, 400, "{action}: {}", reply.text());
+        let error = &reply.json()["error"];
+        assert_eq!(error["code"], "invalid_request");
+        let message = error["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!(
+                "`action` value `{action}` is not one of new, upgrade, downgrade, renew, add-on, cancel, suspend, resume"
+            )),
+            "{message}"
+        );
+    }
+    let kind = json!({"account": "acme", "user": "alice", "kind": "feature-flag", "reason": "x"});
+    let reply = post(&mut client, "/v1/access-requests", &key, &kind).await;
+    assert_eq!(reply.status, 400, "{}", reply.text());
+    assert!(reply.text().contains("`kind` value `feature-flag` is not one of feature, seats, addon"), "{}", reply.text());
+    server.stop().await;
+}
+
+/// Every time the control plane records or checks comes from its one clock: here a manual one
+/// set to a day long past, moved forward instead of slept through.
+#[tokio::test]
+async fn grants_tokens_and_the_audit_log_follow_the_control_plane_clock() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tollgate_core::clock::{Clock, ManualClock};
+    use tollgate_core::period::{format_rfc3339, parse_rfc3339};
+
+    let start = parse_rfc3339("2021-03-01T00:00:00Z").unwrap();
+    let clock = Arc::new(ManualClock::new(start * 1000));
+    let dir = tempfile::tempdir().unwrap();
+    let configured = Arc::clone(&clock);
+    let server = TestControlPlane::start_configured(dir.path(), move |config| config.clock = configured).await;
+    let integration = server.key("integration", None);
+    let admin = server.key("admin", None);
+    let customer = server.key("account", Some("acme"));
+    let mut client = server.client().await;
+    assert_eq!(post(&mut client, "/v1/orders", &integration, &order("o-1", "new", "acme", json!({"plan": "team"}))).await.status, 200);
+    let user = json!({"roles": ["member"]});
+    assert_eq!(send_json(&mut client, "PUT", "/v1/accounts/acme/users/alice", &integration, &user).await.status, 200);
+
+    let ask = json!({"account": "acme", "user": "alice", "kind": "feature", "feature": "sso", "reason": "SAML pilot"});
+    let created = post(&mut client, "/v1/access-requests", &customer, &ask).await.json();
+    assert_eq!(created["created_at"], "2021-03-01T00:00:00Z");
+    // An hour's grant: long over on the wall clock, still ahead on this one.
+    let until = json!({"comment": "one hour", "until": "2021-03-01T01:00:00Z"});
+    let approved = post(&mut client, &format!("/v1/access-requests/{}/approve", created["id"]), &admin, &until).await;
+    assert_eq!(approved.status, 200, "{}", approved.text());
+    assert_eq!(approved.json()["decided_at"], "2021-03-01T00:00:00Z");
+    let entries = get(&mut client, "/v1/audit?account=acme", &admin).await.json()["entries"].clone();
+    assert!(entries.as_array().unwrap().iter().all(|entry| entry["at"] == "2021-03-01T00:00:00Z"), "{entries}");
+
+    let keys = tollgate_control_plane::tokens::parse_jwks(&client.get("/.well-known/jwks.json").await.text()).unwrap();
+    let token_claims =
+        |token: &Value, now: i64| tollgate_control_plane::tokens::verify(token["token"].as_str().unwrap(), &keys, now).unwrap();
+    clock.advance(Duration::from_secs(30 * 60));
+    let token = get(&mut client, "/v1/accounts/acme/license-token", &customer).await.json();
+    let claims = token_claims(&token, clock.now());
+    assert_eq!(claims["iat"], clock.now());
+    assert!(claims["features"].as_array().unwrap().contains(&json!("sso")), "{claims:?}");
+
+    // Past `until` the grant has ended: the token no longer carries it, and a new grant that
+    // ends at the same instant is refused as not in the future.
+    clock.advance(Duration::from_secs(90 * 60));
+    let later = format_rfc3339(clock.now());
+    let token = get(&mut client, "/v1/accounts/acme/license-token", &customer).await.json();
+    let claims = token_claims(&token, clock.now());
+    assert_eq!(claims["iat"], clock.now());
+    assert!(!claims["features"].as_array().unwrap().contains(&json!("sso")), "{claims:?}");
+    let again = post(&mut client, "/v1/access-requests", &customer, &ask).await.json();
+    assert_eq!(again["created_at"], later);
+    let late = post(&mut client, &format!("/v1/access-requests/{}/approve", again["id"]), &admin, &until).await;
+    assert_eq!(late.status, 400, "{}", late.text());
+    assert!(late.text().contains("`until` must be in the future"), "{}", late.text());
+    server.stop().await;
 }

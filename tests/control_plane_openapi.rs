@@ -36,11 +36,14 @@ async fn openapi_matches_the_routes_and_the_handlers() {
         .iter()
         .flat_map(|(path, item)| item.as_object().unwrap().keys().map(move |method| (path.clone(), method.to_uppercase())))
         .collect();
-    let routed: BTreeSet<(String, String)> =
-        ROUTES.iter().flat_map(|(path, methods)| methods.iter().map(move |method| (path.to_string(), method.to_string()))).collect();
+    let routed: BTreeSet<(String, String)> = ROUTES
+        .iter()
+        .flat_map(|route| route.methods().into_iter().map(move |method| (route.pattern.to_string(), method.to_string())))
+        .collect();
     assert_eq!(documented, routed);
 
-    for (path, methods) in ROUTES {
+    for route in ROUTES {
+        let (path, methods) = (route.pattern, route.methods());
         let target = concrete(path);
         for method in METHODS {
             let reply = client.send(method, &target, "{}", &[("authorization", &auth), ("content-type", "application/json")]).await;

@@ -250,7 +250,7 @@ async fn the_cursor_feed_tells_every_sidecar_of_changes_since_its_cursor() {
 #[tokio::test]
 async fn more_pages_through_totals_past_the_page_size() {
     let dir = tempfile::tempdir().unwrap();
-    let server = TestControlPlane::start_configured(dir.path(), |control_plane| control_plane.usage_page = 2).await;
+    let server = TestControlPlane::start_configured(dir.path(), |config| config.usage_page = 2).await;
     let admin = server.key("admin", None);
     let sidecar = server.key("sidecar", None);
     let mut client = server.client().await;
@@ -566,7 +566,7 @@ async fn threshold_webhooks_are_delivered_once_each_after_retry_and_signed() {
     let (receiver_addr, received) = receiver(1).await;
     let dir = tempfile::tempdir().unwrap();
     let webhook = WebhookConfig::new(&format!("http://{receiver_addr}/hooks/usage"), SECRET.to_vec()).unwrap();
-    let server = TestControlPlane::start_configured(dir.path(), |control_plane| control_plane.webhook = Some(webhook)).await;
+    let server = TestControlPlane::start_configured(dir.path(), |config| config.webhook = Some(webhook)).await;
     let admin = server.key("admin", None);
     let sidecar = server.key("sidecar", None);
     let mut client = server.client().await;
@@ -616,8 +616,7 @@ async fn a_restart_keeps_totals_dedup_the_sequence_and_the_outbox() {
     // Nothing listens here, so the notification stays in the outbox.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let webhook = WebhookConfig::new(&format!("http://{closed}/hooks"), SECRET.to_vec()).unwrap();
-    let configure =
-        |webhook: WebhookConfig| move |control_plane: &mut tollgate_control_plane::ControlPlane| control_plane.webhook = Some(webhook);
+    let configure = |webhook: WebhookConfig| move |config: &mut tollgate_control_plane::Config| config.webhook = Some(webhook);
     let server = TestControlPlane::start_configured(dir.path(), configure(webhook.clone())).await;
     let admin = server.key("admin", None);
     let sidecar = server.key("sidecar", None);

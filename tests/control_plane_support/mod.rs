@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 
-use tollgate_control_plane::{self as control_plane, ControlPlane};
+use tollgate_control_plane::{self as control_plane, Config, ControlPlane};
 use tollgate_sidecar::Sidecar;
 use tollgate_sidecar::source::Source;
 use tollgate_sidecar::subscribe::Subscription;
@@ -60,7 +60,7 @@ impl TestControlPlane {
     }
 
     pub fn key(&self, scope: &str, account: Option<&str>) -> String {
-        control_plane::create_key(self.control_plane.repository.as_ref(), scope, account).unwrap()
+        control_plane::create_key(self.control_plane.repository.as_ref(), scope, account, self.control_plane.now()).unwrap()
     }
 
     pub async fn client(&self) -> Client {
@@ -162,11 +162,13 @@ pub fn trusting(key: &SigningKey) -> TrustedKeys {
 }
 
 impl TestControlPlane {
-    /// Like [`TestControlPlane::start`], with the control plane adjusted by `configure` before
-    /// it serves (a webhook, a small usage page).
-    pub async fn start_configured(data_dir: &Path, configure: impl FnOnce(&mut ControlPlane)) -> TestControlPlane {
-        let mut control_plane = ControlPlane::open(data_dir, &repo_root().join("policies"), signing_key(7), Vec::new()).unwrap();
-        configure(&mut control_plane);
+    /// Like [`TestControlPlane::start`], with the control plane's [`Config`] adjusted by
+    /// `configure` (a webhook, a small usage page, a manual clock).
+    pub async fn start_configured(data_dir: &Path, configure: impl FnOnce(&mut Config)) -> TestControlPlane {
+        let mut config = Config::default();
+        configure(&mut config);
+        let control_plane =
+            ControlPlane::open_with_config(data_dir, &repo_root().join("policies"), signing_key(7), Vec::new(), config).unwrap();
         TestControlPlane::serve(control_plane, data_dir).await
     }
 }

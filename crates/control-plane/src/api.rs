@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use super::store::{AuditQuery, Scope};
+use super::store::{AccessStatus, AuditQuery, Scope};
 use super::usage_store::{Delivery, DeliveryStatus};
 use super::{ApiError, Caller, ControlPlane, authenticate, changes, ingest, reports, tokens};
 use tollgate_http::{query_param, read_body};
@@ -127,8 +127,11 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T, ApiError> 
 
 async fn handle(server: Arc<Server>, request: Request<Incoming>) -> Result<HttpResponse, Infallible> {
     let started = tollgate_core::clock::Stopwatch::start();
-    let route_idx = route_index(request.uri().path());
-    let response = route(&server, request).await;
+    // One match per request. Metrics label by the pattern the path has, whether or not this
+    // listener serves it, as they always have.
+    let matched = matching(request.uri().path());
+    let response = route(&server, request, matched).await;
+    let route_idx = matched.map(|matched| matched.route_idx);
     server.control_plane.metrics.request(route_idx, response.status().as_u16(), started.elapsed().as_secs_f64());
     Ok(response)
 }
@@ -141,139 +144,354 @@ fn number_param<T: std::str::FromStr>(request: &Request<Incoming>, name: &str) -
         .transpose()
 }
 
-/// Every route and the methods it takes, as `openapi.json` writes them; a `{name}` segment
-/// matches any one segment. `tests/control_plane_openapi.rs` holds the document to this table.
-pub const ROUTES: &[(&str, &[&str])] = &[
-    ("/healthz", &["GET"]),
-    ("/readyz", &["GET"]),
-    ("/metrics", &["GET"]),
-    ("/openapi.json", &["GET"]),
-    ("/.well-known/jwks.json", &["GET"]),
-    ("/v1/catalog", &["GET"]),
-    ("/v1/orders", &["POST"]),
-    ("/v1/audit", &["GET"]),
-    ("/v1/snapshot", &["GET"]),
-    ("/v1/accounts/{id}", &["GET"]),
-    ("/v1/accounts/{id}/license-token", &["GET"]),
-    ("/v1/accounts/{id}/users/{user}", &["PUT", "DELETE"]),
-    ("/v1/accounts/{id}/groups/{group}", &["PUT"]),
-    ("/v1/accounts/{id}/devices", &["POST"]),
-    ("/v1/accounts/{id}/devices/{device}", &["DELETE"]),
-    ("/v1/accounts/{id}/licenses/{license}/overrides", &["PUT"]),
-    ("/v1/access-requests", &["GET", "POST"]),
-    ("/v1/access-requests/{id}", &["GET"]),
-    ("/v1/access-requests/{id}/approve", &["POST"]),
-    ("/v1/access-requests/{id}/deny", &["POST"]),
-    ("/v1/usage", &["POST"]),
-    ("/v1/usage/export", &["GET"]),
-    ("/v1/usage/sidecars", &["GET"]),
-    ("/v1/accounts/{id}/usage", &["GET"]),
-    ("/v1/analytics/features", &["GET"]),
-    ("/v1/analytics/limits", &["GET"]),
-    ("/v1/webhooks/deliveries", &["GET"]),
+/// A method a route answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verb {
+    Get,
+    Post,
+    Put,
+    Delete,
+}
+
+impl Verb {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verb::Get => "GET",
+            Verb::Post => "POST",
+            Verb::Put => "PUT",
+            Verb::Delete => "DELETE",
+        }
+    }
+
+    fn of(method: &Method) -> Option<Verb> {
+        match *method {
+            Method::GET => Some(Verb::Get),
+            Method::POST => Some(Verb::Post),
+            Method::PUT => Some(Verb::Put),
+            Method::DELETE => Some(Verb::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// Endpoints answered without an API key: probes, metrics, the API description and the public
+/// keys of license tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Public {
+    Healthz,
+    Readyz,
+    Metrics,
+    OpenApi,
+    Jwks,
+}
+
+/// Endpoints that need a valid API key; each checks the key's scope and binding itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Keyed {
+    Catalog,
+    Order,
+    Audit,
+    Snapshot,
+    Account,
+    LicenseToken,
+    PutUser,
+    DeleteUser,
+    PutGroup,
+    ActivateDevice,
+    DeactivateDevice,
+    PutOverrides,
+    ListAccessRequests,
+    CreateAccessRequest,
+    AccessRequest,
+    ApproveAccessRequest,
+    DenyAccessRequest,
+    Usage(Usage),
+}
+
+/// The usage endpoints: ingestion, reads and exports, analytics and webhook deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Usage {
+    Ingest,
+    Export,
+    Sidecars,
+    Account,
+    FeatureAnalytics,
+    LimitAnalytics,
+    WebhookDeliveries,
+}
+
+/// What a route's methods lead to. A route is public or keyed as a whole, so whether a key is
+/// needed is known from the path alone, before the method is looked at.
+#[derive(Debug, Clone, Copy)]
+enum Handlers {
+    Public(&'static [(Verb, Public)]),
+    Keyed(&'static [(Verb, Keyed)]),
+}
+
+/// One entry of the route table: a path pattern and the endpoint of each method it takes.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    /// As `openapi.json` writes it; a `{name}` segment matches any one non-empty segment.
+    pub pattern: &'static str,
+    handlers: Handlers,
+}
+
+impl Route {
+    /// The methods this route takes, in table order.
+    pub fn methods(&self) -> Vec<&'static str> {
+        match self.handlers {
+            Handlers::Public(handlers) => handlers.iter().map(|(verb, _)| verb.as_str()).collect(),
+            Handlers::Keyed(handlers) => handlers.iter().map(|(verb, _)| verb.as_str()).collect(),
+        }
+    }
+
+    /// Whether this route is answered without an API key.
+    pub fn is_public(&self) -> bool {
+        matches!(self.handlers, Handlers::Public(_))
+    }
+
+    /// Where the `{name}` segments are in `path` when it has this route's shape; `start` is
+    /// the offset of `path` in the whole request path. Compares borrowed segments: nothing is
+    /// allocated or decoded.
+    fn matches(&self, path: &str, mut start: usize) -> Option<Spans> {
+        let mut spans = Spans::default();
+        let mut segments = path.split('/');
+        for part in self.pattern.trim_start_matches('/').split('/') {
+            let segment = segments.next()?;
+            if part.starts_with('{') {
+                if segment.is_empty() {
+                    return None;
+                }
+                *spans.ranges.get_mut(spans.n_params)? = (start, start + segment.len());
+                spans.n_params += 1;
+            } else if part != segment {
+                return None;
+            }
+            start += segment.len() + 1;
+        }
+        segments.next().is_none().then_some(spans)
+    }
+}
+
+/// Most `{name}` segments in one pattern.
+const MAX_PARAMS: usize = 2;
+
+/// A path's route (an index in [`ROUTES`]) and where its `{name}` segments are.
+#[derive(Debug, Clone, Copy)]
+struct Match {
+    route_idx: usize,
+    spans: Spans,
+}
+
+/// Byte ranges of the `{name}` segments in the request path, percent-encoded as they came.
+#[derive(Debug, Clone, Copy, Default)]
+struct Spans {
+    ranges: [(usize, usize); MAX_PARAMS],
+    n_params: usize,
+}
+
+impl Spans {
+    /// Percent-decodes the parameters of `path`, once the request is known to reach a handler,
+    /// which takes them by value into its blocking work.
+    fn decode(&self, path: &str) -> Params {
+        let mut params = Params::default();
+        for (decoded, (start, end)) in params.values.iter_mut().zip(self.ranges.iter().take(self.n_params)) {
+            let raw = path.get(*start..*end).unwrap_or_default();
+            *decoded = percent_encoding::percent_decode_str(raw).decode_utf8_lossy().into_owned();
+        }
+        params
+    }
+}
+
+/// The decoded `{name}` segments of a matched path, in pattern order.
+#[derive(Debug, Default)]
+struct Params {
+    values: [String; MAX_PARAMS],
+}
+
+impl Params {
+    /// The parameter at `idx`, taken out (empty if the pattern has fewer).
+    fn take(&mut self, idx: usize) -> String {
+        self.values.get_mut(idx).map(std::mem::take).unwrap_or_default()
+    }
+}
+
+const fn public_route(pattern: &'static str, handlers: &'static [(Verb, Public)]) -> Route {
+    Route { pattern, handlers: Handlers::Public(handlers) }
+}
+
+const fn keyed_route(pattern: &'static str, handlers: &'static [(Verb, Keyed)]) -> Route {
+    Route { pattern, handlers: Handlers::Keyed(handlers) }
+}
+
+/// The route table: every path, its methods and their endpoints, as `openapi.json` documents
+/// them (`tests/control_plane_openapi.rs` holds the document to this table); metrics label
+/// requests by these patterns. Hand-written rather than a router crate (`matchit` and the like):
+/// 27 static patterns matched segment by segment without allocating are as quick as a radix
+/// tree here, this order of checks (the path's route, then the key, then 404 or 405) stays in
+/// plain sight in [`route`], and the API needs no new dependency.
+pub static ROUTES: &[Route] = &[
+    public_route("/healthz", &[(Verb::Get, Public::Healthz)]),
+    public_route("/readyz", &[(Verb::Get, Public::Readyz)]),
+    public_route("/metrics", &[(Verb::Get, Public::Metrics)]),
+    public_route("/openapi.json", &[(Verb::Get, Public::OpenApi)]),
+    public_route("/.well-known/jwks.json", &[(Verb::Get, Public::Jwks)]),
+    keyed_route("/v1/catalog", &[(Verb::Get, Keyed::Catalog)]),
+    keyed_route("/v1/orders", &[(Verb::Post, Keyed::Order)]),
+    keyed_route("/v1/audit", &[(Verb::Get, Keyed::Audit)]),
+    keyed_route(SNAPSHOT_PATH, &[(Verb::Get, Keyed::Snapshot)]),
+    keyed_route("/v1/accounts/{id}", &[(Verb::Get, Keyed::Account)]),
+    keyed_route("/v1/accounts/{id}/license-token", &[(Verb::Get, Keyed::LicenseToken)]),
+    keyed_route("/v1/accounts/{id}/users/{user}", &[(Verb::Put, Keyed::PutUser), (Verb::Delete, Keyed::DeleteUser)]),
+    keyed_route("/v1/accounts/{id}/groups/{group}", &[(Verb::Put, Keyed::PutGroup)]),
+    keyed_route("/v1/accounts/{id}/devices", &[(Verb::Post, Keyed::ActivateDevice)]),
+    keyed_route("/v1/accounts/{id}/devices/{device}", &[(Verb::Delete, Keyed::DeactivateDevice)]),
+    keyed_route("/v1/accounts/{id}/licenses/{license}/overrides", &[(Verb::Put, Keyed::PutOverrides)]),
+    keyed_route("/v1/access-requests", &[(Verb::Get, Keyed::ListAccessRequests), (Verb::Post, Keyed::CreateAccessRequest)]),
+    keyed_route("/v1/access-requests/{id}", &[(Verb::Get, Keyed::AccessRequest)]),
+    keyed_route("/v1/access-requests/{id}/approve", &[(Verb::Post, Keyed::ApproveAccessRequest)]),
+    keyed_route("/v1/access-requests/{id}/deny", &[(Verb::Post, Keyed::DenyAccessRequest)]),
+    keyed_route(USAGE_PATH, &[(Verb::Post, Keyed::Usage(Usage::Ingest))]),
+    keyed_route("/v1/usage/export", &[(Verb::Get, Keyed::Usage(Usage::Export))]),
+    keyed_route("/v1/usage/sidecars", &[(Verb::Get, Keyed::Usage(Usage::Sidecars))]),
+    keyed_route("/v1/accounts/{id}/usage", &[(Verb::Get, Keyed::Usage(Usage::Account))]),
+    keyed_route("/v1/analytics/features", &[(Verb::Get, Keyed::Usage(Usage::FeatureAnalytics))]),
+    keyed_route("/v1/analytics/limits", &[(Verb::Get, Keyed::Usage(Usage::LimitAnalytics))]),
+    keyed_route("/v1/webhooks/deliveries", &[(Verb::Get, Keyed::Usage(Usage::WebhookDeliveries))]),
 ];
 
-/// Routes answered without an API key: probes, metrics, the API description and the public
-/// keys of license tokens.
-const PUBLIC_ROUTES: &[&str] = &["/healthz", "/readyz", "/metrics", "/openapi.json", "/.well-known/jwks.json"];
-
-/// The index in `ROUTES` of the route at `segments`; `None` for unknown paths.
-fn matching_route(segments: &[&str]) -> Option<usize> {
-    ROUTES.iter().position(|(pattern, _)| {
-        let parts: Vec<&str> = pattern.trim_start_matches('/').split('/').collect();
-        parts.len() == segments.len()
-            && parts.iter().zip(segments).all(|(part, segment)| if part.starts_with('{') { !segment.is_empty() } else { part == segment })
-    })
+/// The route of a raw path and its raw parameters; `None` for unknown paths. Literal segments
+/// are compared as sent (a percent-encoded letter does not spell a route).
+fn matching(path: &str) -> Option<Match> {
+    let trimmed = path.trim_start_matches('/');
+    let start = path.len() - trimmed.len();
+    ROUTES.iter().enumerate().find_map(|(route_idx, route)| route.matches(trimmed, start).map(|spans| Match { route_idx, spans }))
 }
 
-/// The route of a raw path, for metrics (percent-decoding cannot change which pattern matches
-/// except inside `{name}` segments, which match anything non-empty).
-fn route_index(path: &str) -> Option<usize> {
-    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
-    matching_route(&segments)
+/// The endpoint of `method` among `handlers`.
+fn endpoint<E: Copy>(handlers: &[(Verb, E)], method: &Method) -> Option<E> {
+    let verb = Verb::of(method)?;
+    handlers.iter().find(|(candidate, _)| *candidate == verb).map(|(_, endpoint)| *endpoint)
 }
 
-async fn route(server: &Server, request: Request<Incoming>) -> HttpResponse {
-    let path = request.uri().path().to_string();
-    let decoded: Vec<String> = path
-        .trim_start_matches('/')
-        .split('/')
-        .map(|segment| percent_encoding::percent_decode_str(segment).decode_utf8_lossy().into_owned())
-        .collect();
-    let segments: Vec<&str> = decoded.iter().map(String::as_str).collect();
-    let control_plane = &server.control_plane;
+fn method_not_allowed(path: &str, route: &Route) -> HttpResponse {
+    let names = route.methods();
+    let mut response =
+        error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("`{path}` takes {}", names.join(" or ")));
+    if let Ok(allow) = HeaderValue::from_str(&names.join(", ")) {
+        response.headers_mut().insert(hyper::header::ALLOW, allow);
+    }
+    response
+}
+
+/// The caller of a request's `Authorization: Bearer KEY`.
+async fn caller_of(control_plane: &ControlPlane, request: &Request<Incoming>) -> Result<Caller, ApiError> {
+    let bearer = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
+        .map(|value| value.trim().to_string())
+        .ok_or(ApiError::Unauthorized)?;
+    let repository = Arc::clone(&control_plane.repository);
+    blocking(move || authenticate(repository.as_ref(), &bearer)).await
+}
+
+async fn route(server: &Server, request: Request<Incoming>, matched: Option<Match>) -> HttpResponse {
     // A route this listener does not serve is answered like a path that does not exist.
-    let route_idx =
-        matching_route(&segments).filter(|route_idx| ROUTES.get(*route_idx).is_some_and(|(pattern, _)| server.scope.serves(pattern)));
-    let public = route_idx.and_then(|route_idx| ROUTES.get(route_idx)).is_some_and(|(pattern, _)| PUBLIC_ROUTES.contains(pattern));
+    let matched = matched
+        .and_then(|matched| ROUTES.get(matched.route_idx).map(|route| (route, matched.spans)))
+        .filter(|(route, _)| server.scope.serves(route.pattern));
+    let keyed = match matched {
+        Some((route, spans)) => match route.handlers {
+            Handlers::Public(handlers) => {
+                return match endpoint(handlers, request.method()) {
+                    Some(public) => public_endpoint(server, public),
+                    None => method_not_allowed(request.uri().path(), route),
+                };
+            }
+            Handlers::Keyed(handlers) => Some((route, handlers, spans)),
+        },
+        None => None,
+    };
     // Everything but the public routes needs a valid key first, so that an unauthenticated
     // caller learns nothing about which paths and methods exist.
-    let caller = if public {
-        None
-    } else {
-        let bearer = request
-            .headers()
-            .get(AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.strip_prefix("Bearer ").or_else(|| value.strip_prefix("bearer ")))
-            .map(|value| value.trim().to_string());
-        let Some(bearer) = bearer else { return api_error(&ApiError::Unauthorized) };
-        let repository = Arc::clone(&control_plane.repository);
-        match blocking(move || authenticate(repository.as_ref(), &bearer)).await {
-            Ok(caller) => Some(caller),
-            Err(error) => return api_error(&error),
-        }
+    let caller = match caller_of(&server.control_plane, &request).await {
+        Ok(caller) => caller,
+        Err(error) => return api_error(&error),
     };
-    let Some(allowed) = route_idx.and_then(|route_idx| ROUTES.get(route_idx)).map(|(_, methods)| *methods) else {
-        return error_response(StatusCode::NOT_FOUND, "not_found", format!("no endpoint at `{path}`"));
+    let Some((route, handlers, spans)) = keyed else {
+        return error_response(StatusCode::NOT_FOUND, "not_found", format!("no endpoint at `{}`", request.uri().path()));
     };
-    let method = request.method().clone();
-    if !allowed.contains(&method.as_str()) {
-        let names: Vec<&str> = allowed.to_vec();
-        let mut response =
-            error_response(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", format!("`{path}` takes {}", names.join(" or ")));
-        if let Ok(allow) = HeaderValue::from_str(&names.join(", ")) {
-            response.headers_mut().insert(hyper::header::ALLOW, allow);
+    match endpoint(handlers, request.method()) {
+        Some(keyed) => {
+            let params = spans.decode(request.uri().path());
+            keyed_endpoint(server, keyed, caller, params, request).await
         }
-        return response;
+        None => method_not_allowed(request.uri().path(), route),
     }
-    let Some(caller) = caller else {
-        return match segments.as_slice() {
-            ["healthz"] => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
-            // Ready once the first snapshot is signed and offered: a sidecar that subscribes
-            // then gets one at once.
-            ["readyz"] => match control_plane.publisher.latest() {
-                Some(published) => json_response(StatusCode::OK, &serde_json::json!({"status": "ready", "revision": published.revision})),
-                None => error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "no snapshot has been published yet"),
-            },
-            ["metrics"] => {
-                let mut response = Response::new(Full::new(Bytes::from(control_plane.metrics.render())));
-                response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
-                response
-            }
-            ["openapi.json"] => {
-                let mut response = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
-                response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-                response
-            }
-            _ => json_response(StatusCode::OK, &tokens::jwks(&control_plane.token_keys)),
-        };
-    };
+}
 
-    let owned: Vec<String> = decoded.clone();
-    let account_of = |idx: usize| owned.get(idx).cloned().unwrap_or_default();
-    match segments.as_slice() {
-        ["v1", "catalog"] => json_response(StatusCode::OK, &super::catalog_json(&control_plane.catalog_data)),
-        ["v1", "snapshot"] => snapshot(server, &caller, &request).await,
-        ["v1", "audit"] => {
+fn public_endpoint(server: &Server, public: Public) -> HttpResponse {
+    let control_plane = &server.control_plane;
+    match public {
+        Public::Healthz => json_response(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        // Ready once the first snapshot is signed and offered: a sidecar that subscribes then
+        // gets one at once.
+        Public::Readyz => match control_plane.publisher.latest() {
+            Some(published) => json_response(StatusCode::OK, &serde_json::json!({"status": "ready", "revision": published.revision})),
+            None => error_response(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "no snapshot has been published yet"),
+        },
+        Public::Metrics => {
+            let mut response = Response::new(Full::new(Bytes::from(control_plane.metrics.render())));
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4"));
+            response
+        }
+        Public::OpenApi => {
+            let mut response = Response::new(Full::new(Bytes::from_static(OPENAPI.as_bytes())));
+            response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Public::Jwks => json_response(StatusCode::OK, &tokens::jwks(&control_plane.token_keys)),
+    }
+}
+
+/// Reads the body (its errors are answered as they are), then runs `work` on it on the
+/// blocking pool. The body is read before the key's scope is checked, as it always was.
+async fn with_body<T: Serialize + Send + 'static>(
+    max_body: usize,
+    request: Request<Incoming>,
+    work: impl FnOnce(Bytes) -> Result<T, ApiError> + Send + 'static,
+) -> HttpResponse {
+    match read_body(request, max_body).await {
+        Ok(body) => respond(blocking(move || work(body)).await),
+        Err(response) => response,
+    }
+}
+
+/// Scopes that manage accounts.
+const MANAGE: &[Scope] = &[Scope::Admin, Scope::Integration];
+/// Scopes that read an account (a customer's own key included).
+const READ: &[Scope] = &[Scope::Admin, Scope::Integration, Scope::Account];
+
+fn access_request_id(id: &str) -> Result<i64, ApiError> {
+    id.parse().map_err(|_| ApiError::not_found("unknown_access_request", format!("no access request `{id}`")))
+}
+
+/// The endpoints behind a key. `caller` is authenticated; each arm checks its scope.
+async fn keyed_endpoint(server: &Server, keyed: Keyed, caller: Caller, mut params: Params, request: Request<Incoming>) -> HttpResponse {
+    let cp = Arc::clone(&server.control_plane);
+    match keyed {
+        Keyed::Catalog => json_response(StatusCode::OK, &super::catalog_json(&cp.catalog_data)),
+        Keyed::Snapshot => snapshot(server, &caller, &request).await,
+        Keyed::Audit => {
             let query = match audit_query(&request) {
                 Ok(query) => query,
                 Err(error) => return api_error(&error),
             };
-            let cp = Arc::clone(control_plane);
             respond(
                 blocking(move || {
-                    caller.require(&[Scope::Admin, Scope::Integration])?;
+                    caller.require(MANAGE)?;
                     match &query.account {
                         Some(account) => caller.may_touch(account)?,
                         None => caller.require_unbound()?,
@@ -284,26 +502,18 @@ async fn route(server: &Server, request: Request<Incoming>) -> HttpResponse {
                 .await,
             )
         }
-        ["v1", "orders"] => {
-            let body = match read_body(request, control_plane.max_body).await {
-                Ok(body) => body,
-                Err(response) => return response,
-            };
-            let cp = Arc::clone(control_plane);
-            respond(
-                blocking(move || {
-                    caller.require(&[Scope::Admin, Scope::Integration])?;
-                    changes::order(&cp, &caller, &body)
-                })
-                .await,
-            )
+        Keyed::Order => {
+            with_body(cp.config().max_body, request, move |body| {
+                caller.require(MANAGE)?;
+                changes::order(&cp, &caller, &body)
+            })
+            .await
         }
-        ["v1", "accounts", _] => {
-            let account = account_of(2);
-            let cp = Arc::clone(control_plane);
+        Keyed::Account => {
+            let account = params.take(0);
             respond(
                 blocking(move || {
-                    caller.require(&[Scope::Admin, Scope::Integration, Scope::Account])?;
+                    caller.require(READ)?;
                     caller.may_touch(&account)?;
                     let doc = cp
                         .repository
@@ -314,28 +524,122 @@ async fn route(server: &Server, request: Request<Incoming>) -> HttpResponse {
                 .await,
             )
         }
-        ["v1", "accounts", _, "license-token"] => {
-            let account = account_of(2);
-            let cp = Arc::clone(control_plane);
+        Keyed::LicenseToken => {
+            let account = params.take(0);
             respond(
                 blocking(move || {
-                    caller.require(&[Scope::Admin, Scope::Integration, Scope::Account])?;
+                    caller.require(READ)?;
                     caller.may_touch(&account)?;
-                    let now = tollgate_core::clock::system_now_ms().div_euclid(1000);
-                    Ok(serde_json::json!({"token": cp.license_token(&account, now)?}))
+                    Ok(serde_json::json!({"token": cp.license_token(&account, cp.now())?}))
                 })
                 .await,
             )
         }
-        ["v1", "usage", ..] | ["v1", "accounts", _, "usage"] | ["v1", "analytics", _] | ["v1", "webhooks", _] => {
-            usage_route(server, caller, &segments, request).await
+        Keyed::PutUser => {
+            let (account, user) = (params.take(0), params.take(1));
+            with_body(cp.config().max_body, request, move |body| {
+                caller.require(MANAGE)?;
+                changes::put_user(&cp, &caller, &account, &user, &body)
+            })
+            .await
         }
-        _ => write_route(server, caller, &segments, request).await,
+        Keyed::DeleteUser => {
+            let (account, user) = (params.take(0), params.take(1));
+            respond(
+                blocking(move || {
+                    caller.require(MANAGE)?;
+                    changes::delete_user(&cp, &caller, &account, &user)
+                })
+                .await,
+            )
+        }
+        Keyed::PutGroup => {
+            let (account, group) = (params.take(0), params.take(1));
+            with_body(cp.config().max_body, request, move |body| {
+                caller.require(MANAGE)?;
+                changes::put_group(&cp, &caller, &account, &group, &body)
+            })
+            .await
+        }
+        Keyed::ActivateDevice => {
+            let account = params.take(0);
+            with_body(cp.config().max_body, request, move |body| {
+                caller.require(READ)?;
+                changes::activate_device(&cp, &caller, &account, &body)
+            })
+            .await
+        }
+        Keyed::DeactivateDevice => {
+            let (account, device) = (params.take(0), params.take(1));
+            respond(
+                blocking(move || {
+                    caller.require(READ)?;
+                    changes::deactivate_device(&cp, &caller, &account, &device)
+                })
+                .await,
+            )
+        }
+        Keyed::PutOverrides => {
+            let (account, license) = (params.take(0), params.take(1));
+            with_body(cp.config().max_body, request, move |body| {
+                caller.require(MANAGE)?;
+                changes::put_overrides(&cp, &caller, &account, &license, &body)
+            })
+            .await
+        }
+        Keyed::ListAccessRequests => {
+            let status = query_param(&request, "status");
+            let account = query_param(&request, "account");
+            respond(
+                blocking(move || {
+                    caller.require(READ)?;
+                    let account = account.or_else(|| caller.account.clone());
+                    match &account {
+                        Some(account) => caller.may_touch(account)?,
+                        None => caller.require_unbound()?,
+                    }
+                    // A status no request can have matches none, as it always has.
+                    let requests = match status.as_deref().map(AccessStatus::parse) {
+                        Some(None) => Vec::new(),
+                        parsed => cp.repository.access_requests(account.as_deref(), parsed.flatten())?,
+                    };
+                    Ok(serde_json::json!({"access_requests": requests}))
+                })
+                .await,
+            )
+        }
+        Keyed::AccessRequest => {
+            let id = params.take(0);
+            respond(
+                blocking(move || {
+                    caller.require(READ)?;
+                    let id = access_request_id(&id)?;
+                    let unknown = || ApiError::not_found("unknown_access_request", format!("no access request `{id}`"));
+                    let found = cp.repository.access_request(id)?.ok_or_else(unknown)?;
+                    caller.may_see(&found.account, unknown)?;
+                    Ok(found)
+                })
+                .await,
+            )
+        }
+        Keyed::CreateAccessRequest => {
+            with_body(cp.config().max_body, request, move |body| {
+                caller.require(READ)?;
+                changes::create_access_request(&cp, &caller, &body)
+            })
+            .await
+        }
+        Keyed::ApproveAccessRequest | Keyed::DenyAccessRequest => {
+            let id = params.take(0);
+            let approve = keyed == Keyed::ApproveAccessRequest;
+            with_body(cp.config().max_body, request, move |body| {
+                caller.require(&[Scope::Admin])?;
+                changes::decide_access_request(&cp, &caller, access_request_id(&id)?, approve, &body)
+            })
+            .await
+        }
+        Keyed::Usage(usage) => usage_endpoint(cp, usage, caller, params, request).await,
     }
-}
-
-fn unix_now() -> i64 {
-    tollgate_core::clock::system_now_ms().div_euclid(1000)
 }
 
 fn time_param(request: &Request<Incoming>, name: &str) -> Result<Option<i64>, ApiError> {
@@ -400,26 +704,25 @@ fn threshold_param(request: &Request<Incoming>) -> Result<f64, ApiError> {
 const MAX_HISTORY: u32 = 1_000;
 
 /// Usage ingestion, usage reads and exports, analytics and webhook deliveries.
-async fn usage_route(server: &Server, caller: Caller, segments: &[&str], request: Request<Incoming>) -> HttpResponse {
-    let control_plane = Arc::clone(&server.control_plane);
-    let now = unix_now();
-    match segments {
-        ["v1", "usage"] => {
-            let body = match read_body(request, control_plane.max_body).await {
-                Ok(body) => body,
-                Err(response) => return response,
-            };
-            respond(
-                blocking(move || {
-                    caller.require(&[Scope::Sidecar, Scope::Admin])?;
-                    caller.require_unbound()?;
-                    ingest::ingest(&control_plane, &body, now)
-                })
-                .await,
-            )
+async fn usage_endpoint(
+    control_plane: Arc<ControlPlane>,
+    usage: Usage,
+    caller: Caller,
+    mut params: Params,
+    request: Request<Incoming>,
+) -> HttpResponse {
+    let now = control_plane.now();
+    match usage {
+        Usage::Ingest => {
+            with_body(control_plane.config().max_body, request, move |body| {
+                caller.require(&[Scope::Sidecar, Scope::Admin])?;
+                caller.require_unbound()?;
+                ingest::ingest(&control_plane, &body, now)
+            })
+            .await
         }
-        ["v1", "accounts", account, "usage"] => {
-            let account = account.to_string();
+        Usage::Account => {
+            let account = params.take(0);
             let history = history_param(&request);
             respond(
                 blocking(move || {
@@ -430,7 +733,7 @@ async fn usage_route(server: &Server, caller: Caller, segments: &[&str], request
                 .await,
             )
         }
-        ["v1", "usage", "export"] => {
+        Usage::Export => {
             let query = export_query(&request, now);
             let exported = blocking(move || {
                 caller.require(&[Scope::Admin, Scope::Integration, Scope::Account])?;
@@ -451,7 +754,7 @@ async fn usage_route(server: &Server, caller: Caller, segments: &[&str], request
                 Err(error) => api_error(&error),
             }
         }
-        ["v1", "usage", "sidecars"] => respond(
+        Usage::Sidecars => respond(
             blocking(move || {
                 caller.require(&[Scope::Admin])?;
                 let sidecars = control_plane.repository.usage_sidecars()?;
@@ -471,7 +774,7 @@ async fn usage_route(server: &Server, caller: Caller, segments: &[&str], request
             })
             .await,
         ),
-        ["v1", "analytics", "features"] => {
+        Usage::FeatureAnalytics => {
             let range = range_params(&request, now);
             respond(
                 blocking(move || {
@@ -483,7 +786,7 @@ async fn usage_route(server: &Server, caller: Caller, segments: &[&str], request
                 .await,
             )
         }
-        ["v1", "analytics", "limits"] => {
+        Usage::LimitAnalytics => {
             let threshold = threshold_param(&request);
             respond(
                 blocking(move || {
@@ -494,7 +797,7 @@ async fn usage_route(server: &Server, caller: Caller, segments: &[&str], request
                 .await,
             )
         }
-        _ => {
+        Usage::WebhookDeliveries => {
             let status = query_param(&request, "status");
             let after = number_param::<i64>(&request, "after");
             let limit = number_param::<u32>(&request, "limit");
@@ -537,96 +840,6 @@ fn delivery_json(delivery: &Delivery) -> serde_json::Value {
     })
 }
 
-/// Routes that change accounts or access requests.
-async fn write_route(server: &Server, caller: Caller, segments: &[&str], request: Request<Incoming>) -> HttpResponse {
-    let control_plane = Arc::clone(&server.control_plane);
-    let owned: Vec<String> = segments.iter().map(|segment| segment.to_string()).collect();
-    let part = move |idx: usize| owned.get(idx).cloned().unwrap_or_default();
-    let method = request.method().clone();
-    // Reads of access requests need no body.
-    if method == Method::GET {
-        let status = query_param(&request, "status");
-        let account = query_param(&request, "account");
-        let id = part(2);
-        let listing = segments.len() == 2;
-        return respond(
-            blocking(move || {
-                caller.require(&[Scope::Admin, Scope::Integration, Scope::Account])?;
-                if listing {
-                    let account = account.or_else(|| caller.account.clone());
-                    match &account {
-                        Some(account) => caller.may_touch(account)?,
-                        None => caller.require_unbound()?,
-                    }
-                    let requests = control_plane.repository.access_requests(account.as_deref(), status.as_deref())?;
-                    return Ok(serde_json::json!({"access_requests": requests}));
-                }
-                let id: i64 = id.parse().map_err(|_| ApiError::not_found("unknown_access_request", format!("no access request `{id}`")))?;
-                let unknown = || ApiError::not_found("unknown_access_request", format!("no access request `{id}`"));
-                let found = control_plane.repository.access_request(id)?.ok_or_else(unknown)?;
-                caller.may_see(&found.account, unknown)?;
-                Ok(serde_json::to_value(found).unwrap_or_default())
-            })
-            .await,
-        );
-    }
-    let body = if method == Method::DELETE {
-        Bytes::new()
-    } else {
-        match read_body(request, control_plane.max_body).await {
-            Ok(body) => body,
-            Err(response) => return response,
-        }
-    };
-    let shape: Vec<&str> = segments.iter().enumerate().map(|(idx, segment)| if matches!(idx, 2 | 4) { "_" } else { *segment }).collect();
-    let shape = shape.join("/");
-    respond(
-        blocking(move || {
-            let cp = control_plane.as_ref();
-            let manage = [Scope::Admin, Scope::Integration];
-            match (method, shape.as_str()) {
-                (Method::PUT, "v1/accounts/_/users/_") => {
-                    caller.require(&manage)?;
-                    changes::put_user(cp, &caller, &part(2), &part(4), &body)
-                }
-                (Method::DELETE, "v1/accounts/_/users/_") => {
-                    caller.require(&manage)?;
-                    changes::delete_user(cp, &caller, &part(2), &part(4))
-                }
-                (Method::PUT, "v1/accounts/_/groups/_") => {
-                    caller.require(&manage)?;
-                    changes::put_group(cp, &caller, &part(2), &part(4), &body)
-                }
-                (Method::POST, "v1/accounts/_/devices") => {
-                    caller.require(&[Scope::Admin, Scope::Integration, Scope::Account])?;
-                    changes::activate_device(cp, &caller, &part(2), &body)
-                }
-                (Method::DELETE, "v1/accounts/_/devices/_") => {
-                    caller.require(&[Scope::Admin, Scope::Integration, Scope::Account])?;
-                    changes::deactivate_device(cp, &caller, &part(2), &part(4))
-                }
-                (Method::PUT, "v1/accounts/_/licenses/_/overrides") => {
-                    caller.require(&manage)?;
-                    changes::put_overrides(cp, &caller, &part(2), &part(4), &body)
-                }
-                (Method::POST, "v1/access-requests") => {
-                    caller.require(&[Scope::Admin, Scope::Integration, Scope::Account])?;
-                    changes::create_access_request(cp, &caller, &body).map(|request| serde_json::to_value(request).unwrap_or_default())
-                }
-                (Method::POST, "v1/access-requests/_/approve" | "v1/access-requests/_/deny") => {
-                    caller.require(&[Scope::Admin])?;
-                    let id = part(2);
-                    let id: i64 =
-                        id.parse().map_err(|_| ApiError::not_found("unknown_access_request", format!("no access request `{id}`")))?;
-                    changes::decide_access_request(cp, &caller, id, part(3) == "approve", &body)
-                }
-                (_, shape) => Err(ApiError::not_found("not_found", format!("no endpoint at `/{shape}`"))),
-            }
-        })
-        .await,
-    )
-}
-
 fn audit_query(request: &Request<Incoming>) -> Result<AuditQuery, ApiError> {
     Ok(AuditQuery {
         account: query_param(request, "account"),
@@ -647,7 +860,7 @@ async fn snapshot(server: &Server, caller: &Caller, request: &Request<Incoming>)
         Err(error) => return api_error(&error),
     };
     let wait = match number_param::<u64>(request, WAIT_PARAM) {
-        Ok(wait) => Duration::from_secs(wait.unwrap_or(DEFAULT_WAIT_SECS)).min(server.control_plane.max_wait),
+        Ok(wait) => Duration::from_secs(wait.unwrap_or(DEFAULT_WAIT_SECS)).min(server.control_plane.config().max_wait),
         Err(error) => return api_error(&error),
     };
     let mut latest = server.control_plane.publisher.subscribe();

@@ -9,14 +9,12 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use super::store::{self, AccessRequest, AccountDoc, AccountState, LicenseDoc, NewAudit, OrderRecord, Transaction, UserDoc};
+use super::store::{
+    self, AccessKind, AccessRequest, AccessStatus, AccountDoc, AccountState, LicenseDoc, NewAudit, OrderRecord, Transaction, UserDoc,
+};
 use super::{ApiError, Caller, ControlPlane, accounts};
 use tollgate_core::model::SnapshotData;
 use tollgate_core::period::{format_rfc3339, parse_rfc3339};
-
-fn unix_now() -> i64 {
-    tollgate_core::clock::system_now_ms().div_euclid(1000)
-}
 
 /// The id rules of `policies/README.md`.
 pub fn valid_id(id: &str) -> bool {
@@ -90,7 +88,7 @@ fn check_features(catalog: &SnapshotData, field: &str, features: &[String]) -> R
 #[serde(deny_unknown_fields)]
 pub struct OrderBody {
     pub order_id: String,
-    pub action: String,
+    pub action: OrderAction,
     pub account: String,
     #[serde(default)]
     pub plan: Option<String>,
@@ -114,7 +112,23 @@ pub struct OrderBody {
     pub grace_days: Option<u32>,
 }
 
-pub const ORDER_ACTIONS: &[&str] = &["new", "upgrade", "downgrade", "renew", "add-on", "cancel", "suspend", "resume"];
+wire_enum! {
+    /// What an order does to an account.
+    pub enum OrderAction in "action" {
+        /// A new license (and the account, if it does not exist yet).
+        New = "new",
+        Upgrade = "upgrade",
+        Downgrade = "downgrade",
+        Renew = "renew",
+        AddOn = "add-on",
+        Cancel = "cancel",
+        Suspend = "suspend",
+        Resume = "resume",
+    }
+}
+
+/// The wire names of every order action, as `openapi.json` lists them.
+pub const ORDER_ACTIONS: &[&str] = OrderAction::NAMES;
 
 /// The answer to an order: the same for its first run and every replay.
 #[derive(Debug, Clone, serde::Serialize, Deserialize, PartialEq, Eq)]
@@ -148,8 +162,8 @@ fn apply_order(catalog: &SnapshotData, order: &OrderBody, account: &mut AccountD
     }
     let require_plan =
         || order.plan.as_deref().ok_or_else(|| ApiError::invalid(format!("`plan` is required for action `{}`", order.action)));
-    match order.action.as_str() {
-        "new" => {
+    match order.action {
+        OrderAction::New => {
             let plan = require_plan()?;
             check_plan(catalog, plan)?;
             let number = account.next_license.max(1);
@@ -170,25 +184,25 @@ fn apply_order(catalog: &SnapshotData, order: &OrderBody, account: &mut AccountD
             });
             Ok(Some(id))
         }
-        action @ ("upgrade" | "downgrade") => {
+        action @ (OrderAction::Upgrade | OrderAction::Downgrade) => {
             let plan = require_plan()?;
             let new_rank = check_plan(catalog, plan)?;
             let license = target_license(account, order.license_id.as_deref())?;
             let current_rank = plan_rank(catalog, &license.plan).unwrap_or(0);
-            if action == "upgrade" && new_rank < current_rank {
+            if action == OrderAction::Upgrade && new_rank < current_rank {
                 return Err(ApiError::invalid(format!(
                     "`plan` `{plan}` ranks below the license's plan `{}`: use `downgrade`",
                     license.plan
                 )));
             }
-            if action == "downgrade" && new_rank > current_rank {
+            if action == OrderAction::Downgrade && new_rank > current_rank {
                 return Err(ApiError::invalid(format!("`plan` `{plan}` ranks above the license's plan `{}`: use `upgrade`", license.plan)));
             }
             license.plan = plan.to_string();
             update_terms(license, order, starts_at, expires_at);
             Ok(Some(license.id.clone()))
         }
-        "renew" => {
+        OrderAction::Renew => {
             let expires_at = expires_at.ok_or_else(|| ApiError::invalid("`expires_at` is required for action `renew`".to_string()))?;
             if let Some(plan) = &order.plan {
                 check_plan(catalog, plan)?;
@@ -207,7 +221,7 @@ fn apply_order(catalog: &SnapshotData, order: &OrderBody, account: &mut AccountD
             update_terms(license, order, starts_at, Some(expires_at));
             Ok(Some(license.id.clone()))
         }
-        "add-on" => {
+        OrderAction::AddOn => {
             let addons = order.addons.as_deref().filter(|addons| !addons.is_empty());
             let addons =
                 addons.ok_or_else(|| ApiError::invalid("`addons` must name at least one add-on for action `add-on`".to_string()))?;
@@ -220,20 +234,19 @@ fn apply_order(catalog: &SnapshotData, order: &OrderBody, account: &mut AccountD
             }
             Ok(Some(license.id.clone()))
         }
-        "cancel" => {
+        OrderAction::Cancel => {
             let license = target_license(account, order.license_id.as_deref())?;
             license.cancelled = true;
             Ok(Some(license.id.clone()))
         }
-        "suspend" => {
+        OrderAction::Suspend => {
             account.status = AccountState::Suspended;
             Ok(None)
         }
-        "resume" => {
+        OrderAction::Resume => {
             account.status = AccountState::Active;
             Ok(None)
         }
-        other => Err(ApiError::invalid(format!("`action` value `{other}` is not one of {}", ORDER_ACTIONS.join(", ")))),
     }
 }
 
@@ -277,6 +290,7 @@ pub fn order(control_plane: &ControlPlane, caller: &Caller, body: &[u8]) -> Resu
     let canonical = serde_json::to_value(&order).map_err(|error| ApiError::json(&error))?;
     let body_sha256 = hex::encode(Sha256::digest(canonical.to_string().as_bytes()));
     let catalog = &control_plane.catalog_data;
+    let now = control_plane.now();
     store::write(control_plane.repository.as_ref(), |transaction: &mut dyn Transaction| {
         if let Some(existing) = transaction.order(&order.order_id)? {
             if existing.body_sha256 != body_sha256 {
@@ -287,9 +301,9 @@ pub fn order(control_plane: &ControlPlane, caller: &Caller, body: &[u8]) -> Resu
             return Ok((first, false));
         }
         let before = transaction.account(&order.account)?;
-        let mut account = match (&before, order.action.as_str()) {
+        let mut account = match (&before, order.action) {
             (Some(account), _) => account.clone(),
-            (None, "new") => AccountDoc { next_license: 1, ..AccountDoc::default() },
+            (None, OrderAction::New) => AccountDoc { next_license: 1, ..AccountDoc::default() },
             (None, _) => {
                 return Err(ApiError::not_found("unknown_account", format!("`account` names unknown account `{}`", order.account)));
             }
@@ -299,8 +313,9 @@ pub fn order(control_plane: &ControlPlane, caller: &Caller, body: &[u8]) -> Resu
         transaction.put_account(&order.account, &account)?;
         let revision = transaction.next_revision()?;
         transaction.audit(&NewAudit {
+            at: now,
             key_id: &caller.key_id,
-            action: &format!("order.{}", order.action),
+            action: &format!("order.{}", order.action.as_str()),
             account: Some(&order.account),
             target: Some(&order.order_id),
             before: before.as_ref().map(doc_json),
@@ -309,7 +324,7 @@ pub fn order(control_plane: &ControlPlane, caller: &Caller, body: &[u8]) -> Resu
         let result = OrderResult { order_id: order.order_id.clone(), account: order.account.clone(), license_id, revision };
         let response =
             serde_json::to_string(&result).map_err(|source| store::StoreError::Document { id: order.order_id.clone(), source })?;
-        transaction.put_order(&order.order_id, &OrderRecord { body_sha256: body_sha256.clone(), response })?;
+        transaction.put_order(&order.order_id, &OrderRecord { body_sha256: body_sha256.clone(), response }, now)?;
         Ok((result, true))
     })
     .map(|(result, changed)| {
@@ -335,6 +350,7 @@ fn change_account(
     change: impl FnOnce(&mut AccountDoc) -> Result<(), ApiError>,
 ) -> Result<serde_json::Value, ApiError> {
     caller.may_touch(account_id)?;
+    let now = control_plane.now();
     let (account, revision) = store::write(control_plane.repository.as_ref(), |transaction: &mut dyn Transaction| {
         let before = transaction
             .account(account_id)?
@@ -345,6 +361,7 @@ fn change_account(
         transaction.put_account(account_id, &account)?;
         let revision = transaction.next_revision()?;
         transaction.audit(&NewAudit {
+            at: now,
             key_id: &caller.key_id,
             action,
             account: Some(account_id),
@@ -527,8 +544,7 @@ pub fn put_overrides(
 pub struct AccessRequestBody {
     pub account: String,
     pub user: String,
-    /// `feature`, `seats` or `addon`.
-    pub kind: String,
+    pub kind: AccessKind,
     #[serde(default)]
     pub feature: Option<String>,
     #[serde(default)]
@@ -549,23 +565,23 @@ pub fn create_access_request(control_plane: &ControlPlane, caller: &Caller, body
         return Err(ApiError::invalid(format!("`reason` must be 1 to {MAX_TEXT} bytes")));
     }
     let catalog = &control_plane.catalog_data;
-    match request.kind.as_str() {
-        "feature" => {
+    match request.kind {
+        AccessKind::Feature => {
             let feature =
                 request.feature.as_deref().ok_or_else(|| ApiError::invalid("`feature` is required for kind `feature`".to_string()))?;
             check_features(catalog, "feature", &[feature.to_string()])?;
         }
-        "addon" => {
+        AccessKind::Addon => {
             let addon = request.addon.as_deref().ok_or_else(|| ApiError::invalid("`addon` is required for kind `addon`".to_string()))?;
             check_addons(catalog, &[addon.to_string()])?;
         }
-        "seats" => {
+        AccessKind::Seats => {
             if request.seats.is_none_or(|seats| seats == 0) {
                 return Err(ApiError::invalid("`seats` (the number of seats to add, > 0) is required for kind `seats`".to_string()));
             }
         }
-        other => return Err(ApiError::invalid(format!("`kind` value `{other}` is not one of feature, seats, addon"))),
     }
+    let now = control_plane.now();
     let stored = store::write(control_plane.repository.as_ref(), |transaction: &mut dyn Transaction| {
         let account = transaction
             .account(&request.account)?
@@ -581,20 +597,21 @@ pub fn create_access_request(control_plane: &ControlPlane, caller: &Caller, body
             account: request.account.clone(),
             user: request.user.clone(),
             requested_by: caller.key_id.clone(),
-            kind: request.kind.clone(),
+            kind: request.kind,
             feature: request.feature.clone(),
             addon: request.addon.clone(),
             seats: request.seats,
             reason: request.reason.clone(),
-            status: "pending".into(),
+            status: AccessStatus::Pending,
             decided_by: None,
             comment: None,
             until: None,
-            created_at: format_rfc3339(unix_now()),
+            created_at: format_rfc3339(now),
             decided_at: None,
         };
         stored.id = transaction.put_access_request(&stored)?;
         transaction.audit(&NewAudit {
+            at: now,
             key_id: &caller.key_id,
             action: "access_request.create",
             account: Some(&request.account),
@@ -635,7 +652,7 @@ pub fn decide_access_request(
     if !approve && until.is_some() {
         return Err(ApiError::invalid("`until` applies only to an approval".to_string()));
     }
-    let now = unix_now();
+    let now = control_plane.now();
     if until.is_some_and(|until| until <= now) {
         return Err(ApiError::invalid("`until` must be in the future".to_string()));
     }
@@ -647,14 +664,14 @@ pub fn decide_access_request(
         if before.requested_by == caller.key_id {
             return Err(ApiError::Forbidden("a requester cannot decide their own access request".into()));
         }
-        if until.is_some() && before.kind != "feature" {
+        if until.is_some() && before.kind != AccessKind::Feature {
             return Err(ApiError::invalid("`until` applies only to a feature request; seats and add-ons are granted on the license"));
         }
-        if before.status != "pending" {
+        if before.status != AccessStatus::Pending {
             return Err(ApiError::Conflict(format!("access request `{id}` is already {}", before.status)));
         }
         let mut request = before.clone();
-        request.status = if approve { "approved" } else { "denied" }.into();
+        request.status = if approve { AccessStatus::Approved } else { AccessStatus::Denied };
         request.decided_by = Some(caller.key_id.clone());
         request.comment = Some(decision.comment.clone());
         request.until = until.map(format_rfc3339);
@@ -670,6 +687,7 @@ pub fn decide_access_request(
             transaction.put_account(&request.account, &account)?;
             revision = Some(transaction.next_revision()?);
             transaction.audit(&NewAudit {
+                at: now,
                 key_id: &caller.key_id,
                 action: "access_request.grant",
                 account: Some(&request.account),
@@ -680,6 +698,7 @@ pub fn decide_access_request(
         }
         transaction.put_access_request(&request)?;
         transaction.audit(&NewAudit {
+            at: now,
             key_id: &caller.key_id,
             action: if approve { "access_request.approve" } else { "access_request.deny" },
             account: Some(&request.account),
@@ -703,8 +722,8 @@ pub fn decide_access_request(
 /// plan that adds the feature and expires then, so the snapshot itself ends the grant.
 fn grant(account: &mut AccountDoc, request: &AccessRequest, account_id: &str, until: Option<i64>) -> Result<(), ApiError> {
     let base = target_license(account, None)?.clone();
-    match request.kind.as_str() {
-        "feature" => {
+    match request.kind {
+        AccessKind::Feature => {
             let feature = request.feature.clone().unwrap_or_default();
             match until {
                 None => {
@@ -728,11 +747,11 @@ fn grant(account: &mut AccountDoc, request: &AccessRequest, account_id: &str, un
                 }
             }
         }
-        "seats" => {
+        AccessKind::Seats => {
             let license = target_license(account, None)?;
             license.seats = license.seats.saturating_add(request.seats.unwrap_or(0));
         }
-        _ => {
+        AccessKind::Addon => {
             let addon = request.addon.clone().unwrap_or_default();
             let license = target_license(account, None)?;
             if license.addons.contains(&addon) {

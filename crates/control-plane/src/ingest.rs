@@ -193,7 +193,7 @@ fn apply(
         changed.push(Changed { account: account.to_string(), meter_idx, period_start, used: change.after });
     }
     let enqueued =
-        if control_plane.webhook.is_some() { enqueue_thresholds(control_plane, transaction, &accounts, &changed, now)? } else { 0 };
+        if control_plane.config.webhook.is_some() { enqueue_thresholds(control_plane, transaction, &accounts, &changed, now)? } else { 0 };
     for decision in &batch.decisions {
         if !catalog.feature_index.contains_key(&decision.feature) {
             continue;
@@ -218,7 +218,7 @@ fn apply(
         }
     }
     transaction.sidecar_batch(&batch.sidecar, now, batch.events.len() as u64)?;
-    let page = control_plane.usage_page.max(1);
+    let page = control_plane.config.usage_page.max(1);
     let mut rows = transaction.usage_changed_since(batch.since, page.saturating_add(1))?;
     let more = rows.len() > page as usize;
     rows.truncate(page as usize);
@@ -305,9 +305,10 @@ mod tests {
     use crate::usage_store::TotalsQuery;
     use crate::{Caller, changes};
 
-    fn control_plane(dir: &std::path::Path) -> ControlPlane {
+    fn control_plane(dir: &std::path::Path, config: crate::Config) -> ControlPlane {
         let policies = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
-        let control_plane = ControlPlane::open(dir, &policies, ed25519_dalek::SigningKey::from_bytes(&[7; 32]), Vec::new()).unwrap();
+        let key = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let control_plane = ControlPlane::open_with_config(dir, &policies, key, Vec::new(), config).unwrap();
         let caller = Caller { key_id: "test".into(), scope: store::Scope::Admin, account: None };
         for (n, account) in ["acme", "hooli", "initech"].iter().enumerate() {
             let order = serde_json::json!({"order_id": format!("o-{n}"), "action": "new", "account": account, "plan": "team"});
@@ -327,7 +328,7 @@ mod tests {
     #[test]
     fn events_land_in_the_period_of_their_own_time_across_a_month_boundary() {
         let dir = tempfile::tempdir().unwrap();
-        let control_plane = control_plane(dir.path());
+        let control_plane = control_plane(dir.path(), crate::Config::default());
         let now = parse_rfc3339("2027-01-01T00:02:00Z").unwrap();
         let body = batch(
             0,
@@ -366,8 +367,7 @@ mod tests {
     #[test]
     fn a_small_page_pages_through_changed_totals_with_more() {
         let dir = tempfile::tempdir().unwrap();
-        let mut control_plane = control_plane(dir.path());
-        control_plane.usage_page = 2;
+        let control_plane = control_plane(dir.path(), crate::Config { usage_page: 2, ..crate::Config::default() });
         let now = parse_rfc3339("2026-12-15T12:00:00Z").unwrap();
         let at = "2026-12-15T11:00:00Z";
         let first = ingest(

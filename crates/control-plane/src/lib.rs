@@ -6,6 +6,60 @@
 //! `publish`, tokens `tokens`, usage `ingest`, `reports`, `limits` and `webhooks`. It never
 //! decides a request: sidecars do, from the snapshots it publishes.
 
+/// An enum carried in request bodies and stored documents as fixed strings, which stay what
+/// they always were (so existing databases still read). A value outside the list is refused
+/// naming the field, the value and every valid one, as serde's derive cannot.
+macro_rules! wire_enum {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident in $field:literal { $($(#[$variant_meta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        $vis enum $name {
+            $($(#[$variant_meta])* $variant),+
+        }
+
+        impl $name {
+            /// Every value, in the order the API documents them.
+            pub const ALL: &'static [$name] = &[$($name::$variant),+];
+            /// The wire strings of [`Self::ALL`].
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text),+
+                }
+            }
+
+            pub fn parse(text: &str) -> Option<$name> {
+                match text {
+                    $($text => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(self.as_str())
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<$name, D::Error> {
+                let text = <String as serde::Deserialize>::deserialize(deserializer)?;
+                $name::parse(&text).ok_or_else(|| {
+                    serde::de::Error::custom(format!("`{}` value `{text}` is not one of {}", $field, $name::NAMES.join(", ")))
+                })
+            }
+        }
+    };
+}
+
 mod accounts;
 pub mod api;
 pub mod changes;
@@ -21,6 +75,7 @@ pub mod webhooks;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use ed25519_dalek::{SigningKey, VerifyingKey};
 use sha2::{Digest, Sha256};
@@ -28,6 +83,7 @@ use sha2::{Digest, Sha256};
 use metrics::ControlPlaneMetrics;
 use publish::Publisher;
 use store::{KeyRecord, Repository, Scope, SqliteRepository, StoreError};
+use tollgate_core::clock::{Clock, SystemClock};
 use tollgate_core::model::SnapshotData;
 use tollgate_policy::{CATALOG_FILE, PolicyErrors, Source};
 
@@ -203,8 +259,9 @@ pub enum KeyCreateError {
     Store(#[from] StoreError),
 }
 
-/// Makes a new API key and stores its hash; returns the key, which is shown only this once.
-pub fn create_key(repository: &dyn Repository, scope: &str, account: Option<&str>) -> Result<String, KeyCreateError> {
+/// Makes a new API key and stores its hash, created at `now` (unix seconds); returns the key,
+/// which is shown only this once.
+pub fn create_key(repository: &dyn Repository, scope: &str, account: Option<&str>, now: i64) -> Result<String, KeyCreateError> {
     let scope = Scope::parse(scope).ok_or_else(|| KeyCreateError::Scope(scope.to_string()))?;
     if scope == Scope::Account && account.is_none() {
         return Err(KeyCreateError::AccountRequired);
@@ -222,12 +279,8 @@ pub fn create_key(repository: &dyn Repository, scope: &str, account: Option<&str
     }
     let id = random_hex(8).map_err(KeyCreateError::Random)?;
     let secret = random_hex(32).map_err(KeyCreateError::Random)?;
-    repository.create_key(&KeyRecord {
-        id: id.clone(),
-        secret_sha256: sha256_hex(&secret),
-        scope,
-        account: account.map(str::to_string),
-    })?;
+    repository
+        .create_key(&KeyRecord { id: id.clone(), secret_sha256: sha256_hex(&secret), scope, account: account.map(str::to_string) }, now)?;
     Ok(format!("{KEY_PREFIX}{id}_{secret}"))
 }
 
@@ -246,6 +299,37 @@ pub fn authenticate(repository: &dyn Repository, bearer: &str) -> Result<Caller,
     Ok(Caller { key_id: record.id, scope: record.scope, account: record.account })
 }
 
+/// How a control plane is tuned, besides its data, catalog and keys. Fixed once it is open.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Longest validity of a license token, in seconds (a license ending sooner ends it sooner).
+    pub token_ttl_secs: i64,
+    /// Largest request body, in bytes.
+    pub max_body: usize,
+    /// Longest long-poll wait on `/v1/snapshot`.
+    pub max_wait: Duration,
+    /// Where threshold notifications go; `None`: none are enqueued.
+    pub webhook: Option<webhooks::WebhookConfig>,
+    /// Most totals in one `POST /v1/usage` answer.
+    pub usage_page: u32,
+    /// The one wall clock of the control plane: audit and key timestamps, access-request times,
+    /// token `iat`/`exp`, usage periods, webhook schedules and snapshot `created_at`.
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
+            max_body: 1024 * 1024,
+            max_wait: Duration::from_secs(60),
+            webhook: None,
+            usage_page: ingest::TOTALS_PAGE,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
 /// Everything the control plane's handlers share.
 pub struct ControlPlane {
     pub repository: Arc<dyn Repository>,
@@ -257,18 +341,11 @@ pub struct ControlPlane {
     pub token_keys: Vec<VerifyingKey>,
     pub publisher: Arc<Publisher>,
     pub metrics: Arc<ControlPlaneMetrics>,
-    pub token_ttl_secs: i64,
-    pub max_body: usize,
-    /// Longest long-poll wait on `/v1/snapshot`.
-    pub max_wait: std::time::Duration,
-    /// Where threshold notifications go; `None`: none are enqueued.
-    pub webhook: Option<webhooks::WebhookConfig>,
     /// Wakes the webhook task when ingestion enqueued a notification.
     pub webhook_wake: tokio::sync::Notify,
     /// Accounts' limits, for threshold notifications.
     pub limits: limits::LimitCache,
-    /// Most totals in one `POST /v1/usage` answer.
-    pub usage_page: u32,
+    config: Config,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -288,11 +365,23 @@ pub fn open_repository(data_dir: &Path) -> Result<SqliteRepository, StoreError> 
 impl ControlPlane {
     /// Opens the repository (running migrations), compiles the catalog, and bumps the revision
     /// when the catalog differs from the one last published, so sidecars get the new one.
+    /// Tuned by [`Config::default`]: the system clock, no webhook.
     pub fn open(
         data_dir: &Path,
         policies_dir: &Path,
         signing_key: SigningKey,
         retired_keys: Vec<VerifyingKey>,
+    ) -> Result<ControlPlane, StartError> {
+        ControlPlane::open_with_config(data_dir, policies_dir, signing_key, retired_keys, Config::default())
+    }
+
+    /// Like [`ControlPlane::open`], tuned by `config` (a webhook, a token lifetime, a clock).
+    pub fn open_with_config(
+        data_dir: &Path,
+        policies_dir: &Path,
+        signing_key: SigningKey,
+        retired_keys: Vec<VerifyingKey>,
+        config: Config,
     ) -> Result<ControlPlane, StartError> {
         let catalog_path: PathBuf = policies_dir.join(CATALOG_FILE);
         let text = std::fs::read_to_string(&catalog_path)
@@ -317,14 +406,25 @@ impl ControlPlane {
             token_keys,
             publisher: Arc::new(Publisher::new(committed, Arc::clone(&metrics))),
             metrics,
-            token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
-            max_body: 1024 * 1024,
-            max_wait: std::time::Duration::from_secs(60),
-            webhook: None,
             webhook_wake: tokio::sync::Notify::new(),
             limits: limits::LimitCache::default(),
-            usage_page: ingest::TOTALS_PAGE,
+            config,
         })
+    }
+
+    /// What this control plane was opened with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The control plane's clock, in unix seconds.
+    pub fn now(&self) -> i64 {
+        self.config.clock.now()
+    }
+
+    /// The control plane's clock, in unix milliseconds.
+    pub fn now_ms(&self) -> i64 {
+        self.config.clock.now_ms()
     }
 
     /// A license token for `account_id` as of `now`, from the account as it is in the
@@ -340,7 +440,7 @@ impl ControlPlane {
         let exp = claims
             .get("license_valid_until")
             .and_then(serde_json::Value::as_i64)
-            .map_or(now + self.token_ttl_secs, |license_expiry| license_expiry.min(now + self.token_ttl_secs).max(now + 1));
+            .map_or(now + self.config.token_ttl_secs, |license_expiry| license_expiry.min(now + self.config.token_ttl_secs).max(now + 1));
         claims.insert("iss".into(), tokens::ISSUER.into());
         claims.insert("sub".into(), account_id.into());
         claims.insert("iat".into(), now.into());
@@ -382,6 +482,7 @@ pub async fn run_with_sync(
         Arc::clone(&control_plane.repository),
         Arc::clone(&control_plane.catalog),
         Arc::clone(&control_plane.signing_key),
+        Arc::clone(&control_plane.config.clock),
         async move {
             let _ = stop_receiver.wait_for(|stop| *stop).await;
         },

@@ -67,7 +67,7 @@ impl ControlPlaneMetrics {
         describe("tollgate_cp_snapshot_long_polls", None, "Sidecar long-polls waiting on /v1/snapshot.");
         describe("tollgate_cp_usage_events_total", None, "Usage events received from sidecars by result.");
         describe("tollgate_cp_usage_batches_total", None, "Usage batches received from sidecars.");
-        let route_names = ROUTES.iter().map(|(pattern, _)| *pattern).chain(std::iter::once("unmatched"));
+        let route_names = ROUTES.iter().map(|route| route.pattern).chain(std::iter::once("unmatched"));
         let requests = route_names
             .map(|route| {
                 STATUS_CLASSES.map(|class| {
@@ -97,7 +97,7 @@ impl ControlPlaneMetrics {
         if let Some(counter) = self.requests.get(row).and_then(|classes| classes.get(class)) {
             counter.increment(1);
         }
-        let route = ROUTES.get(row).map_or("unmatched", |(pattern, _)| *pattern);
+        let route = ROUTES.get(row).map_or("unmatched", |route| route.pattern);
         self.recorder
             .register_histogram(&Key::from_parts("tollgate_cp_request_duration_seconds", vec![Label::new("route", route)]), &METADATA)
             .record(seconds);

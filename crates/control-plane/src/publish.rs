@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use super::accounts;
 use super::metrics::ControlPlaneMetrics;
 use super::store::Repository;
-use tollgate_core::clock::system_now_ms as unix_now_ms;
+use tollgate_core::clock::Clock;
 use tollgate_policy::Source;
 use tollgate_snapshot as snapshot;
 
@@ -75,11 +75,10 @@ impl Publisher {
     }
 }
 
-/// Compiles and signs the repository's current state.
-pub fn build(repository: &dyn Repository, catalog: &Source, key: &SigningKey) -> Result<Published, PublishError> {
+/// Compiles and signs the repository's current state, stamped `created_at_ms`.
+pub fn build(repository: &dyn Repository, catalog: &Source, key: &SigningKey, created_at_ms: i64) -> Result<Published, PublishError> {
     let (revision, accounts) = repository.all_accounts()?;
     let data = accounts::compile_all(catalog, &accounts)?;
-    let created_at_ms = unix_now_ms();
     let bytes = snapshot::build(&data, revision, created_at_ms, key)?;
     Ok(Published { revision, bytes: Bytes::from(bytes), created_at_ms })
 }
@@ -92,6 +91,7 @@ pub async fn run(
     repository: Arc<dyn Repository>,
     catalog: Arc<Source>,
     key: Arc<SigningKey>,
+    clock: Arc<dyn Clock>,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
@@ -102,7 +102,8 @@ pub async fn run(
         if published.is_none_or(|published| target > published) {
             let (repository, catalog, key) = (Arc::clone(&repository), Arc::clone(&catalog), Arc::clone(&key));
             let started = tollgate_core::clock::Stopwatch::start();
-            let outcome = tokio::task::spawn_blocking(move || build(repository.as_ref(), &catalog, &key)).await;
+            let created_at_ms = clock.now_ms();
+            let outcome = tokio::task::spawn_blocking(move || build(repository.as_ref(), &catalog, &key, created_at_ms)).await;
             match outcome {
                 Ok(Ok(snapshot)) => {
                     tracing::info!(

@@ -151,6 +151,27 @@ pub struct AuditEntry {
     pub revision: u64,
 }
 
+wire_enum! {
+    /// What an access request asks for.
+    pub enum AccessKind in "kind" {
+        /// One feature, for good or until a date.
+        Feature = "feature",
+        /// More seats on the account's newest license.
+        Seats = "seats",
+        /// An add-on on the account's newest license.
+        Addon = "addon",
+    }
+}
+
+wire_enum! {
+    /// Where an access request stands.
+    pub enum AccessStatus in "status" {
+        Pending = "pending",
+        Approved = "approved",
+        Denied = "denied",
+    }
+}
+
 /// An access request as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AccessRequest {
@@ -158,7 +179,7 @@ pub struct AccessRequest {
     pub account: String,
     pub user: String,
     pub requested_by: String,
-    pub kind: String,
+    pub kind: AccessKind,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub feature: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -166,7 +187,7 @@ pub struct AccessRequest {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seats: Option<u32>,
     pub reason: String,
-    pub status: String,
+    pub status: AccessStatus,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub decided_by: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -192,7 +213,8 @@ pub trait Transaction: UsageTransaction {
     fn account(&mut self, id: &str) -> Result<Option<AccountDoc>, StoreError>;
     fn put_account(&mut self, id: &str, account: &AccountDoc) -> Result<(), StoreError>;
     fn order(&mut self, order_id: &str) -> Result<Option<OrderRecord>, StoreError>;
-    fn put_order(&mut self, order_id: &str, order: &OrderRecord) -> Result<(), StoreError>;
+    /// Records a processed order, received at `now` (unix seconds).
+    fn put_order(&mut self, order_id: &str, order: &OrderRecord, now: i64) -> Result<(), StoreError>;
     fn access_request(&mut self, id: i64) -> Result<Option<AccessRequest>, StoreError>;
     /// Inserts (`id` 0) or updates an access request; returns its id.
     fn put_access_request(&mut self, request: &AccessRequest) -> Result<i64, StoreError>;
@@ -202,9 +224,11 @@ pub trait Transaction: UsageTransaction {
     fn audit(&mut self, entry: &NewAudit<'_>) -> Result<(), StoreError>;
 }
 
-/// An audit entry to append; `seq` and `at` are assigned by the store.
+/// An audit entry to append; `seq` is assigned by the store, `at` by the caller's clock.
 #[derive(Debug, Clone)]
 pub struct NewAudit<'a> {
+    /// Unix seconds.
+    pub at: i64,
     pub key_id: &'a str,
     pub action: &'a str,
     pub account: Option<&'a str>,
@@ -223,7 +247,9 @@ pub struct AuditQuery {
 
 /// The license repository's interface.
 pub trait Repository: Send + Sync + UsageRepository {
-    fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError>;
+    /// Stores a new key, created at `now` (unix seconds). The repository never reads a clock:
+    /// every time it records comes from its caller.
+    fn create_key(&self, key: &KeyRecord, now: i64) -> Result<(), StoreError>;
     fn find_key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
     /// Runs `change` in one write transaction: committed when it returns `Ok(true)`, rolled
     /// back when it returns `Ok(false)` or an error. See [`write`] for the typed form.
@@ -233,7 +259,7 @@ pub trait Repository: Send + Sync + UsageRepository {
     fn all_accounts(&self) -> Result<(u64, Vec<(String, AccountDoc)>), StoreError>;
     fn revision(&self) -> Result<u64, StoreError>;
     fn audit_log(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError>;
-    fn access_requests(&self, account: Option<&str>, status: Option<&str>) -> Result<Vec<AccessRequest>, StoreError>;
+    fn access_requests(&self, account: Option<&str>, status: Option<AccessStatus>) -> Result<Vec<AccessRequest>, StoreError>;
     fn access_request(&self, id: i64) -> Result<Option<AccessRequest>, StoreError>;
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;
     /// Sets a meta value; when `bump` the revision moves on too (a catalog change).
@@ -319,10 +345,6 @@ impl std::fmt::Debug for SqliteRepository {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("SqliteRepository")
     }
-}
-
-pub(super) fn unix_now() -> i64 {
-    tollgate_core::clock::system_now_ms().div_euclid(1000)
 }
 
 fn open_connection(path: &Path) -> Result<Connection, StoreError> {
@@ -412,10 +434,10 @@ impl Transaction for SqliteTransaction<'_> {
             .optional()?)
     }
 
-    fn put_order(&mut self, order_id: &str, order: &OrderRecord) -> Result<(), StoreError> {
+    fn put_order(&mut self, order_id: &str, order: &OrderRecord, now: i64) -> Result<(), StoreError> {
         self.transaction.execute(
             "INSERT INTO orders (order_id, body_sha256, response, created_at) VALUES (?1, ?2, ?3, ?4)",
-            params![order_id, order.body_sha256, order.response, unix_now()],
+            params![order_id, order.body_sha256, order.response, now],
         )?;
         Ok(())
     }
@@ -431,7 +453,7 @@ impl Transaction for SqliteTransaction<'_> {
         if request.id == 0 {
             self.transaction.execute(
                 "INSERT INTO access_requests (account, doc, status) VALUES (?1, '{}', ?2)",
-                params![request.account, request.status],
+                params![request.account, request.status.as_str()],
             )?;
             let id = self.transaction.last_insert_rowid();
             let stored = AccessRequest { id, ..request.clone() };
@@ -440,7 +462,7 @@ impl Transaction for SqliteTransaction<'_> {
         } else {
             self.transaction.execute(
                 "UPDATE access_requests SET doc = ?1, status = ?2 WHERE id = ?3",
-                params![to_json(&name, request)?, request.status, request.id],
+                params![to_json(&name, request)?, request.status.as_str(), request.id],
             )?;
             Ok(request.id)
         }
@@ -470,7 +492,7 @@ impl Transaction for SqliteTransaction<'_> {
         let after = entry.after.as_ref().map(serde_json::Value::to_string);
         self.transaction.execute(
             "INSERT INTO audit (at, key_id, action, account, target, before, after, revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![unix_now(), entry.key_id, entry.action, entry.account, entry.target, before, after, revision as i64],
+            params![entry.at, entry.key_id, entry.action, entry.account, entry.target, before, after, revision as i64],
         )?;
         Ok(())
     }
@@ -482,10 +504,10 @@ fn read_revision(connection: &Connection) -> Result<u64, StoreError> {
 }
 
 impl Repository for SqliteRepository {
-    fn create_key(&self, key: &KeyRecord) -> Result<(), StoreError> {
+    fn create_key(&self, key: &KeyRecord, now: i64) -> Result<(), StoreError> {
         self.lock().execute(
             "INSERT INTO api_keys (id, secret_sha256, scope, account, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![key.id, key.secret_sha256, key.scope.as_str(), key.account, unix_now()],
+            params![key.id, key.secret_sha256, key.scope.as_str(), key.account, now],
         )?;
         Ok(())
     }
@@ -572,12 +594,12 @@ impl Repository for SqliteRepository {
         Ok(entries)
     }
 
-    fn access_requests(&self, account: Option<&str>, status: Option<&str>) -> Result<Vec<AccessRequest>, StoreError> {
+    fn access_requests(&self, account: Option<&str>, status: Option<AccessStatus>) -> Result<Vec<AccessRequest>, StoreError> {
         let connection = self.lock_reader();
         let mut statement = connection.prepare(
             "SELECT id, doc FROM access_requests WHERE (?1 IS NULL OR account = ?1) AND (?2 IS NULL OR status = ?2) ORDER BY id",
         )?;
-        let mut rows = statement.query(params![account, status])?;
+        let mut rows = statement.query(params![account, status.map(AccessStatus::as_str)])?;
         let mut requests = Vec::new();
         while let Some(row) = rows.next()? {
             let id: i64 = row.get(0)?;

@@ -141,10 +141,6 @@ pub fn backoff(attempts: u32) -> Duration {
     backoff::equal_jitter(backoff::ceiling(BACKOFF_START, BACKOFF_MAX, attempts))
 }
 
-fn unix_now_ms() -> i64 {
-    tollgate_core::clock::system_now_ms()
-}
-
 /// One attempt: `Ok` on a 2xx answer, otherwise what went wrong.
 async fn attempt(client: &HttpClient, config: &WebhookConfig, delivery: &Delivery, now: i64) -> Result<(), String> {
     let request = hyper::Request::builder()
@@ -200,17 +196,18 @@ async fn repository_call<T: Send + 'static>(
 /// (a new notification), when the next retry is due, or every 30 s. Does nothing without a
 /// configured webhook.
 pub async fn run(control_plane: Arc<ControlPlane>, shutdown: impl std::future::Future<Output = ()>) {
-    let Some(config) = control_plane.webhook.clone() else { return };
+    let Some(config) = control_plane.config.webhook.clone() else { return };
     let client = HttpClient::new(CONNECT_TIMEOUT);
     tokio::pin!(shutdown);
     loop {
-        let due = repository_call(&control_plane, |cp| cp.repository.due_deliveries(unix_now_ms(), DUE_BATCH)).await;
+        let now_ms = control_plane.now_ms();
+        let due = repository_call(&control_plane, move |cp| cp.repository.due_deliveries(now_ms, DUE_BATCH)).await;
         let due = due.unwrap_or_else(|error| {
             tracing::error!(%error, "cannot read the webhook outbox");
             Vec::new()
         });
         for delivery in &due {
-            let now_ms = unix_now_ms();
+            let now_ms = control_plane.now_ms();
             let outcome = tokio::select! {
                 () = &mut shutdown => return,
                 outcome = attempt(&client, &config, delivery, now_ms.div_euclid(1000)) => outcome,
@@ -221,7 +218,7 @@ pub async fn run(control_plane: Arc<ControlPlane>, shutdown: impl std::future::F
                 }
                 Err(error) => tracing::warn!(id = delivery.id, attempt = delivery.attempts + 1, %error, "webhook delivery failed"),
             }
-            let update = update_after(delivery, outcome, unix_now_ms());
+            let update = update_after(delivery, outcome, control_plane.now_ms());
             let id = delivery.id;
             if let Err(error) = repository_call(&control_plane, move |cp| cp.repository.update_delivery(id, &update)).await {
                 tracing::error!(%error, "cannot record a webhook attempt");
@@ -231,7 +228,8 @@ pub async fn run(control_plane: Arc<ControlPlane>, shutdown: impl std::future::F
             continue;
         }
         let next = repository_call(&control_plane, |cp| cp.repository.next_delivery_ms()).await.ok().flatten();
-        let wait = next.map_or(IDLE_POLL, |next| Duration::from_millis(u64::try_from(next - unix_now_ms()).unwrap_or(0))).min(IDLE_POLL);
+        let wait =
+            next.map_or(IDLE_POLL, |next| Duration::from_millis(u64::try_from(next - control_plane.now_ms()).unwrap_or(0))).min(IDLE_POLL);
         tokio::select! {
             () = &mut shutdown => return,
             () = control_plane.webhook_wake.notified() => {}
