@@ -21,7 +21,7 @@ async fn check_allows_and_denies_with_reasons() {
     assert_eq!(body["allow"], true);
     assert_eq!(body["reason"], "ok");
     assert_eq!(body["revision"], 42);
-    assert_eq!(body["expires_at"], "2027-01-01T00:00:00Z");
+    assert_eq!(body["expires_at"], "2036-01-01T00:00:00Z");
 
     let denied = client.post("/v1/check", &json!({"account": "hooli", "feature": "sso"})).await.json();
     assert_eq!(denied["allow"], false);
