@@ -72,9 +72,9 @@ fn as_json(decision: &Decision) -> Value {
         ("reset_at", decision.reset_at.as_ref().map(|value| json!(value))),
         ("expires_at", decision.expires_at.as_ref().map(|value| json!(value))),
         ("upgrade", decision.upgrade.as_ref().map(|upgrade| json!({"kind": upgrade.kind, "id": upgrade.id}))),
-        ("grace", decision.grace.then(|| json!(true))),
-        ("overage", decision.overage.then(|| json!(true))),
-        ("stale", decision.stale.then(|| json!(true))),
+        ("grace", decision.grace.then_some(json!(true))),
+        ("overage", decision.overage.then_some(json!(true))),
+        ("stale", decision.stale.then_some(json!(true))),
     ];
     for (key, value) in optional {
         if let Some(value) = value {

@@ -395,7 +395,7 @@ impl ClientBuilder {
 
     pub fn build(self) -> Result<Client, ClientError> {
         let remote = remote::Remote::new(&self.base_url, self.timeout, self.retries, self.retry_backoff)?;
-        Ok(Client { backend: Arc::new(Backend::Remote(remote)), fallback: self.fallback })
+        Ok(Client { backend: Arc::new(Backend::Remote(Box::new(remote))), fallback: self.fallback })
     }
 }
 
@@ -409,8 +409,10 @@ pub enum SnapshotSource {
     ControlPlane { url: String, api_key_file: PathBuf, data_dir: PathBuf, first_wait: Duration },
 }
 
+/// Both live behind the client's `Arc`, so the remote side's size does not matter; boxed to
+/// keep the variants alike.
 enum Backend {
-    Remote(remote::Remote),
+    Remote(Box<remote::Remote>),
     Local(local::Local),
 }
 
