@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -58,6 +59,14 @@ def wait_ready(url: str, process: subprocess.Popen, deadline: float) -> None:
             pass
         time.sleep(0.05)
     raise RuntimeError(f"sidecar at {url} not ready in time")
+
+
+def stop_group(process: subprocess.Popen, signum: int) -> None:
+    """Signals the process group led by `process` (faketime and the sidecar under it)."""
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:
+        pass
 
 
 def policies_dir(case: dict, scratch: Path, name: str) -> Path:
@@ -108,7 +117,9 @@ def main() -> int:
                 argv = [faketime, "-f", faketime_time(now), binary, "sidecar", "--policies", str(directory),
                         "--listen", f"127.0.0.1:{port}"]
                 log = open(scratch / f"{path.stem}-{port}.log", "w")
-                processes.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT))
+                # faketime runs the sidecar as its child rather than exec'ing it, so each gets its own
+                # process group and the whole group is stopped at the end.
+                processes.append(subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
                 groups.append((path, case, checks, url, processes[-1]))
         deadline = time.monotonic() + 60
         for path, case, checks, url, process in groups:
@@ -138,12 +149,12 @@ def main() -> int:
         return subprocess.call(command, env=dict(os.environ, TOLLGATE_CASES=str(manifest)))
     finally:
         for process in processes:
-            process.terminate()
+            stop_group(process, signal.SIGTERM)
         for process in processes:
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                process.kill()
+                stop_group(process, signal.SIGKILL)
         shutil.rmtree(scratch, ignore_errors=True)
 
 
