@@ -5,6 +5,7 @@
 
 pub mod background;
 pub mod container;
+pub mod ofrep;
 pub mod protocols;
 pub mod ship;
 pub mod source;
@@ -179,6 +180,9 @@ async fn route(sidecar: &Sidecar, request: Request<Incoming>) -> (Route, HttpRes
     let request_id = request.headers().get("x-request-id").cloned();
     if path == "/ext_authz" || path.starts_with("/ext_authz/") {
         return (Route::ExtAuthz, protocols::ext_authz(sidecar, &request));
+    }
+    if path.starts_with(ofrep::PREFIX) {
+        return (Route::Ofrep, ofrep::handle(sidecar, request).await);
     }
     let expected = match path.as_str() {
         "/v1/check" | "/v1/check/batch" | "/v1/meter" | "/access/v1/evaluation" | "/access/v1/evaluations" => Method::POST,

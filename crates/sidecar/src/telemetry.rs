@@ -16,6 +16,7 @@ pub enum Route {
     Entitlements,
     ExtAuthz,
     AuthZen,
+    Ofrep,
     Status,
     Probe,
     Metrics,
@@ -23,13 +24,14 @@ pub enum Route {
 }
 
 impl Route {
-    pub const ALL: [Route; 10] = [
+    pub const ALL: [Route; 11] = [
         Route::Check,
         Route::CheckBatch,
         Route::Meter,
         Route::Entitlements,
         Route::ExtAuthz,
         Route::AuthZen,
+        Route::Ofrep,
         Route::Status,
         Route::Probe,
         Route::Metrics,
@@ -44,6 +46,7 @@ impl Route {
             Route::Entitlements => "entitlements",
             Route::ExtAuthz => "ext_authz",
             Route::AuthZen => "authzen",
+            Route::Ofrep => "ofrep",
             Route::Status => "status",
             Route::Probe => "probe",
             Route::Metrics => "metrics",
