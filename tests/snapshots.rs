@@ -156,11 +156,21 @@ fn saturate_cpu(stop: &Arc<AtomicBool>, limit: std::time::Duration) -> Vec<std::
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_small_snapshot_installs_within_the_deadline_with_every_core_busy() {
+async fn a_snapshot_installs_past_a_starved_loader_with_every_core_busy() {
     let data = common::example_data();
     let server = TestServer::start(Some(common::signed_test(&data, 10))).await;
+    // Starvation made certain rather than hoped for: the idle-priority loader is kept busy
+    // until the end, so only the escalation can install the update (a test that measured how
+    // long idle CPU took to appear would depend on the machine's load).
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let (occupied, is_occupied) = tokio::sync::oneshot::channel::<()>();
+    let loader = tokio::spawn(tollgate_sidecar::background::run(move || {
+        let _ = occupied.send(());
+        let _ = hold.recv_timeout(std::time::Duration::from_secs(120));
+    }));
+    is_occupied.await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
-    let spinners = saturate_cpu(&stop, std::time::Duration::from_secs(15));
+    let spinners = saturate_cpu(&stop, std::time::Duration::from_secs(120));
     // Let the spinners take the cores before the update arrives.
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     let bytes = common::signed_test(&data, 11);
@@ -168,8 +178,10 @@ async fn a_small_snapshot_installs_within_the_deadline_with_every_core_busy() {
     std::fs::write(&temporary, bytes).unwrap();
     let written = tokio::time::Instant::now();
     std::fs::rename(&temporary, &server.snapshot_path).unwrap();
-    let bound = tollgate_sidecar::background::DEADLINE + std::time::Duration::from_millis(2_500);
-    while server.sidecar.store().revision() != Some(11) && written.elapsed() < bound + std::time::Duration::from_secs(5) {
+    // Generous: the escalation comes after `DEADLINE`; the rest is a small load competing with
+    // the spinners (and whatever else the machine runs) at normal priority.
+    let bound = tollgate_sidecar::background::DEADLINE + std::time::Duration::from_secs(60);
+    while server.sidecar.store().revision() != Some(11) && written.elapsed() < bound {
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
     }
     let took = written.elapsed();
@@ -177,13 +189,13 @@ async fn a_small_snapshot_installs_within_the_deadline_with_every_core_busy() {
     for spinner in spinners {
         spinner.join().unwrap();
     }
-    assert_eq!(server.sidecar.store().revision(), Some(11), "not installed after {took:?}");
-    assert!(took < bound, "installing took {took:?}, over the bound of {bound:?}");
+    let _ = release.send(());
+    assert_eq!(loader.await.unwrap(), Some(()));
+    assert_eq!(server.sidecar.store().revision(), Some(11), "not installed after {took:?} with the loader starved");
+    assert!(took >= tollgate_sidecar::background::DEADLINE, "installed after {took:?}, before the deadline: not by the escalation");
     server.stop().await;
 }
 
-/// Two catalogs that answer differently: in revision parity 0 `sso` is on the plan, in
-/// parity 1 it is not. An answer's `allow` must match its own `revision`.
 fn flip_flop(revision: u64) -> tollgate_core::model::SnapshotData {
     let features = if revision.is_multiple_of(2) { "[\"sso\", \"reports\"]" } else { "[\"reports\"]" };
     common::compile_inline(
@@ -221,7 +233,7 @@ async fn hot_swaps_under_load_lose_nothing_and_answer_from_one_revision() {
             (answers, revisions.len())
         }));
     }
-    let store = Arc::clone(&server.sidecar.store());
+    let store = Arc::clone(server.sidecar.store());
     let n_swaps = 200u64;
     let swapper = tokio::task::spawn_blocking(move || {
         for revision in 1..=n_swaps {
