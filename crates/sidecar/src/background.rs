@@ -15,7 +15,6 @@
 //! The thread is process-wide and started on first use: there is one CPU to be polite about,
 //! whatever number of sources or stores a process holds.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -87,15 +86,21 @@ pub async fn run<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -
 /// Runs side-effect-free `work` on the low-priority thread; if it has not answered within
 /// `deadline`, runs it at normal priority too (see the module comment) and returns the first
 /// answer. `None` when neither finished (both panicked).
+///
+/// Each call runs `work` at most twice and spawns at most one blocking task, which finishes
+/// when `work` does; callers load one update at a time, so escalations do not pile up.
 pub async fn run_with_deadline<T: Send + 'static>(work: impl Fn() -> T + Send + Sync + 'static, deadline: Duration) -> Option<T> {
     let work = Arc::new(work);
-    // Set by whichever side starts the work first; the idle thread skips a job already taken.
-    let claimed = Arc::new(AtomicBool::new(false));
+    // The queued job's copy of the work; whichever side takes it first runs it. A job the idle
+    // thread has not started is emptied by the escalation, so a starved queue keeps no work (nor
+    // the snapshot bytes it holds) alive, and the idle thread skips the job when it gets to it.
+    let slot = Arc::new(Mutex::new(Some(Arc::clone(&work))));
     let (done, mut result) = tokio::sync::oneshot::channel();
     let job: Job = {
-        let (work, claimed) = (Arc::clone(&work), Arc::clone(&claimed));
+        let slot = Arc::clone(&slot);
         Box::new(move || {
-            if !claimed.swap(true, Ordering::AcqRel) {
+            let taken = slot.lock().ok().and_then(|mut slot| slot.take());
+            if let Some(work) = taken {
                 let _ = done.send((*work)());
             }
         })
@@ -109,7 +114,9 @@ pub async fn run_with_deadline<T: Send + 'static>(work: impl Fn() -> T + Send + 
             }
         }
     }
-    let idle_started = claimed.swap(true, Ordering::AcqRel) && queued;
+    // A poisoned slot cannot tell; then both run, which costs CPU, never correctness.
+    let idle_started = queued && slot.lock().map(|mut slot| slot.take().is_none()).unwrap_or(true);
+    drop(slot);
     let urgent = tokio::task::spawn_blocking(move || (*work)());
     if !idle_started {
         return urgent.await.ok();
@@ -129,29 +136,46 @@ pub async fn run_with_deadline<T: Send + 'static>(work: impl Fn() -> T + Send + 
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
     use super::*;
 
     #[tokio::test]
     async fn a_load_stuck_behind_the_idle_thread_runs_at_normal_priority_after_the_deadline() {
-        // Occupy the idle thread, as starvation would.
+        // Occupy the idle thread, as starvation would, and wait until it is occupied: `run`
+        // queues its job only when first polled.
         let (release, hold) = std::sync::mpsc::channel::<()>();
-        let blocker = run(move || {
-            let _ = hold.recv_timeout(Duration::from_secs(30));
-        });
-        let blocker = tokio::spawn(blocker);
-        let ran = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (occupied, is_occupied) = tokio::sync::oneshot::channel::<()>();
+        let blocker = tokio::spawn(run(move || {
+            let _ = occupied.send(());
+            let _ = hold.recv_timeout(Duration::from_secs(60));
+        }));
+        assert_eq!(is_occupied.await, Ok(()));
+        let ran = Arc::new(AtomicUsize::new(0));
         let counted = Arc::clone(&ran);
+        let on_loader = Arc::new(AtomicUsize::new(0));
+        let loader_runs = Arc::clone(&on_loader);
+        // Stands for the snapshot bytes a load holds.
+        let payload = Arc::new(vec![0u8; 1024]);
+        let held = Arc::clone(&payload);
         let started = tokio::time::Instant::now();
         let answer = run_with_deadline(
             move || {
                 counted.fetch_add(1, Ordering::SeqCst);
-                42
+                if std::thread::current().name() == Some("tollgate-loader") {
+                    loader_runs.fetch_add(1, Ordering::SeqCst);
+                }
+                42 + held.len() - 1024
             },
             Duration::from_millis(100),
         )
         .await;
         assert_eq!(answer, Some(42));
-        assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+        assert_eq!(on_loader.load(Ordering::SeqCst), 0, "answered by the escalation, not the idle thread");
+        // Generous: a loaded machine may be slow to start a blocking thread, never 20 s slow.
+        assert!(started.elapsed() < Duration::from_secs(20), "took {:?}", started.elapsed());
+        // The job still queued behind the blocker no longer holds the work.
+        assert_eq!(Arc::strong_count(&payload), 1);
         let _ = release.send(());
         assert_eq!(blocker.await.ok(), Some(Some(())));
         // The queued copy was claimed by the escalation and is skipped: the work ran once.
