@@ -220,13 +220,15 @@ pub async fn watch(
         if seen == last || seen.is_empty() {
             continue;
         }
-        store.mark_pending();
         // Let a writer that is still writing finish before reading.
         tokio::time::sleep(Duration::from_millis(20)).await;
         let settled = fingerprint(&source).await;
         if settled != seen {
             continue;
         }
+        // Pending from here: the reload below ends in an install or a reject, and either
+        // clears it. (Marked earlier, a file changed back before settling would leave it set.)
+        store.mark_pending();
         let _ = reload_in_background(&source, &trusted, &store).await;
         last = settled;
     }
