@@ -178,7 +178,9 @@ struct SidecarArgs {
     #[arg(long, env = "TOLLGATE_MAX_STALENESS", requires = "control_plane", value_parser = parse_duration)]
     max_staleness: Option<Duration>,
     /// Turn `/readyz` unready while stale (answers keep coming from the last good snapshot).
-    #[arg(long, env = "TOLLGATE_UNREADY_WHEN_STALE", requires = "max_staleness")]
+    // `requires_if`, not `requires`: `TOLLGATE_UNREADY_WHEN_STALE=false` counts as present
+    // for clap, and turning the option off must not demand `--max-staleness`.
+    #[arg(long, env = "TOLLGATE_UNREADY_WHEN_STALE", requires_if("true", "max_staleness"))]
     unready_when_stale: bool,
     /// Dev mode: compile this policies directory in-process with an ephemeral key, and
     /// recompile when it changes.

@@ -346,3 +346,25 @@ async fn flags_can_come_from_environment_variables() {
     drop(client);
     assert!(running.terminate().success());
 }
+
+#[test]
+fn a_boolean_flag_turned_off_in_the_environment_requires_nothing() {
+    let run = |value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["sidecar", "--listen", "127.0.0.1:0", "--policies", "/nonexistent"])
+            .env("TOLLGATE_LOG", "warn")
+            .env("TOLLGATE_UNREADY_WHEN_STALE", value)
+            .output()
+            .unwrap()
+    };
+    // Off: the flags are fine, and the start fails on the missing policies (exit 1).
+    let off = run("false");
+    let stderr = String::from_utf8_lossy(&off.stderr);
+    assert_eq!(off.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("--max-staleness"), "{stderr}");
+    // On: `--unready-when-stale` still needs `--max-staleness` (a usage error, exit 2).
+    let on = run("true");
+    let stderr = String::from_utf8_lossy(&on.stderr);
+    assert_eq!(on.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--max-staleness"), "{stderr}");
+}
