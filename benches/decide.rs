@@ -16,8 +16,8 @@ use tollgate_core::engine::{NoUsage, Request, decide};
 use tollgate_core::model::SnapshotData;
 use tollgate_policy::generate::{GenOptions, accounts, catalog};
 use tollgate_policy::{Source, compile_sources};
-use tollgate_sidecar::Sidecar;
-use tollgate_sidecar::telemetry::Metrics;
+use tollgate_sidecar::app::App;
+use tollgate_sidecar::config::{Config, SourceConfig};
 use tollgate_snapshot::{self as snapshot, Snapshot, TrustedKeys};
 
 const CHUNK: usize = 10_000;
@@ -112,8 +112,11 @@ fn bench_decide(c: &mut Criterion) {
 fn bench_batch(c: &mut Criterion) {
     let n_accounts = 10_000;
     let snapshot = Snapshot::verify(&snapshot::build(&compile(n_accounts), 1, 0, &key()).unwrap(), &trusted()).unwrap();
-    let sidecar = Sidecar::new(Arc::new(Metrics::new()), Arc::new(trusted()), "bench".into(), Arc::new(tollgate_core::clock::SystemClock));
-    sidecar.store.install(snapshot).unwrap();
+    // Served from the store directly: the watched file is never written.
+    let config = Config::new(SourceConfig::File(std::env::temp_dir().join("tollgate-bench-unused.tgs")), trusted());
+    let app = App::build(config, Arc::new(tollgate_core::clock::SystemClock)).unwrap();
+    let sidecar = app.sidecar();
+    sidecar.store().install(snapshot).unwrap();
     let mut group = c.benchmark_group("batch_endpoint");
     for batch_size in [100usize, 1000] {
         let checks: Vec<serde_json::Value> = requests(n_accounts)
@@ -125,7 +128,7 @@ fn bench_batch(c: &mut Criterion) {
         let body = serde_json::to_vec(&serde_json::json!({ "checks": checks })).unwrap();
         group.throughput(Throughput::Elements(batch_size as u64));
         group.bench_function(BenchmarkId::from_parameter(batch_size), |b| {
-            b.iter(|| black_box(tollgate_sidecar::check_batch(&sidecar, black_box(&body))))
+            b.iter(|| black_box(tollgate_sidecar::check_batch(sidecar, black_box(&body))))
         });
     }
     group.finish();
@@ -159,7 +162,7 @@ fn bench_snapshot_lifecycle(c: &mut Criterion) {
                 b.iter_batched(
                     || {
                         let store = tollgate_sidecar::store::SnapshotStore::new(
-                            Arc::new(Metrics::new()),
+                            Arc::new(tollgate_sidecar::telemetry::Metrics::new()),
                             Arc::new(tollgate_core::clock::SystemClock),
                         );
                         store.install(older.clone()).unwrap();

@@ -11,10 +11,9 @@ use clap::{Parser, Subcommand};
 
 use tollgate_core::engine::{NoUsage, Request, decide};
 use tollgate_protocol::DecisionJson;
-use tollgate_sidecar::source::{self, Source};
-use tollgate_sidecar::telemetry::Metrics;
-use tollgate_sidecar::usage_log::UsageLog;
-use tollgate_sidecar::{self as sidecar_mod, Sidecar};
+use tollgate_sidecar::app::{App, Listeners};
+use tollgate_sidecar::config::{Config, MeteringSettings, SourceConfig, Staleness};
+use tollgate_sidecar::source::Source;
 use tollgate_snapshot::{self as snapshot, Snapshot, TrustedKeys};
 
 #[derive(Parser)]
@@ -28,66 +27,81 @@ struct Cli {
 enum Command {
     /// Write a new ed25519 key pair as DIR/tollgate.key (secret, mode 0600) and DIR/tollgate.pub.
     Keygen {
-        /// Directory to write the pair into (created if missing).
-        #[arg(long)]
+        /// Directory to write the key pair into (created if missing).
+        #[arg(long, env = "TOLLGATE_KEYGEN_OUT")]
         out: PathBuf,
         /// Replace a key pair already in the directory (the old secret key is gone for good).
-        #[arg(long)]
+        #[arg(long, env = "TOLLGATE_KEYGEN_FORCE")]
         force: bool,
     },
     /// Compile a policies directory into a signed snapshot file.
     Compile {
+        /// The policies directory (`catalog.toml` and `accounts/`).
         policy_dir: PathBuf,
         /// Secret key file written by `tollgate keygen`.
-        #[arg(long)]
+        #[arg(long, env = "TOLLGATE_COMPILE_KEY")]
         key: PathBuf,
-        #[arg(long)]
+        /// Where to write the signed snapshot.
+        #[arg(long, env = "TOLLGATE_COMPILE_OUT")]
         out: PathBuf,
         /// Revision number; defaults to the current time in milliseconds, so it grows.
-        #[arg(long)]
+        #[arg(long, env = "TOLLGATE_COMPILE_REVISION")]
         revision: Option<u64>,
     },
     /// Print a snapshot's header and whether its signature verifies.
     Inspect {
+        /// The snapshot file.
         file: PathBuf,
         /// Public key to verify against.
-        #[arg(long)]
+        #[arg(long, env = "TOLLGATE_INSPECT_TRUST_KEY")]
         trust_key: Vec<PathBuf>,
     },
     /// Answer one decision from a snapshot, as JSON.
     Check {
-        #[arg(long)]
+        /// A signed snapshot file to decide from (with `--trust-key`).
+        #[arg(long, env = "TOLLGATE_CHECK_SNAPSHOT")]
         snapshot: Option<PathBuf>,
         /// Compile this policies directory in-process instead of reading a snapshot.
-        #[arg(long, conflicts_with = "snapshot")]
+        #[arg(long, env = "TOLLGATE_CHECK_POLICIES", conflicts_with = "snapshot")]
         policies: Option<PathBuf>,
-        #[arg(long)]
+        /// Public key(s) whose signatures are trusted; repeat for several.
+        #[arg(long, env = "TOLLGATE_CHECK_TRUST_KEY")]
         trust_key: Vec<PathBuf>,
-        #[arg(long)]
+        /// The account to decide for.
+        #[arg(long, env = "TOLLGATE_CHECK_ACCOUNT")]
         account: String,
-        #[arg(long)]
+        /// The feature to check.
+        #[arg(long, env = "TOLLGATE_CHECK_FEATURE")]
         feature: String,
-        #[arg(long)]
+        /// The user asking (seats and roles).
+        #[arg(long, env = "TOLLGATE_CHECK_USER")]
         user: Option<String>,
-        #[arg(long)]
+        /// The region the request comes from.
+        #[arg(long, env = "TOLLGATE_CHECK_REGION")]
         region: Option<String>,
-        #[arg(long)]
+        /// The device asking (device limits).
+        #[arg(long, env = "TOLLGATE_CHECK_DEVICE")]
         device: Option<String>,
-        #[arg(long)]
+        /// Units of a metered feature the request would use.
+        #[arg(long, env = "TOLLGATE_CHECK_AMOUNT")]
         amount: Option<u64>,
         /// Decide as of this instant (RFC 3339) instead of now.
-        #[arg(long)]
+        #[arg(long, env = "TOLLGATE_CHECK_NOW")]
         now: Option<String>,
     },
     /// Write a synthetic policies directory with N accounts (acct-0 …) for benches and load tests.
     Gen {
-        #[arg(long)]
+        /// How many accounts to write.
+        #[arg(long, env = "TOLLGATE_GEN_ACCOUNTS")]
         accounts: usize,
-        #[arg(long)]
+        /// Directory to write the policies into.
+        #[arg(long, env = "TOLLGATE_GEN_OUT")]
         out: PathBuf,
-        #[arg(long, default_value_t = 64)]
+        /// How many features the catalog has.
+        #[arg(long, env = "TOLLGATE_GEN_FEATURES", default_value_t = 64)]
         features: usize,
-        #[arg(long, default_value_t = 1)]
+        /// Seed of the generator: the same seed writes the same policies.
+        #[arg(long, env = "TOLLGATE_GEN_SEED", default_value_t = 1)]
         seed: u64,
     },
     /// Serve the decision API on localhost.
@@ -112,117 +126,140 @@ enum Command {
 #[derive(clap::Args)]
 struct ProbeArgs {
     /// The sidecar's `--listen` address.
-    #[arg(long, default_value = "127.0.0.1:8181")]
+    #[arg(long, env = "TOLLGATE_PROBE_ADDR", default_value = "127.0.0.1:8181")]
     addr: String,
     /// Give up after this many milliseconds.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, env = "TOLLGATE_PROBE_TIMEOUT_MS", default_value_t = 2000)]
     timeout_ms: u64,
 }
 
 #[derive(clap::Args)]
 struct SidecarArgs {
     /// Address to listen on; loopback unless you mean otherwise.
-    #[arg(long, default_value = "127.0.0.1:8181")]
+    #[arg(long, env = "TOLLGATE_LISTEN", default_value = "127.0.0.1:8181")]
     listen: String,
     /// Public key(s) whose signatures are trusted; repeat for several.
-    #[arg(long)]
+    #[arg(long, env = "TOLLGATE_TRUST_KEY")]
     trust_key: Vec<PathBuf>,
     /// A signed snapshot file, watched and reloaded when it changes.
-    #[arg(long, required_unless_present_any = ["policies", "control_plane"], conflicts_with_all = ["policies", "control_plane"])]
+    #[arg(long, env = "TOLLGATE_SNAPSHOT", required_unless_present_any = ["policies", "control_plane"], conflicts_with_all = ["policies", "control_plane"])]
     snapshot: Option<PathBuf>,
     /// Subscribe to a control plane (http://HOST:PORT): long-poll for signed snapshots,
     /// verify them with `--trust-key`, keep the last good one in `--data-dir`.
-    #[arg(long, requires_all = ["api_key_file", "data_dir"], conflicts_with = "policies")]
+    #[arg(long, env = "TOLLGATE_CONTROL_PLANE", requires_all = ["api_key_file", "data_dir"], conflicts_with = "policies")]
     control_plane: Option<String>,
     /// File holding the API key (scope `sidecar`) for `--control-plane`.
-    #[arg(long)]
+    #[arg(long, env = "TOLLGATE_API_KEY_FILE")]
     api_key_file: Option<PathBuf>,
     /// Local state: the durable usage log (`DIR/usage/`; a metering event is acknowledged only
     /// once it is synced there) and, with `--control-plane`, the last good snapshot. Without
     /// it metering is in memory only.
-    #[arg(long)]
+    #[arg(long, env = "TOLLGATE_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// With `--control-plane`: ship usage and refresh global usage at least this often, in
     /// milliseconds.
-    #[arg(long, default_value_t = 200)]
+    #[arg(long, env = "TOLLGATE_USAGE_SYNC_INTERVAL_MS", default_value_t = 200)]
     usage_sync_interval_ms: u64,
     /// With `--control-plane`: the share of a hard limit one sidecar may use before its usage
     /// reaches the control plane; past it an event waits for a sync. Pods together overshoot a
     /// hard limit by at most (pods - 1) x this share. 0 < share <= 1.
-    #[arg(long, default_value_t = 0.02)]
+    #[arg(long, env = "TOLLGATE_QUOTA_LOCAL_SHARE", default_value_t = 0.02)]
     quota_local_share: f64,
     /// How long an event that needs a sync may wait for one before it is decided on what this
     /// sidecar knows, in milliseconds.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, env = "TOLLGATE_QUOTA_SYNC_WAIT_MS", default_value_t = 500)]
     quota_sync_wait_ms: u64,
     /// How far in the past a metering event's own `timestamp` may be, in seconds.
-    #[arg(long, default_value_t = 3600)]
+    #[arg(long, env = "TOLLGATE_LATE_ARRIVAL_SECS", default_value_t = 3600)]
     late_arrival_secs: i64,
     /// On SIGTERM, how long to try to ship unshipped usage before exiting (what is left stays
     /// in the log for the next start), in seconds.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, env = "TOLLGATE_FLUSH_TIMEOUT_SECS", default_value_t = 5)]
     flush_timeout_secs: u64,
     /// Mark answers and status stale once the control plane has not confirmed the snapshot
     /// for this long, e.g. `90s`, `10m`, `1h` (a bare number is seconds).
-    #[arg(long, requires = "control_plane", value_parser = parse_duration)]
+    #[arg(long, env = "TOLLGATE_MAX_STALENESS", requires = "control_plane", value_parser = parse_duration)]
     max_staleness: Option<Duration>,
     /// Turn `/readyz` unready while stale (answers keep coming from the last good snapshot).
-    #[arg(long, requires = "max_staleness")]
+    // `requires_if`, not `requires`: `TOLLGATE_UNREADY_WHEN_STALE=false` counts as present
+    // for clap, and turning the option off must not demand `--max-staleness`.
+    #[arg(long, env = "TOLLGATE_UNREADY_WHEN_STALE", requires_if("true", "max_staleness"))]
     unready_when_stale: bool,
     /// Dev mode: compile this policies directory in-process with an ephemeral key, and
     /// recompile when it changes.
-    #[arg(long)]
+    #[arg(long, env = "TOLLGATE_POLICIES")]
     policies: Option<PathBuf>,
     /// How often the source is checked for changes, in milliseconds.
-    #[arg(long, default_value_t = 500)]
+    #[arg(long, env = "TOLLGATE_WATCH_INTERVAL_MS", default_value_t = 500)]
     watch_interval_ms: u64,
     /// Largest request body in bytes.
-    #[arg(long, default_value_t = sidecar_mod::DEFAULT_MAX_BODY)]
+    #[arg(long, env = "TOLLGATE_MAX_BODY", default_value_t = tollgate_sidecar::DEFAULT_MAX_BODY)]
     max_body: usize,
     /// How long SIGTERM waits for in-flight requests, in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "TOLLGATE_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     drain_timeout_secs: u64,
     /// How long metering event ids are remembered for deduplication, in seconds.
-    #[arg(long, default_value_t = 86_400)]
+    #[arg(long, env = "TOLLGATE_DEDUPE_WINDOW_SECS", default_value_t = 86_400)]
     dedupe_window_secs: i64,
     /// Also serve /metrics, /healthz and /readyz (nothing else) on this address, e.g. the pod
     /// address for Prometheus, while the decision API stays on `--listen`.
-    #[arg(long)]
+    #[arg(long, env = "TOLLGATE_METRICS_LISTEN")]
     metrics_listen: Option<String>,
     /// Worker threads; defaults to the cgroup CPU quota in whole CPUs (rounded up), or the
     /// CPUs the process may run on when there is no quota.
-    #[arg(long)]
+    #[arg(long, env = "TOLLGATE_WORKERS")]
     workers: Option<usize>,
     /// Envoy ext_authz: the request header naming the account.
-    #[arg(long, default_value = tollgate_sidecar::protocols::HEADER_ACCOUNT)]
+    #[arg(long, env = "TOLLGATE_EXT_AUTHZ_ACCOUNT_HEADER", default_value = tollgate_sidecar::protocols::HEADER_ACCOUNT)]
     ext_authz_account_header: String,
     /// Envoy ext_authz: the request header naming the user.
-    #[arg(long, default_value = tollgate_sidecar::protocols::HEADER_USER)]
+    #[arg(long, env = "TOLLGATE_EXT_AUTHZ_USER_HEADER", default_value = tollgate_sidecar::protocols::HEADER_USER)]
     ext_authz_user_header: String,
     /// Envoy ext_authz: the request header naming the feature (a route in the catalog's
     /// `[routes]` map matching the path wins over it).
-    #[arg(long, default_value = tollgate_sidecar::protocols::HEADER_FEATURE)]
+    #[arg(long, env = "TOLLGATE_EXT_AUTHZ_FEATURE_HEADER", default_value = tollgate_sidecar::protocols::HEADER_FEATURE)]
     ext_authz_feature_header: String,
     /// Envoy ext_authz: the request header naming the region.
-    #[arg(long, default_value = tollgate_sidecar::protocols::HEADER_REGION)]
+    #[arg(long, env = "TOLLGATE_EXT_AUTHZ_REGION_HEADER", default_value = tollgate_sidecar::protocols::HEADER_REGION)]
     ext_authz_region_header: String,
     /// Envoy ext_authz: the request header naming the device.
-    #[arg(long, default_value = tollgate_sidecar::protocols::HEADER_DEVICE)]
+    #[arg(long, env = "TOLLGATE_EXT_AUTHZ_DEVICE_HEADER", default_value = tollgate_sidecar::protocols::HEADER_DEVICE)]
     ext_authz_device_header: String,
 }
 
 fn main() -> std::process::ExitCode {
+    use std::io::IsTerminal;
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("TOLLGATE_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colour codes only for a person at a terminal, never in a log file or collector.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", error_chain(&error));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, `outer: inner: …`, each text once: many errors
+/// already print their source in their own message (`cannot read `x`: No such file …`), and
+/// anyhow's `{:#}` would then repeat it.
+fn error_chain(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -354,7 +391,9 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     tollgate_http::fs::write_atomically(path, bytes).with_context(|| format!("cannot write `{}`", path.display()))
 }
 
-fn run_sidecar(args: SidecarArgs) -> Result<()> {
+/// Maps the sidecar's flags onto a [`Config`]; everything else is the library's.
+fn sidecar_config(args: SidecarArgs) -> Result<Config> {
+    use tollgate_sidecar::protocols::header_name;
     let listen: std::net::SocketAddr =
         args.listen.parse().with_context(|| format!("`--listen` value `{}` is not an address like 127.0.0.1:8181", args.listen))?;
     let metrics_listen: Option<std::net::SocketAddr> = args
@@ -362,194 +401,64 @@ fn run_sidecar(args: SidecarArgs) -> Result<()> {
         .as_deref()
         .map(|address| address.parse().with_context(|| format!("`--metrics-listen` value `{address}` is not an address like 0.0.0.0:9181")))
         .transpose()?;
-    if args.max_body == 0 {
-        bail!("`--max-body` must be greater than 0");
-    }
-    if args.watch_interval_ms == 0 {
-        bail!("`--watch-interval-ms` must be greater than 0");
-    }
-    if !(args.quota_local_share > 0.0 && args.quota_local_share <= 1.0) {
-        bail!("`--quota-local-share` must be greater than 0 and at most 1, not `{}`", args.quota_local_share);
-    }
-    if args.usage_sync_interval_ms == 0 {
-        bail!("`--usage-sync-interval-ms` must be greater than 0");
-    }
-    if args.late_arrival_secs < 0 {
-        bail!("`--late-arrival-secs` must not be negative");
-    }
-    let mut subscription = None;
-    let (source, trusted) = match (&args.snapshot, &args.policies) {
-        (Some(path), _) => {
-            if args.trust_key.is_empty() {
-                bail!("`--trust-key` is required with `--snapshot`: the sidecar trusts only configured keys");
-            }
-            (Source::File(path.clone()), read_trusted(&args.trust_key)?)
+    let source = match (args.snapshot, args.policies, args.control_plane, args.api_key_file) {
+        (Some(path), _, _, _) => SourceConfig::File(path),
+        (None, Some(dir), _, _) => SourceConfig::Policies(dir),
+        (None, None, Some(url), Some(api_key_file)) => {
+            SourceConfig::ControlPlane { url, api_key_file, poll_wait: Duration::from_secs(tollgate_sidecar::subscribe::DEFAULT_WAIT_SECS) }
         }
-        (None, Some(dir)) => {
-            let (source, mut trusted) = dev_source(dir.clone())?;
-            for path in &args.trust_key {
-                trusted.add(snapshot::read_public_key(path)?);
-            }
-            (source, trusted)
-        }
-        (None, None) => match (&args.control_plane, &args.api_key_file, &args.data_dir) {
-            (Some(url), Some(key_file), Some(data_dir)) => {
-                if args.trust_key.is_empty() {
-                    bail!("`--trust-key` is required with `--control-plane`: the sidecar trusts only configured keys");
-                }
-                let subscribed = Arc::new(sidecar_mod::subscribe::Subscription::new(url, key_file, data_dir.clone())?);
-                subscription = Some(Arc::clone(&subscribed));
-                (Source::ControlPlane(subscribed), read_trusted(&args.trust_key)?)
-            }
-            _ => bail!("give `--snapshot FILE`, `--policies DIR` or `--control-plane URL`"),
-        },
+        _ => bail!("give `--snapshot FILE`, `--policies DIR` or `--control-plane URL`"),
     };
-    let metrics = Arc::new(Metrics::new());
-    let trusted = Arc::new(trusted);
-    let mut sidecar =
-        Sidecar::new(Arc::clone(&metrics), Arc::clone(&trusted), source.describe(), Arc::new(tollgate_core::clock::SystemClock));
-    sidecar.max_body = args.max_body;
-    {
-        use tollgate_sidecar::protocols::header_name;
-        sidecar.ext_authz = tollgate_sidecar::protocols::ExtAuthzHeaders {
-            account: header_name(&args.ext_authz_account_header).context("`--ext-authz-account-header`")?,
-            user: header_name(&args.ext_authz_user_header).context("`--ext-authz-user-header`")?,
-            feature: header_name(&args.ext_authz_feature_header).context("`--ext-authz-feature-header`")?,
-            region: header_name(&args.ext_authz_region_header).context("`--ext-authz-region-header`")?,
-            device: header_name(&args.ext_authz_device_header).context("`--ext-authz-device-header`")?,
-        };
-    }
-    if let Some(max_staleness) = args.max_staleness {
-        sidecar.store.set_staleness(max_staleness, args.unready_when_stale);
-    }
-    sidecar.metering = sidecar_mod::Metering {
+    let mut config = Config::new(source, read_trusted(&args.trust_key)?);
+    config.listen = listen;
+    config.metrics_listen = metrics_listen;
+    config.data_dir = args.data_dir;
+    config.metering = MeteringSettings {
         late_arrival_secs: args.late_arrival_secs,
         local_share: args.quota_local_share,
         sync_wait: Duration::from_millis(args.quota_sync_wait_ms),
+        dedupe_window_secs: args.dedupe_window_secs,
+        usage_sync_interval: Duration::from_millis(args.usage_sync_interval_ms),
+        flush_timeout: Duration::from_secs(args.flush_timeout_secs),
     };
-    if let Some(data_dir) = &args.data_dir {
-        // The log is read back before serving, so quotas and event ids are as they were.
-        let (log, recovery) = UsageLog::open(data_dir, subscription.is_some())?;
-        let now = tollgate_core::clock::system_now_ms().div_euclid(1000);
-        sidecar_mod::ship::restore(&sidecar.usage, &recovery.events, &recovery.state, now);
-        tracing::info!(
-            events = recovery.events.len(),
-            unshipped = log.n_pending(),
-            truncated_bytes = recovery.truncated_bytes,
-            dir = %log.dir().display(),
-            "usage log opened"
-        );
-        if let Some(subscription) = &subscription {
-            let id = sidecar_mod::ship::sidecar_id(data_dir)?;
-            let interval = Duration::from_millis(args.usage_sync_interval_ms);
-            sidecar.shipping = Some(Arc::new(sidecar_mod::ship::Shipping::new(Arc::clone(subscription), id, interval, &recovery.state)));
-            sidecar.tally = Some(tollgate_sidecar::usage::DecisionTally::new());
-        }
-        sidecar.metrics.usage_pending(log.n_pending());
-        sidecar.usage_log = Some(Arc::new(log));
-    } else {
-        tracing::warn!("no `--data-dir`: metering events are kept in memory only and lost on restart");
-    }
-    let sidecar = Arc::new(sidecar);
+    config.staleness = args.max_staleness.map(|max| Staleness { max, unready_when_stale: args.unready_when_stale });
+    config.ext_authz = tollgate_sidecar::protocols::ExtAuthzHeaders {
+        account: header_name(&args.ext_authz_account_header).context("`--ext-authz-account-header`")?,
+        user: header_name(&args.ext_authz_user_header).context("`--ext-authz-user-header`")?,
+        feature: header_name(&args.ext_authz_feature_header).context("`--ext-authz-feature-header`")?,
+        region: header_name(&args.ext_authz_region_header).context("`--ext-authz-region-header`")?,
+        device: header_name(&args.ext_authz_device_header).context("`--ext-authz-device-header`")?,
+    };
+    config.max_body = args.max_body;
+    config.drain_timeout = Duration::from_secs(args.drain_timeout_secs);
+    config.workers = args.workers;
+    config.watch_interval = Duration::from_millis(args.watch_interval_ms);
+    Ok(config)
+}
 
-    // The first load happens before serving. A policies directory with mistakes is bad
-    // configuration and stops here; a snapshot file may legitimately arrive later (a volume
-    // being filled), so the sidecar starts unready and keeps watching.
-    match (source::reload(&source, &trusted, &sidecar.store), &source) {
-        (Ok(revision), _) => tracing::info!(revision, source = %source.describe(), "serving snapshot"),
-        (Err(error), Source::Policies { .. }) => bail!("{error}"),
-        // A subscription's first start has no cache yet; that is expected, not a warning.
-        (Err(error), Source::ControlPlane(subscription)) if !subscription.cache_path().exists() => {
-            tracing::info!(%error, "waiting for the first snapshot from the control plane");
-        }
-        (Err(error), _) => tracing::warn!(%error, "no valid snapshot yet; not ready until one arrives"),
-    }
-
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all();
+fn run_sidecar(args: SidecarArgs) -> Result<()> {
+    let config = sidecar_config(args)?;
+    config.validate()?;
     // Workers follow the container's CPU limit, not the node's cores: more threads than the
-    // quota only get throttled together. Snapshot loading runs on the blocking pool, capped
-    // small so background work cannot fan out over the quota (deploy/README.md).
-    let workers = args.workers.unwrap_or_else(tollgate_sidecar::container::worker_threads).max(1);
-    runtime.worker_threads(workers).max_blocking_threads(4);
+    // quota only get throttled together. Snapshot loading past its idle-priority deadline runs
+    // on the blocking pool, capped small so background work cannot fan out over the quota
+    // (deploy/README.md).
+    let workers = config.worker_threads();
+    let app = App::build(config, Arc::new(tollgate_core::clock::SystemClock))?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .worker_threads(workers)
+        .max_blocking_threads(4)
+        .build()
+        .context("cannot start the async runtime")?;
     tracing::info!(workers, "async runtime");
-    let runtime = runtime.build().context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(listen).await.with_context(|| format!("cannot listen on `{listen}`"))?;
-        tracing::info!(address = %listener.local_addr()?, "tollgate sidecar listening");
-        let metrics_listener = match metrics_listen {
-            Some(address) => {
-                let listener =
-                    tokio::net::TcpListener::bind(address).await.with_context(|| format!("cannot listen on `{address}` for metrics"))?;
-                tracing::info!(address = %listener.local_addr()?, "metrics listening");
-                Some(listener)
-            }
-            None => None,
-        };
-        let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
-        let stopped = |mut receiver: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = receiver.wait_for(|stop| *stop).await;
-        };
-        let watcher = tokio::spawn(source::watch(
-            Arc::new(source),
-            Arc::clone(&trusted),
-            Arc::clone(&sidecar.store),
-            Duration::from_millis(args.watch_interval_ms),
-            stopped(stop_receiver.clone()),
-        ));
-        let housekeeping = {
-            let sidecar = Arc::clone(&sidecar);
-            let stop = stopped(stop_receiver.clone());
-            tokio::spawn(async move {
-                tokio::pin!(stop);
-                let mut ticker = tokio::time::interval(Duration::from_secs(5));
-                loop {
-                    tokio::select! {
-                        () = &mut stop => return,
-                        _ = ticker.tick() => {}
-                    }
-                    sidecar.metrics.upkeep();
-                    let cutoff = tollgate_core::clock::system_now_ms().div_euclid(1000) - args.dedupe_window_secs;
-                    sidecar.usage.prune_events(cutoff);
-                }
-            })
-        };
-        let shipper = match (&sidecar.shipping, &sidecar.usage_log) {
-            (Some(shipping), Some(log)) => Some(tokio::spawn(sidecar_mod::ship::run(
-                Arc::clone(&sidecar),
-                Arc::clone(shipping),
-                Arc::clone(log),
-                stopped(stop_receiver.clone()),
-            ))),
-            _ => None,
-        };
-        let shutdown = async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down: draining in-flight requests");
-            let _ = stop_sender.send(true);
-        };
-        let drain = Duration::from_secs(args.drain_timeout_secs);
-        let metrics_server = metrics_listener.map(|listener| {
-            tokio::spawn(sidecar_mod::serve_metrics(listener, Arc::clone(&sidecar), stopped(stop_receiver.clone()), drain))
-        });
-        sidecar_mod::serve(listener, Arc::clone(&sidecar), shutdown, drain).await;
-        if let Some(metrics_server) = metrics_server {
-            let _ = metrics_server.await;
+        let listeners = Listeners::bind(app.config()).await?;
+        tracing::info!(address = %listeners.api.local_addr()?, "tollgate sidecar listening");
+        if let Some(metrics) = &listeners.metrics {
+            tracing::info!(address = %metrics.local_addr()?, "metrics listening");
         }
-        let _ = watcher.await;
-        let _ = housekeeping.await;
-        if let Some(shipper) = shipper {
-            let _ = shipper.await;
-        }
-        // Every in-flight event is on disk by now; ship what can be shipped, keep the rest.
-        if let (Some(shipping), Some(log)) = (&sidecar.shipping, &sidecar.usage_log) {
-            let left = sidecar_mod::ship::flush(&sidecar, shipping, log, Duration::from_secs(args.flush_timeout_secs)).await;
-            tracing::info!(unshipped = left, "usage flushed");
-        }
-        if let Some(log) = &sidecar.usage_log {
-            log.stop();
-        }
-        tracing::info!("stopped");
+        app.run(listeners, shutdown_signal()).await;
         Ok(())
     })
 }
@@ -579,38 +488,40 @@ struct ControlPlaneArgs {
     #[command(subcommand)]
     command: Option<ControlPlaneCommand>,
     /// Data directory: the SQLite license repository lives in DIR/tollgate.db.
-    #[arg(long)]
+    #[arg(long, env = "TOLLGATE_CP_DATA")]
     data: Option<PathBuf>,
     /// Policies directory whose catalog.toml is the catalog (accounts come from the database).
-    #[arg(long)]
+    #[arg(long, env = "TOLLGATE_CP_POLICIES")]
     policies: Option<PathBuf>,
     /// Secret key file (from `tollgate keygen`) that signs snapshots and license tokens.
-    #[arg(long)]
+    #[arg(long, env = "TOLLGATE_CP_SIGNING_KEY")]
     signing_key: Option<PathBuf>,
     /// Public key files of retired signing keys, kept in the JWKS so tokens they signed stay
     /// verifiable until they expire; repeat for several.
-    #[arg(long)]
+    #[arg(long, env = "TOLLGATE_CP_RETIRED_KEY")]
     retired_key: Vec<PathBuf>,
-    #[arg(long, default_value = "127.0.0.1:8282")]
+    /// Address to listen on for the integration API (and the sidecar routes without
+    /// `--sync-listen`).
+    #[arg(long, env = "TOLLGATE_CP_LISTEN", default_value = "127.0.0.1:8282")]
     listen: String,
     /// Serve the sidecar routes (`/v1/snapshot`, `/v1/usage`, plus probes) on this address
     /// instead of `--listen`, so that network policy can admit only sidecars to them.
-    #[arg(long)]
+    #[arg(long, env = "TOLLGATE_CP_SYNC_LISTEN")]
     sync_listen: Option<String>,
     /// Lifetime of license tokens, in seconds (never past the license's own end).
-    #[arg(long, default_value_t = tollgate_control_plane::DEFAULT_TOKEN_TTL_SECS)]
+    #[arg(long, env = "TOLLGATE_CP_TOKEN_TTL_SECS", default_value_t = tollgate_control_plane::DEFAULT_TOKEN_TTL_SECS)]
     token_ttl_secs: i64,
     /// How long SIGTERM waits for in-flight requests, in seconds.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, env = "TOLLGATE_CP_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     drain_timeout_secs: u64,
     /// Where usage threshold notifications (80 % and 100 % of a limit) are POSTed, signed with
     /// HMAC-SHA256: http://HOST:PORT/PATH. Plain HTTP only; for TLS run a local proxy (such as
     /// an Envoy or nginx sidecar) and point this at it. Without it nothing is enqueued.
-    #[arg(long, requires = "webhook_secret_file")]
+    #[arg(long, env = "TOLLGATE_CP_WEBHOOK_URL", requires = "webhook_secret_file")]
     webhook_url: Option<String>,
     /// File holding the webhook signing secret (surrounding whitespace is ignored; must not be
     /// empty). Required with `--webhook-url`.
-    #[arg(long, requires = "webhook_url")]
+    #[arg(long, env = "TOLLGATE_CP_WEBHOOK_SECRET_FILE", requires = "webhook_url")]
     webhook_secret_file: Option<PathBuf>,
 }
 
@@ -629,13 +540,14 @@ enum ControlPlaneCommand {
 enum KeysCommand {
     /// Make a new API key and print it, alone, on stdout; only its hash is stored.
     Create {
-        #[arg(long)]
+        /// The control plane's data directory.
+        #[arg(long, env = "TOLLGATE_KEYS_DATA")]
         data: PathBuf,
         /// admin, integration, sidecar or account.
-        #[arg(long)]
+        #[arg(long, env = "TOLLGATE_KEYS_SCOPE")]
         scope: String,
         /// Bind the key to this account (required for scope `account`).
-        #[arg(long)]
+        #[arg(long, env = "TOLLGATE_KEYS_ACCOUNT")]
         account: Option<String>,
     },
 }
@@ -645,8 +557,10 @@ enum KeysCommand {
 enum TokenCommand {
     /// Verify a license token offline against a JWKS file; prints its claims, exits 1 if refused.
     Verify {
-        #[arg(long)]
+        /// The JWKS file (the control plane's `/.well-known/jwks.json`).
+        #[arg(long, env = "TOLLGATE_TOKEN_JWKS")]
         jwks: PathBuf,
+        /// The license token.
         token: String,
     },
 }
@@ -730,4 +644,52 @@ fn run_token(command: TokenCommand) -> Result<()> {
     let claims = tollgate_control_plane::tokens::verify(&token, &keys, now)?;
     println!("{}", serde_json::to_string_pretty(&serde_json::Value::Object(claims))?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    /// Every subcommand, with its path of names (`control-plane keys create`).
+    fn commands(command: &clap::Command, path: Vec<String>, out: &mut Vec<(Vec<String>, clap::Command)>) {
+        out.push((path.clone(), command.clone()));
+        for sub in command.get_subcommands() {
+            let mut sub_path = path.clone();
+            sub_path.push(sub.get_name().to_string());
+            commands(sub, sub_path, out);
+        }
+    }
+
+    #[test]
+    fn every_flag_has_a_description_and_an_environment_variable() {
+        let mut all = Vec::new();
+        commands(&Cli::command(), Vec::new(), &mut all);
+        let mut problems = Vec::new();
+        for (path, command) in &all {
+            for arg in command.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                if arg.get_help().is_none() {
+                    problems.push(format!("`tollgate {}` argument `{id}` has no description", path.join(" ")));
+                }
+                let Some(long) = arg.get_long() else { continue };
+                match arg.get_env().and_then(|env| env.to_str()) {
+                    Some(env) if env.starts_with("TOLLGATE_") && env.ends_with(&long.to_uppercase().replace('-', "_")) => {}
+                    other => problems.push(format!("`tollgate {}` flag `--{long}` has environment variable {other:?}", path.join(" "))),
+                }
+            }
+        }
+        assert!(problems.is_empty(), "{problems:#?}");
+    }
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory (os error 2)");
+        let error = anyhow::Error::new(io).context("cannot read `x`: No such file or directory (os error 2)").context("in `--trust-key`");
+        assert_eq!(error_chain(&error), "in `--trust-key`: cannot read `x`: No such file or directory (os error 2)");
+    }
 }

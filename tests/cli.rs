@@ -311,3 +311,79 @@ async fn a_metrics_listener_serves_metrics_and_probes_only() {
     drop((api, metrics));
     assert!(sidecar.terminate().success());
 }
+
+#[test]
+fn errors_name_each_cause_once_and_logs_carry_no_colour_codes_off_a_terminal() {
+    let output = tollgate(&["sidecar", "--snapshot", "/nonexistent", "--trust-key", "/nonexistent"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("error: "), "{stderr}");
+    assert_eq!(stderr.matches("No such file or directory").count(), 1, "the OS error is printed once: {stderr}");
+
+    // Logs are written before the failure here (no `--data-dir`, a broken catalog).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("catalog.toml"), "[features.x]\nmeter = \"missing\"\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["sidecar", "--listen", "127.0.0.1:0", "--policies", path(dir.path())])
+        .env("TOLLGATE_LOG", "info")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("WARN"), "expected a log line: {stderr}");
+    assert!(!stderr.contains('\u{1b}'), "colour codes in a pipe: {stderr:?}");
+}
+
+#[tokio::test]
+async fn flags_can_come_from_environment_variables() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("sidecar")
+        .env("TOLLGATE_LOG", "warn")
+        .env("TOLLGATE_LISTEN", &listen)
+        .env("TOLLGATE_POLICIES", common::repo_root().join("policies"))
+        .env("TOLLGATE_MAX_BODY", "100")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let addr: std::net::SocketAddr = listen.parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(addr).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "the sidecar exited: it did not take its flags from the environment");
+        assert!(Instant::now() < deadline, "nothing listened on `TOLLGATE_LISTEN`");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let running = Running { child, addr };
+    let mut client = common::Client::connect(running.addr).await;
+    assert_eq!(client.post("/v1/check", &json!({"account": "acme", "feature": "sso"})).await.json()["allow"], true);
+    let too_big = client.post("/v1/check", &json!({"account": "acme", "feature": "sso", "user": "x".repeat(200)})).await;
+    assert_eq!(too_big.status, 413, "`TOLLGATE_MAX_BODY` was taken: {}", too_big.text());
+    // `--help` names each variable.
+    let help = Command::new(env!("CARGO_BIN_EXE_tollgate")).args(["sidecar", "--help"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&help.stdout).contains("[env: TOLLGATE_LISTEN="));
+    drop(client);
+    assert!(running.terminate().success());
+}
+
+#[test]
+fn a_boolean_flag_turned_off_in_the_environment_requires_nothing() {
+    let run = |value: &str| {
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["sidecar", "--listen", "127.0.0.1:0", "--policies", "/nonexistent"])
+            .env("TOLLGATE_LOG", "warn")
+            .env("TOLLGATE_UNREADY_WHEN_STALE", value)
+            .output()
+            .unwrap()
+    };
+    // Off: the flags are fine, and the start fails on the missing policies (exit 1).
+    let off = run("false");
+    let stderr = String::from_utf8_lossy(&off.stderr);
+    assert_eq!(off.status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("--max-staleness"), "{stderr}");
+    // On: `--unready-when-stale` still needs `--max-staleness` (a usage error, exit 2).
+    let on = run("true");
+    let stderr = String::from_utf8_lossy(&on.stderr);
+    assert_eq!(on.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--max-staleness"), "{stderr}");
+}

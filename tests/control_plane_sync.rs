@@ -8,11 +8,14 @@
 mod common;
 mod control_plane_support;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::json;
 
 use control_plane_support::{TestControlPlane, TestSidecar, get, post, signing_key, trusting};
+use tollgate_core::clock::ManualClock;
+use tollgate_sidecar::config::Staleness;
 use tollgate_snapshot::Snapshot;
 
 fn new_order(id: &str, account: &str, plan: &str) -> serde_json::Value {
@@ -147,8 +150,16 @@ async fn a_stopped_control_plane_leaves_sidecars_serving_from_cache_then_stale()
 
     // A restart while the control plane is down serves the cached snapshot; past the
     // staleness bound the answers say so and readiness can follow.
-    let restarted = TestSidecar::start(addr, &sidecar_key, trusting(&signing_key(7)), &cache).await;
-    restarted.sidecar.store.set_staleness(Duration::from_millis(1), true);
+    // The clock is moved, not waited for: fresh at first, stale past `--max-staleness`.
+    let clock = Arc::new(ManualClock::new(tollgate_core::clock::system_now_ms()));
+    let staleness = Staleness { max: Duration::from_secs(90), unready_when_stale: true };
+    let restarted = TestSidecar::start_with(addr, &sidecar_key, trusting(&signing_key(7)), &cache, clock.clone(), |config| {
+        config.staleness = Some(staleness);
+    })
+    .await;
+    let answer = restarted.wait_for(&check, Duration::from_secs(5), |answer| answer["allow"] == true).await;
+    assert!(answer.get("stale").is_none(), "{answer}");
+    clock.advance(Duration::from_secs(91));
     let answer = restarted.wait_for(&check, Duration::from_secs(5), |answer| answer["allow"] == true).await;
     assert_eq!(answer["stale"], true);
     let mut restarted_client = common::Client::connect(restarted.addr).await;

@@ -8,7 +8,7 @@ use common::TestServer;
 use serde_json::json;
 
 async fn example_server() -> TestServer {
-    TestServer::start(Some(common::verified(&common::example_data(), 42))).await
+    TestServer::start(Some(common::signed_test(&common::example_data(), 42))).await
 }
 
 #[tokio::test]
@@ -191,7 +191,7 @@ async fn bad_input_gets_named_errors() {
 
 #[tokio::test]
 async fn oversize_body_without_content_length_is_refused() {
-    let server = TestServer::start_with(Some(common::verified(&common::example_data(), 1)), |sidecar| sidecar.max_body = 100).await;
+    let server = TestServer::start_with(Some(common::signed_test(&common::example_data(), 1)), |config| config.max_body = 100).await;
     let mut client = server.client().await;
     let big = format!(r#"{{"account": "{}", "feature": "sso"}}"#, "a".repeat(200));
     let reply = client.send("POST", "/v1/check", big, &[("transfer-encoding", "chunked")]).await;

@@ -10,7 +10,7 @@ use serde_json::json;
 use tollgate_sidecar::protocols::{ExtAuthzHeaders, header_name};
 
 async fn example_server() -> TestServer {
-    TestServer::start(Some(common::verified(&common::example_data(), 42))).await
+    TestServer::start(Some(common::signed_test(&common::example_data(), 42))).await
 }
 
 #[tokio::test]
@@ -47,9 +47,9 @@ async fn ext_authz_takes_the_feature_from_the_route_map_and_a_route_wins_over_th
 
 #[tokio::test]
 async fn ext_authz_header_names_are_configurable() {
-    let snapshot = common::verified(&common::example_data(), 42);
-    let server = TestServer::start_with(Some(snapshot), |sidecar| {
-        sidecar.ext_authz = ExtAuthzHeaders {
+    let snapshot = common::signed_test(&common::example_data(), 42);
+    let server = TestServer::start_with(Some(snapshot), |config| {
+        config.ext_authz = ExtAuthzHeaders {
             account: header_name("X-Tenant-Id").unwrap(),
             user: header_name("x-user").unwrap(),
             feature: header_name("x-entitlement").unwrap(),
@@ -102,7 +102,7 @@ fn spec_server() -> tollgate_core::model::SnapshotData {
 
 #[tokio::test]
 async fn authzen_spec_example_evaluation() {
-    let server = TestServer::start(Some(common::verified(&spec_server(), 7))).await;
+    let server = TestServer::start(Some(common::signed_test(&spec_server(), 7))).await;
     let mut client = server.client().await;
     // The specification's access evaluation request: a user, a resource of type account, an
     // action with properties and a context; the PEP's X-Request-ID comes back.
@@ -140,7 +140,7 @@ async fn authzen_spec_example_evaluation() {
 
 #[tokio::test]
 async fn authzen_spec_example_evaluations_with_defaults_and_semantics() {
-    let server = TestServer::start(Some(common::verified(&spec_server(), 7))).await;
+    let server = TestServer::start(Some(common::signed_test(&spec_server(), 7))).await;
     let mut client = server.client().await;
     // The specification's batch: top-level subject and action are defaults for each item, and
     // an item's own action replaces the default. Tollgate learns the account from the
@@ -204,7 +204,7 @@ async fn authzen_spec_example_evaluations_with_defaults_and_semantics() {
 
 #[tokio::test]
 async fn authzen_requests_tollgate_cannot_map_are_denied_not_errors_and_bad_json_is_400() {
-    let server = TestServer::start(Some(common::verified(&spec_server(), 7))).await;
+    let server = TestServer::start(Some(common::signed_test(&spec_server(), 7))).await;
     let mut client = server.client().await;
     // The specification's batch example as written names no account: each item is a deny
     // with the reason in its context, and the answer is still a 200.

@@ -73,11 +73,11 @@ fn a_signed_but_malformed_archive_fails_validation() {
 #[tokio::test]
 async fn rejected_updates_keep_the_last_good_snapshot_serving() {
     let data = common::example_data();
-    let server = TestServer::start(Some(common::verified(&data, 10))).await;
+    let server = TestServer::start(Some(common::signed_test(&data, 10))).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("snapshot.bin");
     let source = Source::File(path.clone());
-    let store = &server.sidecar.store;
+    let store = &server.sidecar.store();
 
     let good = common::signed(&data, 11, &common::test_key(1));
     let mut tampered = good.clone();
@@ -110,12 +110,92 @@ async fn rejected_updates_keep_the_last_good_snapshot_serving() {
     assert!(metrics.contains(r#"tollgate_snapshot_rejects_total{cause="not_newer"} 2"#), "{metrics}");
 
     std::fs::write(&path, &good).unwrap();
-    assert_eq!(reload(&source, &trusted(), store), Ok(11));
+    assert_eq!(reload(&source, &trusted(), store).ok(), Some(11));
+    // Once a good snapshot is in, nothing is wrong any more; the refusal stays on record.
+    let status = server.client().await.get("/v1/status").await.json();
+    assert_eq!(status["last_error"], serde_json::Value::Null, "{status}");
+    assert_eq!(status["last_error_at"], serde_json::Value::Null, "{status}");
+    assert!(status["last_rejected"].as_str().unwrap().contains("truncated"), "{status}");
+    assert!(status["last_rejected_at"].is_string(), "{status}");
+    assert_eq!(status["rejects"], 6);
     server.stop().await;
 }
 
-/// Two catalogs that answer differently: in revision parity 0 `sso` is on the plan, in
-/// parity 1 it is not. An answer's `allow` must match its own `revision`.
+#[tokio::test]
+async fn a_received_update_reports_how_long_it_has_waited_to_install() {
+    let data = common::example_data();
+    let server = TestServer::start(Some(common::signed_test(&data, 10))).await;
+    let mut client = server.client().await;
+    assert_eq!(client.get("/v1/status").await.json()["pending_seconds"], serde_json::Value::Null);
+    assert!(client.get("/metrics").await.text().contains("tollgate_snapshot_pending_seconds 0\n"));
+    let store = server.sidecar.store();
+    store.mark_pending();
+    server.clock.advance(std::time::Duration::from_millis(2_500));
+    assert_eq!(client.get("/v1/status").await.json()["pending_seconds"], 2.5);
+    assert!(client.get("/metrics").await.text().contains("tollgate_snapshot_pending_seconds 2.5\n"));
+    store.install(common::verified(&data, 11)).unwrap();
+    assert_eq!(client.get("/v1/status").await.json()["pending_seconds"], serde_json::Value::Null);
+    server.stop().await;
+}
+
+/// Spins on every core until `stop` is set or `limit` passes, whichever is first.
+fn saturate_cpu(stop: &Arc<AtomicBool>, limit: std::time::Duration) -> Vec<std::thread::JoinHandle<()>> {
+    let n_threads = std::thread::available_parallelism().map_or(2, |n| n.get()) * 2;
+    (0..n_threads)
+        .map(|_| {
+            let stop = Arc::clone(stop);
+            std::thread::spawn(move || {
+                let started = tollgate_core::clock::Stopwatch::start();
+                let mut spin = 0u64;
+                while !stop.load(Ordering::Relaxed) && started.elapsed() < limit {
+                    spin = std::hint::black_box(spin.wrapping_mul(31).wrapping_add(1));
+                }
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_installs_past_a_starved_loader_with_every_core_busy() {
+    let data = common::example_data();
+    let server = TestServer::start(Some(common::signed_test(&data, 10))).await;
+    // Starvation made certain rather than hoped for: the idle-priority loader is kept busy
+    // until the end, so only the escalation can install the update (a test that measured how
+    // long idle CPU took to appear would depend on the machine's load).
+    let (release, hold) = std::sync::mpsc::channel::<()>();
+    let (occupied, is_occupied) = tokio::sync::oneshot::channel::<()>();
+    let loader = tokio::spawn(tollgate_sidecar::background::run(move || {
+        let _ = occupied.send(());
+        let _ = hold.recv_timeout(std::time::Duration::from_secs(120));
+    }));
+    is_occupied.await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let spinners = saturate_cpu(&stop, std::time::Duration::from_secs(120));
+    // Let the spinners take the cores before the update arrives.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    let bytes = common::signed_test(&data, 11);
+    let temporary = server.dir().join("next.tgs");
+    std::fs::write(&temporary, bytes).unwrap();
+    let written = tokio::time::Instant::now();
+    std::fs::rename(&temporary, &server.snapshot_path).unwrap();
+    // Generous: the escalation comes after `DEADLINE`; the rest is a small load competing with
+    // the spinners (and whatever else the machine runs) at normal priority.
+    let bound = tollgate_sidecar::background::DEADLINE + std::time::Duration::from_secs(60);
+    while server.sidecar.store().revision() != Some(11) && written.elapsed() < bound {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let took = written.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    for spinner in spinners {
+        spinner.join().unwrap();
+    }
+    let _ = release.send(());
+    assert_eq!(loader.await.unwrap(), Some(()));
+    assert_eq!(server.sidecar.store().revision(), Some(11), "not installed after {took:?} with the loader starved");
+    assert!(took >= tollgate_sidecar::background::DEADLINE, "installed after {took:?}, before the deadline: not by the escalation");
+    server.stop().await;
+}
+
 fn flip_flop(revision: u64) -> tollgate_core::model::SnapshotData {
     let features = if revision.is_multiple_of(2) { "[\"sso\", \"reports\"]" } else { "[\"reports\"]" };
     common::compile_inline(
@@ -126,7 +206,7 @@ fn flip_flop(revision: u64) -> tollgate_core::model::SnapshotData {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hot_swaps_under_load_lose_nothing_and_answer_from_one_revision() {
-    let server = TestServer::start(Some(common::verified(&flip_flop(0), 0))).await;
+    let server = TestServer::start(Some(common::signed_test(&flip_flop(0), 0))).await;
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     for _ in 0..4 {
@@ -153,7 +233,7 @@ async fn hot_swaps_under_load_lose_nothing_and_answer_from_one_revision() {
             (answers, revisions.len())
         }));
     }
-    let store = Arc::clone(&server.sidecar.store);
+    let store = Arc::clone(server.sidecar.store());
     let n_swaps = 200u64;
     let swapper = tokio::task::spawn_blocking(move || {
         for revision in 1..=n_swaps {
@@ -172,7 +252,7 @@ async fn hot_swaps_under_load_lose_nothing_and_answer_from_one_revision() {
     }
     assert!(total > 0);
     assert!(seen_revisions > 1, "clients saw the swaps");
-    assert_eq!(server.sidecar.store.revision(), Some(n_swaps));
+    assert_eq!(server.sidecar.store().revision(), Some(n_swaps));
     server.stop().await;
 }
 

@@ -13,10 +13,12 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use tokio::net::TcpStream;
 
+use tollgate_core::clock::{Clock, ManualClock};
 use tollgate_core::model::SnapshotData;
 use tollgate_policy::Source;
 use tollgate_sidecar::Sidecar;
-use tollgate_sidecar::telemetry::Metrics;
+use tollgate_sidecar::app::{App, Listeners};
+use tollgate_sidecar::config::{Config, SourceConfig};
 use tollgate_snapshot::{self as snapshot, Snapshot, TrustedKeys};
 
 pub fn repo_root() -> PathBuf {
@@ -46,44 +48,68 @@ pub fn verified(data: &SnapshotData, revision: u64) -> Snapshot {
     Snapshot::verify(&signed(data, revision, &key), &TrustedKeys::new([key.verifying_key()])).unwrap()
 }
 
-/// A running sidecar on an ephemeral port; dropping the handle does not stop it, `stop` does.
+/// A snapshot file's bytes, signed with the key [`TestServer`] trusts.
+pub fn signed_test(data: &SnapshotData, revision: u64) -> Vec<u8> {
+    signed(data, revision, &test_key(1))
+}
+
+/// When test sidecars start by default: now, so policies with real dates decide as they would
+/// today; a test that needs a given instant uses [`TestServer::start_at`].
+pub fn wall_clock_ms() -> i64 {
+    tollgate_core::clock::system_now_ms()
+}
+
+/// A running sidecar ([`App`]) on an ephemeral port, on a [`ManualClock`] that only the test
+/// moves, watching a snapshot file in a temporary directory. Dropping the handle does not stop
+/// it, `stop` does.
 pub struct TestServer {
     pub addr: SocketAddr,
     pub sidecar: Arc<Sidecar>,
+    pub clock: Arc<ManualClock>,
+    /// The watched snapshot file: write a newer signed snapshot here to update.
+    pub snapshot_path: PathBuf,
+    dir: tempfile::TempDir,
     stop: tokio::sync::oneshot::Sender<()>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl TestServer {
-    pub async fn start(snapshot: Option<Snapshot>) -> TestServer {
+    /// A sidecar serving `snapshot` (bytes from [`signed_test`]), or unready without one.
+    pub async fn start(snapshot: Option<Vec<u8>>) -> TestServer {
         TestServer::start_with(snapshot, |_| {}).await
     }
 
-    pub async fn start_with(snapshot: Option<Snapshot>, configure: impl FnOnce(&mut Sidecar)) -> TestServer {
-        let key = test_key(1);
-        let mut sidecar = Sidecar::new(
-            Arc::new(Metrics::new()),
-            Arc::new(TrustedKeys::new([key.verifying_key()])),
-            "test".into(),
-            Arc::new(tollgate_core::clock::SystemClock),
-        );
-        configure(&mut sidecar);
-        if let Some(snapshot) = snapshot {
-            sidecar.store.install(snapshot).unwrap();
+    pub async fn start_with(snapshot: Option<Vec<u8>>, configure: impl FnOnce(&mut Config)) -> TestServer {
+        TestServer::start_at(snapshot, wall_clock_ms(), configure).await
+    }
+
+    /// Like [`TestServer::start_with`], with the clock at `now_ms` (unix ms).
+    pub async fn start_at(snapshot: Option<Vec<u8>>, now_ms: i64, configure: impl FnOnce(&mut Config)) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let snapshot_path = dir.path().join("snapshot.tgs");
+        if let Some(bytes) = snapshot {
+            std::fs::write(&snapshot_path, bytes).unwrap();
         }
-        let sidecar = Arc::new(sidecar);
+        let mut config = Config::new(SourceConfig::File(snapshot_path.clone()), TrustedKeys::new([test_key(1).verifying_key()]));
+        config.watch_interval = Duration::from_millis(50);
+        config.drain_timeout = Duration::from_secs(5);
+        configure(&mut config);
+        let clock = Arc::new(ManualClock::new(now_ms));
+        let app = App::build(config, Arc::clone(&clock) as Arc<dyn Clock>).unwrap();
+        let sidecar = Arc::clone(app.sidecar());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(tollgate_sidecar::serve(
-            listener,
-            Arc::clone(&sidecar),
-            async move {
-                let _ = stopped.await;
-            },
-            Duration::from_secs(5),
-        ));
-        TestServer { addr, sidecar, stop, task }
+        let task = tokio::spawn(app.run(Listeners { api: listener, metrics: None }, async move {
+            let _ = stopped.await;
+        }));
+        TestServer { addr, sidecar, clock, snapshot_path, dir, stop, task }
+    }
+
+    /// The temporary directory holding the snapshot file (and any data directory a test puts
+    /// there).
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
     }
 
     pub async fn stop(self) {

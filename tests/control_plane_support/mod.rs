@@ -10,11 +10,11 @@ use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
 
-use tollgate_control_plane::{self as control_plane, Config, ControlPlane};
+use tollgate_control_plane::{self as control_plane, Config as ControlPlaneConfig, ControlPlane};
+use tollgate_core::clock::{Clock, SystemClock};
 use tollgate_sidecar::Sidecar;
-use tollgate_sidecar::source::Source;
-use tollgate_sidecar::subscribe::Subscription;
-use tollgate_sidecar::telemetry::Metrics;
+use tollgate_sidecar::app::{App, Listeners};
+use tollgate_sidecar::config::{Config, SourceConfig};
 use tollgate_snapshot::TrustedKeys;
 
 use crate::common::{Client, Reply, repo_root};
@@ -86,52 +86,55 @@ pub async fn post(client: &mut Client, path: &str, key: &str, body: &serde_json:
     send_json(client, "POST", path, key, body).await
 }
 
-/// A sidecar subscribed to a control plane; `stop` ends its subscription and server.
+/// A sidecar ([`App`]) subscribed to a control plane, shipping usage to it; `stop` ends it.
 pub struct TestSidecar {
     pub addr: SocketAddr,
     pub sidecar: Arc<Sidecar>,
-    stop: tokio::sync::watch::Sender<bool>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl TestSidecar {
     pub async fn start(control_plane: SocketAddr, api_key: &str, trusted: TrustedKeys, data_dir: &Path) -> TestSidecar {
+        TestSidecar::start_with(control_plane, api_key, trusted, data_dir, Arc::new(SystemClock), |_| {}).await
+    }
+
+    /// Like [`TestSidecar::start`], on `clock` and with the configuration adjusted by `configure`.
+    pub async fn start_with(
+        control_plane: SocketAddr,
+        api_key: &str,
+        trusted: TrustedKeys,
+        data_dir: &Path,
+        clock: Arc<dyn Clock>,
+        configure: impl FnOnce(&mut Config),
+    ) -> TestSidecar {
         let key_file = data_dir.join("api.key");
         std::fs::create_dir_all(data_dir).unwrap();
         std::fs::write(&key_file, api_key).unwrap();
-        let mut subscription = Subscription::new(&format!("http://{control_plane}"), &key_file, data_dir.to_path_buf()).unwrap();
-        subscription.wait = Duration::from_secs(5);
-        let source = Arc::new(Source::ControlPlane(Arc::new(subscription)));
-        let trusted = Arc::new(trusted);
-        let sidecar = Arc::new(Sidecar::new(
-            Arc::new(Metrics::new()),
-            Arc::clone(&trusted),
-            source.describe(),
-            Arc::new(tollgate_core::clock::SystemClock),
-        ));
-        let _ = tollgate_sidecar::source::reload(&source, &trusted, &sidecar.store);
+        let source = SourceConfig::ControlPlane {
+            url: format!("http://{control_plane}"),
+            api_key_file: key_file,
+            poll_wait: Duration::from_secs(5),
+        };
+        let mut config = Config::new(source, trusted);
+        config.data_dir = Some(data_dir.to_path_buf());
+        config.drain_timeout = Duration::from_secs(2);
+        config.metering.flush_timeout = Duration::from_millis(500);
+        configure(&mut config);
+        let app = App::build(config, clock).unwrap();
+        let sidecar = Arc::clone(app.sidecar());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let (stop, stopped) = tokio::sync::watch::channel(false);
-        let until_stopped = |mut receiver: tokio::sync::watch::Receiver<bool>| async move {
-            let _ = receiver.wait_for(|stop| *stop).await;
-        };
-        let watcher = tokio::spawn(tollgate_sidecar::source::watch(
-            source,
-            trusted,
-            Arc::clone(&sidecar.store),
-            Duration::from_millis(100),
-            until_stopped(stopped.clone()),
-        ));
-        let server = tokio::spawn(tollgate_sidecar::serve(listener, Arc::clone(&sidecar), until_stopped(stopped), Duration::from_secs(2)));
-        TestSidecar { addr, sidecar, stop, tasks: vec![watcher, server] }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(app.run(Listeners { api: listener, metrics: None }, async move {
+            let _ = stopped.await;
+        }));
+        TestSidecar { addr, sidecar, stop, task }
     }
 
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
-        for task in self.tasks {
-            task.await.unwrap();
-        }
+        let _ = self.stop.send(());
+        self.task.await.unwrap();
     }
 
     /// Polls `/v1/check` until `accept` holds for its answer, or panics after `limit`.
@@ -162,10 +165,10 @@ pub fn trusting(key: &SigningKey) -> TrustedKeys {
 }
 
 impl TestControlPlane {
-    /// Like [`TestControlPlane::start`], with the control plane's [`Config`] adjusted by
+    /// Like [`TestControlPlane::start`], with the control plane's [`ControlPlaneConfig`] adjusted by
     /// `configure` (a webhook, a small usage page, a manual clock).
-    pub async fn start_configured(data_dir: &Path, configure: impl FnOnce(&mut Config)) -> TestControlPlane {
-        let mut config = Config::default();
+    pub async fn start_configured(data_dir: &Path, configure: impl FnOnce(&mut ControlPlaneConfig)) -> TestControlPlane {
+        let mut config = ControlPlaneConfig::default();
         configure(&mut config);
         let control_plane =
             ControlPlane::open_with_config(data_dir, &repo_root().join("policies"), signing_key(7), Vec::new(), config).unwrap();

@@ -117,7 +117,7 @@ impl Local {
         };
         let now = self.clock.now();
         let window = meter.period.to_native().window(now);
-        let limit = engine::account_limit(data, &request.account, meter_idx, now);
+        let limit = engine::meter_limit(data, &request.account, meter_idx, now);
         let hard_limit = limit.and_then(|limit| limit.hard);
         let shown_limit = hard_limit.or(limit.and_then(|limit| limit.soft));
         let id = request.id.clone().unwrap_or_default();

@@ -3,7 +3,9 @@
 //! `engine::decide` over one loaded snapshot. Shutdown stops accepting, drains in-flight
 //! requests with a grace timeout, then returns.
 
+pub mod app;
 pub mod background;
+pub mod config;
 pub mod container;
 pub mod ofrep;
 pub mod protocols;
@@ -27,8 +29,11 @@ use hyper::header::{CONTENT_TYPE, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
+use crate::config::MeteringSettings;
+use crate::ship::Shipping;
 use crate::telemetry::{MeterResult, Metrics, Route};
 use crate::usage::{DecisionTally, MeterEvent, MeterOutcome, Recorded, UsageStore};
+use crate::usage_log::UsageLog;
 use store::SnapshotStore;
 use tollgate_core::clock::{Clock, Stopwatch};
 use tollgate_core::engine::{Decision, decide};
@@ -44,41 +49,54 @@ pub const MAX_BATCH: usize = 10_000;
 /// Longest metering event id.
 const MAX_EVENT_ID: usize = 256;
 
-/// Everything a request handler needs, shared by all connections.
+/// Everything a request handler needs, shared by all connections. Built only by
+/// [`app::App::build`] from a [`config::Config`].
 pub struct Sidecar {
-    pub store: Arc<SnapshotStore>,
-    pub usage: UsageStore,
-    pub metrics: Arc<Metrics>,
-    pub trusted: Arc<TrustedKeys>,
-    pub source: String,
-    pub max_body: usize,
+    pub(crate) store: Arc<SnapshotStore>,
+    pub(crate) usage: UsageStore,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) trusted: Arc<TrustedKeys>,
+    pub(crate) source: String,
+    pub(crate) max_body: usize,
     /// Where `/ext_authz` reads identity and feature from.
-    pub ext_authz: protocols::ExtAuthzHeaders,
-    /// The durable usage log (with `--data-dir`); without it metering is in memory only.
-    pub usage_log: Option<Arc<usage_log::UsageLog>>,
-    /// Shipping usage to the control plane (with `--control-plane`).
-    pub shipping: Option<Arc<ship::Shipping>>,
-    /// Per-feature decision counts for the control plane's analytics (only when shipping).
-    pub tally: Option<DecisionTally>,
-    pub metering: Metering,
+    pub(crate) ext_authz: protocols::ExtAuthzHeaders,
+    /// Where metered usage goes.
+    pub(crate) metering: Metering,
+    pub(crate) settings: MeteringSettings,
 }
 
-/// How metering treats time and shared quotas.
-#[derive(Debug, Clone, Copy)]
-pub struct Metering {
-    /// How far in the past an event's own `timestamp` may be, in seconds.
-    pub late_arrival_secs: i64,
-    /// While shipping: the share of a hard limit this sidecar may use before its usage reaches
-    /// the control plane; past it the event waits for a sync first. The bound on how far pods
-    /// together overshoot a hard limit is (pods − 1) × this share of the limit.
-    pub local_share: f64,
-    /// Longest wait for that sync; after it the event is decided on what this sidecar knows.
-    pub sync_wait: Duration,
+/// Where metered usage goes: the three ways a sidecar meters, as one value, so that a usage
+/// log, a shipper and a decision tally cannot disagree about which of them exist.
+pub enum Metering {
+    /// No data directory: counts live in memory and are lost on restart.
+    InMemory,
+    /// A data directory: an event is acknowledged once it is synced to the usage log.
+    Durable { log: Arc<UsageLog> },
+    /// A data directory and a control plane: the log's events and the per-feature decision
+    /// tally are shipped, and global usage comes back.
+    Shipped { log: Arc<UsageLog>, shipping: Arc<Shipping>, tally: DecisionTally },
 }
 
-impl Default for Metering {
-    fn default() -> Metering {
-        Metering { late_arrival_secs: 3_600, local_share: 0.02, sync_wait: Duration::from_millis(500) }
+impl Metering {
+    pub fn log(&self) -> Option<&Arc<UsageLog>> {
+        match self {
+            Metering::InMemory => None,
+            Metering::Durable { log } | Metering::Shipped { log, .. } => Some(log),
+        }
+    }
+
+    pub fn shipping(&self) -> Option<&Arc<Shipping>> {
+        match self {
+            Metering::Shipped { shipping, .. } => Some(shipping),
+            _ => None,
+        }
+    }
+
+    pub fn tally(&self) -> Option<&DecisionTally> {
+        match self {
+            Metering::Shipped { tally, .. } => Some(tally),
+            _ => None,
+        }
     }
 }
 
@@ -97,19 +115,54 @@ impl Sidecar {
         self.store.clock()
     }
 
-    pub fn new(metrics: Arc<Metrics>, trusted: Arc<TrustedKeys>, source: String, clock: Arc<dyn Clock>) -> Sidecar {
+    pub(crate) fn new(
+        metrics: Arc<Metrics>,
+        trusted: Arc<TrustedKeys>,
+        source: String,
+        clock: Arc<dyn Clock>,
+        usage: UsageStore,
+        config: &config::Config,
+        metering: Metering,
+    ) -> Sidecar {
         Sidecar {
             store: Arc::new(SnapshotStore::new(Arc::clone(&metrics), clock)),
-            usage: UsageStore::new(),
+            usage,
             metrics,
             trusted,
             source,
-            max_body: DEFAULT_MAX_BODY,
-            ext_authz: protocols::ExtAuthzHeaders::default(),
-            usage_log: None,
-            shipping: None,
-            tally: None,
-            metering: Metering::default(),
+            max_body: config.max_body,
+            ext_authz: config.ext_authz.clone(),
+            metering,
+            settings: config.metering,
+        }
+    }
+
+    /// The serving snapshot and its freshness.
+    pub fn store(&self) -> &Arc<SnapshotStore> {
+        &self.store
+    }
+
+    /// Metered usage and event ids.
+    pub fn usage(&self) -> &UsageStore {
+        &self.usage
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    pub fn metering(&self) -> &Metering {
+        &self.metering
+    }
+
+    /// Periodic upkeep: drains metrics buffers and forgets event ids older than the dedupe
+    /// window, on the sidecar's clock.
+    pub fn housekeep(&self) {
+        self.metrics.upkeep();
+        let cutoff = self.clock().now().saturating_sub(self.settings.dedupe_window_secs);
+        let pruned = self.usage.prune_events(cutoff);
+        if pruned > 0 {
+            tracing::debug!(pruned, "forgot metering event ids past the dedupe window");
         }
     }
 }
@@ -244,7 +297,7 @@ fn decide_timed(sidecar: &Sidecar, snapshot: &Snapshot, body: &CheckBody<'_>, no
 
 /// Counts a decision for the control plane's analytics, when usage is shipped.
 fn tally(sidecar: &Sidecar, body: &CheckBody<'_>, decision: &Decision) {
-    if let Some(tally) = &sidecar.tally {
+    if let Some(tally) = sidecar.metering.tally() {
         tally.record(&body.account, &body.feature, body.user.as_deref(), decision.reason);
     }
 }
@@ -339,7 +392,7 @@ fn event_time(sidecar: &Sidecar, timestamp: Option<&str>, now: i64) -> Result<i6
     let bad = |message: String| error_response(StatusCode::BAD_REQUEST, "invalid_request", message);
     let at =
         tollgate_core::period::parse_rfc3339(text).ok_or_else(|| bad(format!("`timestamp` value `{text}` is not an RFC 3339 time")))?;
-    let window = sidecar.metering.late_arrival_secs;
+    let window = sidecar.settings.late_arrival_secs;
     if at < now - window {
         return Err(bad(format!("`timestamp` `{text}` is older than the late-arrival window of {window} s")));
     }
@@ -369,8 +422,8 @@ async fn meter(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
         Ok(context) => context,
         Err(response) => return response,
     };
-    let local_cap = match (&sidecar.shipping, context.hard_limit) {
-        (Some(_), Some(hard)) => Some(((hard as f64 * sidecar.metering.local_share).ceil() as u64).max(1)),
+    let local_cap = match (sidecar.metering.shipping(), context.hard_limit) {
+        (Some(_), Some(hard)) => Some(((hard as f64 * sidecar.settings.local_share).ceil() as u64).max(1)),
         _ => None,
     };
     let mut usage_event = MeterEvent {
@@ -384,11 +437,11 @@ async fn meter(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
         local_cap,
         now,
     };
-    let deadline = tokio::time::Instant::now() + sidecar.metering.sync_wait;
+    let deadline = tokio::time::Instant::now() + sidecar.settings.sync_wait;
     let (outcome, appended) = loop {
         let mut appended = None;
         let recorded = sidecar.usage.record(&usage_event, |outcome| {
-            if let (true, Some(log)) = (outcome.accepted, &sidecar.usage_log) {
+            if let (true, Some(log)) = (outcome.accepted, sidecar.metering.log()) {
                 appended = Some(log.append(usage_log::LoggedEvent {
                     seq: 0,
                     account: event.account.to_string(),
@@ -409,7 +462,7 @@ async fn meter(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
                 // knows (available over exact; the overshoot bound then does not hold).
                 let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
                 // While the last shipment failed there is no point waiting for the next.
-                let synced = match &sidecar.shipping {
+                let synced = match sidecar.metering.shipping() {
                     Some(shipping) if !remaining.is_zero() && shipping.status().last_error.is_none() => shipping.sync_now(remaining).await,
                     _ => false,
                 };
@@ -428,7 +481,7 @@ async fn meter(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
         (false, false) => MeterResult::Refused,
     };
     sidecar.metrics.metered(result, event.amount);
-    if let (Some(shipping), Some(limit)) = (&sidecar.shipping, context.hard_limit)
+    if let (Some(shipping), Some(limit)) = (sidecar.metering.shipping(), context.hard_limit)
         && outcome.accepted
         && !outcome.duplicate
         && outcome.used.saturating_mul(5) >= limit.saturating_mul(4)
@@ -448,7 +501,7 @@ async fn meter(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
             reset_at: if current { context.current.reset_at.map(tollgate_core::period::Rfc3339) } else { None },
             reason: (!outcome.accepted).then_some("quota_exceeded"),
             period_start: tollgate_core::period::Rfc3339(context.period_start),
-            durable: sidecar.usage_log.is_some(),
+            durable: sidecar.metering.log().is_some(),
             revision: context.revision,
         },
     )
@@ -462,7 +515,7 @@ async fn make_durable(
     outcome: &MeterOutcome,
     appended: Option<Result<tokio::sync::oneshot::Receiver<Result<u64, String>>, usage_log::LogError>>,
 ) -> Result<(), HttpResponse> {
-    let Some(log) = &sidecar.usage_log else { return Ok(()) };
+    let Some(log) = sidecar.metering.log() else { return Ok(()) };
     let unavailable = |message: String| {
         sidecar.metrics.usage_log_failed();
         error_response(StatusCode::SERVICE_UNAVAILABLE, "usage_log_unavailable", format!("the event was not recorded: {message}"))
@@ -582,6 +635,9 @@ fn status(sidecar: &Sidecar) -> HttpResponse {
         "rejects": update.rejects,
         "last_error": update.last_error,
         "last_error_at": update.last_error_at_ms.map(|ms| tollgate_core::period::format_rfc3339(ms.div_euclid(1000))),
+        "last_rejected": update.last_rejected,
+        "last_rejected_at": update.last_rejected_at_ms.map(|ms| tollgate_core::period::format_rfc3339(ms.div_euclid(1000))),
+        "pending_seconds": sidecar.store.pending_seconds(),
         "stale": sidecar.store.is_stale(),
         "synced_at": sidecar.store.synced_at_ms().map(|ms| tollgate_core::period::format_rfc3339(ms.div_euclid(1000))),
         "sync_age_seconds": sidecar.store.synced_at_ms().map(|ms| (now_ms - ms) as f64 / 1000.0),
@@ -593,7 +649,7 @@ fn status(sidecar: &Sidecar) -> HttpResponse {
 }
 
 fn usage_status(sidecar: &Sidecar) -> serde_json::Value {
-    let shipping = sidecar.shipping.as_ref().map(|shipping| {
+    let shipping = sidecar.metering.shipping().map(|shipping| {
         let status = shipping.status();
         serde_json::json!({
             "control_plane": shipping.subscription.describe(),
@@ -609,11 +665,11 @@ fn usage_status(sidecar: &Sidecar) -> serde_json::Value {
         })
     });
     serde_json::json!({
-        "durable": sidecar.usage_log.as_ref().is_some_and(|log| !log.is_broken()),
-        "log_dir": sidecar.usage_log.as_ref().map(|log| log.dir().display().to_string()),
-        "pending_events": sidecar.usage_log.as_ref().filter(|log| log.tracks_pending()).map(|log| log.n_pending()),
+        "durable": sidecar.metering.log().is_some_and(|log| !log.is_broken()),
+        "log_dir": sidecar.metering.log().map(|log| log.dir().display().to_string()),
+        "pending_events": sidecar.metering.log().filter(|log| log.tracks_pending()).map(|log| log.n_pending()),
         "shipping": shipping,
-        "tally_dropped": sidecar.tally.as_ref().map(DecisionTally::dropped),
+        "tally_dropped": sidecar.metering.tally().map(DecisionTally::dropped),
     })
 }
 
@@ -635,6 +691,9 @@ fn metrics(sidecar: &Sidecar) -> HttpResponse {
     text.push_str("# HELP tollgate_snapshot_stale 1 when the snapshot is older than --max-staleness allows\n");
     text.push_str("# TYPE tollgate_snapshot_stale gauge\n");
     text.push_str(&format!("tollgate_snapshot_stale {}\n", u8::from(sidecar.store.is_stale())));
+    text.push_str("# HELP tollgate_snapshot_pending_seconds Seconds an update has been received but not yet installed (0 when none)\n");
+    text.push_str("# TYPE tollgate_snapshot_pending_seconds gauge\n");
+    text.push_str(&format!("tollgate_snapshot_pending_seconds {}\n", sidecar.store.pending_seconds().unwrap_or(0.0)));
     if let Some(synced_at_ms) = sidecar.store.synced_at_ms() {
         text.push_str("# HELP tollgate_snapshot_sync_age_seconds Seconds since the source last confirmed the snapshot is current\n");
         text.push_str("# TYPE tollgate_snapshot_sync_age_seconds gauge\n");

@@ -103,7 +103,7 @@ pub fn ext_authz(sidecar: &Sidecar, request: &Request<Incoming>) -> HttpResponse
         amount: None,
     };
     let decision = decide_timed(sidecar, snapshot, &check, unix_now(sidecar));
-    let body = DecisionJson::new(snapshot.data(), account, snapshot.revision(), &decision, false);
+    let body = DecisionJson::new(snapshot.data(), account, snapshot.revision(), &decision, sidecar.store.is_stale());
     let status = if body.allow { StatusCode::OK } else { StatusCode::FORBIDDEN };
     let mut response = json_response(status, &body);
     let headers = response.headers_mut();
@@ -225,10 +225,12 @@ pub fn authzen(sidecar: &Sidecar, path: &str, body: &[u8]) -> HttpResponse {
     let guard = sidecar.store.load();
     let Some(snapshot) = guard.as_ref() else { return not_ready() };
     let now = unix_now(sidecar);
+    // Read once, like `now`: every evaluation of one request says the same.
+    let stale = sidecar.store.is_stale();
     let evaluate = |evaluation: &Evaluation| -> Result<(bool, Value), String> {
         let check = to_check(evaluation)?;
         let decision = decide_timed(sidecar, snapshot, &check, now);
-        let body = DecisionJson::new(snapshot.data(), &check.account, snapshot.revision(), &decision, false);
+        let body = DecisionJson::new(snapshot.data(), &check.account, snapshot.revision(), &decision, stale);
         let context = serde_json::to_value(&body).unwrap_or(Value::Null);
         Ok((body.allow, context))
     };

@@ -149,7 +149,7 @@ pub async fn ship_once(sidecar: &Sidecar, shipping: &Shipping, log: &UsageLog) -
         .max(1)
         .min(events.len());
     events.truncate(n_events);
-    let mut decisions = sidecar.tally.as_ref().map(|tally| tally.take()).unwrap_or_default();
+    let mut decisions = sidecar.metering.tally().map(|tally| tally.take()).unwrap_or_default();
     let mut tally_bytes = 0;
     let n_rows = decisions
         .iter()
@@ -159,7 +159,7 @@ pub async fn ship_once(sidecar: &Sidecar, shipping: &Shipping, log: &UsageLog) -
         })
         .count();
     let later = decisions.split_off(n_rows);
-    if let Some(tally) = &sidecar.tally {
+    if let Some(tally) = sidecar.metering.tally() {
         tally.restore(&later);
     }
     let since = shipping.status().cursor;
@@ -195,7 +195,7 @@ pub async fn ship_once(sidecar: &Sidecar, shipping: &Shipping, log: &UsageLog) -
         Err(error) => {
             // Nothing was counted that we know of: the tally goes with the next batch, and the
             // events stay queued (a batch that did land is recognised by its ids next time).
-            if let Some(tally) = &sidecar.tally {
+            if let Some(tally) = sidecar.metering.tally() {
                 tally.restore(&batch.decisions);
             }
             return Err(error);

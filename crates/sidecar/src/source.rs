@@ -12,7 +12,7 @@ use std::time::Duration;
 use ed25519_dalek::SigningKey;
 use rkyv::util::AlignedVec;
 
-use super::store::SnapshotStore;
+use super::store::{InstallError, SnapshotStore};
 use super::subscribe::{self, Subscription};
 use crate::telemetry::RejectCause;
 use tollgate_core::clock::Stopwatch;
@@ -111,20 +111,61 @@ impl Source {
     }
 }
 
+/// Why a reload did not install a snapshot.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// A subscription's first start: nothing cached yet, and nothing rejected.
+    #[error("no cached snapshot at `{0}` yet")]
+    NoCache(String),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Install(#[from] InstallError),
+    #[error("snapshot loading did not finish")]
+    Unfinished,
+}
+
 /// Loads the source once and installs the result; failures are recorded as rejects.
-pub fn reload(source: &Source, trusted: &TrustedKeys, store: &SnapshotStore) -> Result<u64, String> {
+pub fn reload(source: &Source, trusted: &TrustedKeys, store: &SnapshotStore) -> Result<u64, ReloadError> {
     // A subscription with no cache yet (first start) has nothing to load; that is not a
     // rejected update.
     if let Source::ControlPlane(subscription) = source
         && !subscription.cache_path().exists()
     {
-        return Err(format!("no cached snapshot at `{}` yet", subscription.cache_path().display()));
+        return Err(ReloadError::NoCache(subscription.cache_path().display().to_string()));
     }
     let started = Stopwatch::start();
-    match source.load(trusted, store.revision(), store.take_spare(), store.clock().now_ms()) {
-        Ok(snapshot) => {
+    let loaded = source.load(trusted, store.revision(), store.take_spare(), store.clock().now_ms());
+    finish(source, store, Some(loaded), started)
+}
+
+/// Like [`reload`], with loading and verifying on the low-priority loader thread, escalated to
+/// normal priority after [`background::DEADLINE`]; the install happens here, once.
+pub async fn reload_in_background(
+    source: &Arc<Source>,
+    trusted: &Arc<TrustedKeys>,
+    store: &Arc<SnapshotStore>,
+) -> Result<u64, ReloadError> {
+    let started = Stopwatch::start();
+    let (source_ref, trusted_ref, store_ref) = (Arc::clone(source), Arc::clone(trusted), Arc::clone(store));
+    let loaded = super::background::run_with_deadline(
+        move || source_ref.load(&trusted_ref, store_ref.revision(), store_ref.take_spare(), store_ref.clock().now_ms()),
+        super::background::DEADLINE,
+    )
+    .await;
+    finish(source, store, loaded, started)
+}
+
+fn finish(
+    source: &Source,
+    store: &SnapshotStore,
+    loaded: Option<Result<Snapshot, LoadError>>,
+    started: Stopwatch,
+) -> Result<u64, ReloadError> {
+    match loaded {
+        Some(Ok(snapshot)) => {
             let loaded = started.elapsed();
-            let revision = store.install(snapshot).map_err(|error| error.to_string())?;
+            let revision = store.install(snapshot)?;
             tracing::info!(
                 revision,
                 load_verify_ms = loaded.as_secs_f64() * 1e3,
@@ -134,18 +175,22 @@ pub fn reload(source: &Source, trusted: &TrustedKeys, store: &SnapshotStore) -> 
             );
             Ok(revision)
         }
-        Err(error) => {
-            let message = error.to_string();
-            store.reject(error.cause(), &message);
-            Err(message)
+        Some(Err(error)) => {
+            store.reject(error.cause(), &error.to_string());
+            Err(ReloadError::Load(error))
+        }
+        None => {
+            let error = ReloadError::Unfinished;
+            store.reject(RejectCause::Read, &error.to_string());
+            Err(error)
         }
     }
 }
 
 /// Polls the source every `interval` and reloads it when its files change, until
 /// `shutdown` resolves; a control-plane source is followed by `subscribe::run` instead.
-/// Loading and verifying run on the low-priority loader thread (`background`), off the
-/// request path.
+/// Looking at file metadata is cheap and runs on the blocking pool; loading and verifying run
+/// on the low-priority loader thread (`background`), off the request path, within a deadline.
 pub async fn watch(
     source: Arc<Source>,
     trusted: Arc<TrustedKeys>,
@@ -157,10 +202,11 @@ pub async fn watch(
         return subscribe::run(Arc::clone(subscription), trusted, store, shutdown).await;
     }
     tokio::pin!(shutdown);
-    let mut last = {
-        let source = Arc::clone(&source);
-        tokio::task::spawn_blocking(move || source.fingerprint()).await.unwrap_or_default()
+    let fingerprint = |source: &Arc<Source>| {
+        let source = Arc::clone(source);
+        async move { tokio::task::spawn_blocking(move || source.fingerprint()).await.unwrap_or_default() }
     };
+    let mut last = fingerprint(&source).await;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -168,27 +214,22 @@ pub async fn watch(
             () = &mut shutdown => return,
             _ = ticker.tick() => {}
         }
-        let (source_ref, trusted_ref, store_ref) = (Arc::clone(&source), Arc::clone(&trusted), Arc::clone(&store));
-        let last_seen = last.clone();
-        let outcome = super::background::run(move || {
-            let fingerprint = source_ref.fingerprint();
-            // Nothing to do when nothing changed, or when the file is momentarily absent
-            // (between an unlink and a rename).
-            if fingerprint == last_seen || fingerprint.is_empty() {
-                return fingerprint;
-            }
-            // Let a writer that is still writing finish before reading.
-            std::thread::sleep(Duration::from_millis(20));
-            let settled = source_ref.fingerprint();
-            if settled != fingerprint {
-                return last_seen;
-            }
-            let _ = reload(&source_ref, &trusted_ref, &store_ref);
-            settled
-        })
-        .await;
-        if let Some(fingerprint) = outcome {
-            last = fingerprint;
+        let seen = fingerprint(&source).await;
+        // Nothing to do when nothing changed, or when the file is momentarily absent
+        // (between an unlink and a rename).
+        if seen == last || seen.is_empty() {
+            continue;
         }
+        // Let a writer that is still writing finish before reading.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let settled = fingerprint(&source).await;
+        if settled != seen {
+            continue;
+        }
+        // Pending from here: the reload below ends in an install or a reject, and either
+        // clears it. (Marked earlier, a file changed back before settling would leave it set.)
+        store.mark_pending();
+        let _ = reload_in_background(&source, &trusted, &store).await;
+        last = settled;
     }
 }

@@ -24,8 +24,13 @@ pub enum InstallError {
 
 #[derive(Debug, Clone, Default)]
 struct UpdateStatus {
+    /// The outstanding problem, cleared once a good snapshot installs (or the source confirms
+    /// the serving one).
     last_error: Option<String>,
     last_error_at_ms: Option<i64>,
+    /// The last update refused, kept after it is resolved, for the record.
+    last_rejected: Option<String>,
+    last_rejected_at_ms: Option<i64>,
     loaded_at_ms: Option<i64>,
 }
 
@@ -50,6 +55,9 @@ pub struct SnapshotStore {
     spare: Arc<Mutex<Option<AlignedVec>>>,
     /// Where time comes from: staleness, load and error times.
     clock: Arc<dyn Clock>,
+    /// Unix ms when an update was received (a changed file, a snapshot from the control plane)
+    /// that is neither installed nor rejected yet; 0 = none.
+    pending_since_ms: AtomicI64,
 }
 
 /// How long a retired snapshot's buffer is kept for reuse; past it, it is freed, so memory
@@ -69,6 +77,8 @@ pub struct StoreStatus {
     pub rejects: u64,
     pub last_error: Option<String>,
     pub last_error_at_ms: Option<i64>,
+    pub last_rejected: Option<String>,
+    pub last_rejected_at_ms: Option<i64>,
     pub loaded_at_ms: Option<i64>,
 }
 
@@ -87,6 +97,7 @@ impl SnapshotStore {
             unready_when_stale: AtomicBool::new(false),
             spare: Arc::new(Mutex::new(None)),
             clock,
+            pending_since_ms: AtomicI64::new(0),
         }
     }
 
@@ -125,8 +136,11 @@ impl SnapshotStore {
         self.ready.store(true, Ordering::Release);
         self.swaps.fetch_add(1, Ordering::Relaxed);
         self.metrics.swapped(offered, n_accounts);
+        self.pending_since_ms.store(0, Ordering::Relaxed);
         if let Ok(mut status) = self.status.lock() {
             status.loaded_at_ms = Some(self.clock.now_ms());
+            status.last_error = None;
+            status.last_error_at_ms = None;
         }
         if let Some(old) = old {
             retire(old, Arc::clone(&self.spare));
@@ -147,9 +161,26 @@ impl SnapshotStore {
         self.unready_when_stale.store(unready_when_stale, Ordering::Relaxed);
     }
 
-    /// The source confirmed that the serving snapshot is current.
+    /// The source confirmed that the serving snapshot is current: whatever went wrong
+    /// before is no longer outstanding.
     pub fn mark_synced(&self) {
         self.synced_at_ms.fetch_max(self.clock.now_ms(), Ordering::Relaxed);
+        if let Ok(mut status) = self.status.lock() {
+            status.last_error = None;
+            status.last_error_at_ms = None;
+        }
+    }
+
+    /// An update was received and waits to be verified and installed; the oldest such moment
+    /// is kept until it is installed or rejected.
+    pub fn mark_pending(&self) {
+        let _ = self.pending_since_ms.compare_exchange(0, self.clock.now_ms().max(1), Ordering::Relaxed, Ordering::Relaxed);
+    }
+
+    /// How long an update has been received but not installed (nor rejected), in seconds.
+    pub fn pending_seconds(&self) -> Option<f64> {
+        let since = self.pending_since_ms.load(Ordering::Relaxed);
+        (since > 0).then(|| self.clock.now_ms().saturating_sub(since).max(0) as f64 / 1000.0)
     }
 
     /// Unix ms of the last confirmation, if any.
@@ -174,9 +205,13 @@ impl SnapshotStore {
         tracing::warn!(cause = cause.as_str(), error = message, "snapshot update rejected");
         self.rejects.fetch_add(1, Ordering::Relaxed);
         self.metrics.rejected(cause);
+        self.pending_since_ms.store(0, Ordering::Relaxed);
+        let now_ms = self.clock.now_ms();
         if let Ok(mut status) = self.status.lock() {
             status.last_error = Some(message.to_string());
-            status.last_error_at_ms = Some(self.clock.now_ms());
+            status.last_error_at_ms = Some(now_ms);
+            status.last_rejected = Some(message.to_string());
+            status.last_rejected_at_ms = Some(now_ms);
         }
     }
 
@@ -187,6 +222,8 @@ impl SnapshotStore {
             rejects: self.rejects.load(Ordering::Relaxed),
             last_error: status.last_error,
             last_error_at_ms: status.last_error_at_ms,
+            last_rejected: status.last_rejected,
+            last_rejected_at_ms: status.last_rejected_at_ms,
             loaded_at_ms: status.loaded_at_ms,
         }
     }

@@ -169,12 +169,15 @@ pub async fn run(
                 None
             }
             Ok(Some(bytes)) => {
+                store.mark_pending();
                 let trusted = Arc::clone(&trusted);
                 let started = tollgate_core::clock::Stopwatch::start();
                 let verify_bytes = bytes.clone();
-                let spare = store.take_spare();
-                let verified =
-                    super::background::run(move || Snapshot::verify_into(&verify_bytes, &trusted, spare).map_err(SubscribeError::from));
+                let spare_store = Arc::clone(&store);
+                let verified = super::background::run_with_deadline(
+                    move || Snapshot::verify_into(&verify_bytes, &trusted, spare_store.take_spare()).map_err(SubscribeError::from),
+                    super::background::DEADLINE,
+                );
                 match verified.await {
                     Some(Ok(snapshot)) => match store.install(snapshot) {
                         Ok(revision) => {

@@ -5,6 +5,8 @@
 //! hard limit on this sidecar. Holds no snapshot and does no I/O.
 
 use std::collections::HashSet;
+use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use dashmap::DashMap;
 use dashmap::mapref::entry::Entry;
@@ -269,19 +271,47 @@ const MAX_USERS_PER_FEATURE: usize = 1_000;
 /// (and counted), so a flood of accounts cannot grow memory without bound.
 const MAX_PAIRS: usize = 200_000;
 
-#[derive(Debug, Default)]
+/// One (account, feature) pair's counts. Counting is atomic, so a decision needs only a read
+/// lock on the map; the users set takes its write lock only for a user not seen before.
+#[derive(Debug)]
 struct FeatureTally {
-    counts: [u64; Reason::ALL.len()],
-    users: HashSet<Box<str>>,
+    counts: [AtomicU64; Reason::ALL.len()],
+    users: RwLock<HashSet<Box<str>>>,
+}
+
+impl Default for FeatureTally {
+    fn default() -> FeatureTally {
+        FeatureTally { counts: std::array::from_fn(|_| AtomicU64::new(0)), users: RwLock::new(HashSet::new()) }
+    }
+}
+
+impl FeatureTally {
+    fn count(&self, reason: Reason, n: u64, user: Option<&str>) {
+        if let Some(count) = self.counts.get(reason.index()) {
+            count.fetch_add(n, Ordering::Relaxed);
+        }
+        let Some(user) = user else { return };
+        let known = self.users.read().map(|users| users.len() >= MAX_USERS_PER_FEATURE || users.contains(user)).unwrap_or(true);
+        if !known && let Ok(mut users) = self.users.write() {
+            // Checked again: another decision may have added it (or filled the set) meanwhile.
+            if users.len() < MAX_USERS_PER_FEATURE {
+                users.insert(user.into());
+            }
+        }
+    }
 }
 
 /// Decision counts per account, feature and reason, with the distinct users seen, since the
 /// last shipment. Only catalog features of known accounts are tallied.
+///
+/// Every decision is counted here, so the common case (a pair and a user already seen) takes
+/// only a shard read lock and atomic adds; the map's write lock is taken when a new account or
+/// (account, feature) pair appears, and by `take` and `restore`.
 #[derive(Debug, Default)]
 pub struct DecisionTally {
     accounts: DashMap<Box<str>, Vec<(Box<str>, FeatureTally)>>,
-    n_pairs: std::sync::atomic::AtomicUsize,
-    dropped: std::sync::atomic::AtomicU64,
+    n_pairs: AtomicUsize,
+    dropped: AtomicU64,
 }
 
 /// One tallied row, as shipped.
@@ -295,43 +325,35 @@ impl DecisionTally {
     /// Counts one decision. Unknown accounts and features are not tallied (their names are
     /// whatever a client sent), nor are users the account does not know.
     pub fn record(&self, account: &str, feature: &str, user: Option<&str>, reason: Reason) {
-        use std::sync::atomic::Ordering;
         if matches!(reason, Reason::UnknownAccount | Reason::UnknownFeature) {
             return;
         }
         let user = user.filter(|_| reason != Reason::UnknownUser);
-        let mut features = match self.accounts.get_mut(account) {
-            Some(features) => features,
-            None => {
-                if self.n_pairs.load(Ordering::Relaxed) >= MAX_PAIRS {
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                self.accounts.entry(account.into()).or_default()
-            }
-        };
-        let tally = match features.iter().position(|(name, _)| &**name == feature) {
-            Some(idx) => features.get_mut(idx).map(|(_, tally)| tally),
-            None => {
-                if self.n_pairs.fetch_add(1, Ordering::Relaxed) >= MAX_PAIRS {
-                    self.n_pairs.fetch_sub(1, Ordering::Relaxed);
-                    self.dropped.fetch_add(1, Ordering::Relaxed);
-                    return;
-                }
-                features.push((feature.into(), FeatureTally::default()));
-                features.last_mut().map(|(_, tally)| tally)
-            }
-        };
-        let Some(tally) = tally else { return };
-        if let Some(count) = tally.counts.get_mut(reason.index()) {
-            *count += 1;
-        }
-        if let Some(user) = user
-            && tally.users.len() < MAX_USERS_PER_FEATURE
-            && !tally.users.contains(user)
+        // Fast path: a pair seen before, under the shard's read lock.
+        if let Some(features) = self.accounts.get(account)
+            && let Some((_, tally)) = features.iter().find(|(name, _)| &**name == feature)
         {
-            tally.users.insert(user.into());
+            tally.count(reason, 1, user);
+            return;
         }
+        if !self.accounts.contains_key(account) && self.n_pairs.load(Ordering::Relaxed) >= MAX_PAIRS {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let mut features = self.accounts.entry(account.into()).or_default();
+        // Another decision may have added the pair between the read and the write lock.
+        if let Some((_, tally)) = features.iter().find(|(name, _)| &**name == feature) {
+            tally.count(reason, 1, user);
+            return;
+        }
+        if self.n_pairs.fetch_add(1, Ordering::Relaxed) >= MAX_PAIRS {
+            self.n_pairs.fetch_sub(1, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let tally = FeatureTally::default();
+        tally.count(reason, 1, user);
+        features.push((feature.into(), tally));
     }
 
     /// Takes everything tallied so far, leaving the tally empty.
@@ -339,13 +361,17 @@ impl DecisionTally {
         let mut rows = Vec::new();
         let accounts: Vec<Box<str>> = self.accounts.iter().map(|entry| entry.key().clone()).collect();
         for account in accounts {
+            // Removing waits for decisions holding the shard's read lock, so none is lost:
+            // it is counted here or lands in a new entry for the next shipment.
             let Some((account, features)) = self.accounts.remove(&account) else { continue };
-            self.n_pairs.fetch_sub(features.len(), std::sync::atomic::Ordering::Relaxed);
+            self.n_pairs.fetch_sub(features.len(), Ordering::Relaxed);
             for (feature, tally) in features {
-                let mut users: Vec<String> = tally.users.iter().map(|user| user.to_string()).collect();
+                let mut users: Vec<String> =
+                    tally.users.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner()).into_iter().map(String::from).collect();
                 users.sort_unstable();
                 let mut first = true;
                 for (reason, count) in Reason::ALL.iter().zip(tally.counts) {
+                    let count = count.into_inner();
                     if count == 0 {
                         continue;
                     }
@@ -373,19 +399,15 @@ impl DecisionTally {
             let idx = match features.iter().position(|(name, _)| **name == *row.feature) {
                 Some(idx) => idx,
                 None => {
-                    self.n_pairs.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.n_pairs.fetch_add(1, Ordering::Relaxed);
                     features.push((row.feature.as_str().into(), FeatureTally::default()));
                     features.len() - 1
                 }
             };
-            if let Some((_, tally)) = features.get_mut(idx) {
-                if let Some(count) = tally.counts.get_mut(reason.index()) {
-                    *count += row.count;
-                }
+            if let Some((_, tally)) = features.get(idx) {
+                tally.count(reason, row.count, None);
                 for user in &row.users {
-                    if tally.users.len() < MAX_USERS_PER_FEATURE {
-                        tally.users.insert(user.as_str().into());
-                    }
+                    tally.count(reason, 0, Some(user));
                 }
             }
         }
@@ -393,7 +415,7 @@ impl DecisionTally {
 
     /// Decisions not tallied because the tally was full.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(std::sync::atomic::Ordering::Relaxed)
+        self.dropped.load(Ordering::Relaxed)
     }
 }
 
@@ -523,5 +545,74 @@ mod tests {
         assert!(tally.take().is_empty(), "take empties the tally");
         tally.restore(&rows);
         assert_eq!(tally.take().iter().map(|row| row.count).sum::<u64>(), 4);
+    }
+
+    #[test]
+    fn concurrent_decisions_are_all_counted_while_shipments_take_them() {
+        use std::collections::BTreeMap;
+        let tally = DecisionTally::new();
+        let n_threads = 8;
+        let per_thread = 20_000u64;
+        let reasons = [Reason::Ok, Reason::RoleForbidden, Reason::NotEntitled];
+        let mut taken: BTreeMap<(String, String, String), u64> = BTreeMap::new();
+        let mut users = HashSet::new();
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..n_threads)
+                .map(|thread| {
+                    let tally = &tally;
+                    scope.spawn(move || {
+                        for n in 0..per_thread {
+                            let account = format!("acct-{}", n % 7);
+                            let feature = format!("feature-{}", (n / 7) % 5);
+                            let user = format!("user-{}", (n + thread) % 11);
+                            tally.record(&account, &feature, Some(&user), reasons[(n % 3) as usize]);
+                        }
+                    })
+                })
+                .collect();
+            // A shipper taking (and once putting back) rows while decisions go on.
+            let mut round = 0;
+            while workers.iter().any(|worker| !worker.is_finished()) {
+                let rows = tally.take();
+                round += 1;
+                if round == 3 {
+                    tally.restore(&rows);
+                    continue;
+                }
+                for row in rows {
+                    users.extend(row.users.iter().cloned());
+                    *taken.entry((row.account, row.feature, row.reason)).or_default() += row.count;
+                }
+            }
+        });
+        for row in tally.take() {
+            users.extend(row.users.iter().cloned());
+            *taken.entry((row.account, row.feature, row.reason)).or_default() += row.count;
+        }
+        assert_eq!(taken.values().sum::<u64>(), n_threads * per_thread, "every decision counted exactly once");
+        let mut expected: BTreeMap<(String, String, String), u64> = BTreeMap::new();
+        for _thread in 0..n_threads {
+            for n in 0..per_thread {
+                let key = (format!("acct-{}", n % 7), format!("feature-{}", (n / 7) % 5), reasons[(n % 3) as usize].as_str().to_string());
+                *expected.entry(key).or_default() += 1;
+            }
+        }
+        assert_eq!(taken, expected);
+        assert_eq!(users.len(), 11);
+        assert_eq!(tally.dropped(), 0);
+    }
+
+    #[test]
+    fn the_tally_keeps_its_bounds() {
+        let tally = DecisionTally::new();
+        for n in 0..MAX_USERS_PER_FEATURE + 50 {
+            tally.record("acme", "sso", Some(&format!("user-{n}")), Reason::Ok);
+        }
+        let rows = tally.take();
+        assert_eq!(rows.iter().map(|row| row.users.len()).sum::<usize>(), MAX_USERS_PER_FEATURE);
+        assert_eq!(rows.iter().map(|row| row.count).sum::<u64>(), (MAX_USERS_PER_FEATURE + 50) as u64);
+        tally.n_pairs.store(MAX_PAIRS, Ordering::Relaxed);
+        tally.record("new-account", "sso", None, Reason::Ok);
+        assert_eq!(tally.dropped(), 1, "a full tally drops new pairs");
     }
 }

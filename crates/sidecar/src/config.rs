@@ -1,0 +1,173 @@
+//! The sidecar's configuration as one typed value: what the command line (or a test) decides,
+//! with the command line's defaults. It holds no open file, socket or thread; `app` builds
+//! those from it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::protocols::ExtAuthzHeaders;
+use tollgate_snapshot::TrustedKeys;
+
+/// The default `--listen` address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8181";
+
+/// Everything a sidecar is started from.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the decision API listens (`--listen`).
+    pub listen: SocketAddr,
+    /// Where `/metrics`, `/healthz` and `/readyz` are also served (`--metrics-listen`).
+    pub metrics_listen: Option<SocketAddr>,
+    pub source: SourceConfig,
+    /// Keys whose signatures are trusted (`--trust-key`); dev mode adds its ephemeral key.
+    pub trusted: TrustedKeys,
+    /// Local state: the durable usage log and, with a control plane, the snapshot cache and
+    /// the sidecar id (`--data-dir`).
+    pub data_dir: Option<PathBuf>,
+    pub metering: MeteringSettings,
+    /// Marking answers stale (`--max-staleness`, `--unready-when-stale`).
+    pub staleness: Option<Staleness>,
+    /// Where `/ext_authz` reads identity and feature from (`--ext-authz-*-header`).
+    pub ext_authz: ExtAuthzHeaders,
+    /// Largest request body in bytes (`--max-body`).
+    pub max_body: usize,
+    /// How long shutdown waits for in-flight requests (`--drain-timeout-secs`).
+    pub drain_timeout: Duration,
+    /// Worker threads of the runtime the caller builds (`--workers`); `None` follows the
+    /// container's CPU quota.
+    pub workers: Option<usize>,
+    /// How often a file or policies source is checked for changes (`--watch-interval-ms`).
+    pub watch_interval: Duration,
+    /// How often metrics buffers are drained and old event ids forgotten. Not a flag.
+    pub housekeeping_interval: Duration,
+}
+
+/// Where snapshots come from.
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    /// A signed snapshot file, watched (`--snapshot`).
+    File(PathBuf),
+    /// Dev mode: a policies directory compiled in-process with an ephemeral key (`--policies`).
+    Policies(PathBuf),
+    /// A control-plane subscription (`--control-plane`, `--api-key-file`); needs `data_dir`.
+    ControlPlane {
+        url: String,
+        api_key_file: PathBuf,
+        /// How long one long-poll asks the control plane to wait. Not a flag.
+        poll_wait: Duration,
+    },
+}
+
+/// How metering treats time, shared quotas and shipping.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MeteringSettings {
+    /// How far in the past an event's own `timestamp` may be, in seconds.
+    pub late_arrival_secs: i64,
+    /// While shipping: the share of a hard limit this sidecar may use before its usage reaches
+    /// the control plane; past it the event waits for a sync first. The bound on how far pods
+    /// together overshoot a hard limit is (pods − 1) × this share of the limit.
+    pub local_share: f64,
+    /// Longest wait for that sync; after it the event is decided on what this sidecar knows.
+    pub sync_wait: Duration,
+    /// How long metering event ids are remembered for deduplication, in seconds.
+    pub dedupe_window_secs: i64,
+    /// While shipping: ship and refresh global usage at least this often.
+    pub usage_sync_interval: Duration,
+    /// On shutdown, how long to try to ship unshipped usage.
+    pub flush_timeout: Duration,
+}
+
+impl Default for MeteringSettings {
+    fn default() -> MeteringSettings {
+        MeteringSettings {
+            late_arrival_secs: 3_600,
+            local_share: 0.02,
+            sync_wait: Duration::from_millis(500),
+            dedupe_window_secs: 86_400,
+            usage_sync_interval: Duration::from_millis(200),
+            flush_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Past `max` without a confirmation from the source, answers are marked stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Staleness {
+    pub max: Duration,
+    /// Turn `/readyz` unready while stale.
+    pub unready_when_stale: bool,
+}
+
+/// A configuration that cannot serve; the message names the flag.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("`--max-body` must be greater than 0")]
+    MaxBody,
+    #[error("`--watch-interval-ms` must be greater than 0")]
+    WatchInterval,
+    #[error("`--quota-local-share` must be greater than 0 and at most 1, not `{0}`")]
+    LocalShare(f64),
+    #[error("`--usage-sync-interval-ms` must be greater than 0")]
+    UsageSyncInterval,
+    #[error("`--late-arrival-secs` must not be negative")]
+    LateArrival,
+    #[error("`--trust-key` is required with `{0}`: the sidecar trusts only configured keys")]
+    NoTrustedKey(&'static str),
+    #[error("`--control-plane` needs `--data-dir` for its snapshot cache and usage log")]
+    NoDataDir,
+}
+
+impl Config {
+    /// A configuration with the command line's defaults for everything but the source and the
+    /// trusted keys.
+    pub fn new(source: SourceConfig, trusted: TrustedKeys) -> Config {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8181)),
+            metrics_listen: None,
+            source,
+            trusted,
+            data_dir: None,
+            metering: MeteringSettings::default(),
+            staleness: None,
+            ext_authz: ExtAuthzHeaders::default(),
+            max_body: crate::DEFAULT_MAX_BODY,
+            drain_timeout: Duration::from_secs(10),
+            workers: None,
+            watch_interval: Duration::from_millis(500),
+            housekeeping_interval: Duration::from_secs(5),
+        }
+    }
+
+    /// Refuses values that cannot serve, before anything is opened.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_body == 0 {
+            return Err(ConfigError::MaxBody);
+        }
+        if self.watch_interval.is_zero() {
+            return Err(ConfigError::WatchInterval);
+        }
+        let share = self.metering.local_share;
+        if !(share > 0.0 && share <= 1.0) {
+            return Err(ConfigError::LocalShare(share));
+        }
+        if self.metering.usage_sync_interval.is_zero() {
+            return Err(ConfigError::UsageSyncInterval);
+        }
+        if self.metering.late_arrival_secs < 0 {
+            return Err(ConfigError::LateArrival);
+        }
+        let no_keys = self.trusted.ids().next().is_none();
+        match &self.source {
+            SourceConfig::File(_) if no_keys => Err(ConfigError::NoTrustedKey("--snapshot")),
+            SourceConfig::ControlPlane { .. } if no_keys => Err(ConfigError::NoTrustedKey("--control-plane")),
+            SourceConfig::ControlPlane { .. } if self.data_dir.is_none() => Err(ConfigError::NoDataDir),
+            _ => Ok(()),
+        }
+    }
+
+    /// The runtime's worker threads: `workers`, or the cgroup CPU quota.
+    pub fn worker_threads(&self) -> usize {
+        self.workers.unwrap_or_else(crate::container::worker_threads).max(1)
+    }
+}
