@@ -16,7 +16,7 @@ use tollgate_client::{
 
 /// Hooli (free plan, no expiry) and stark (enterprise) answer the same whatever the date.
 async fn example_server() -> TestServer {
-    TestServer::start(Some(common::verified(&common::example_data(), 42))).await
+    TestServer::start(Some(common::signed_test(&common::example_data(), 42))).await
 }
 
 fn base_url(server: &TestServer) -> String {
@@ -194,7 +194,9 @@ async fn in_process_answers_like_the_sidecar_and_follows_the_file() {
     write_snapshot(&path, 42);
     let trusted = || TrustedKeys::new([common::test_key(1).verifying_key()]);
     let source = SnapshotSource::File { path: path.clone(), poll: Duration::from_millis(20) };
-    let local = Client::in_process(source, trusted()).await.unwrap();
+    // Both on the same pinned instant, so their answers cannot differ by the day the test runs.
+    let clock = std::sync::Arc::new(tollgate_core::clock::ManualClock::new(common::PINNED_NOW_MS));
+    let local = Client::in_process_with_clock(source, trusted(), clock).await.unwrap();
     let server = example_server().await;
     let remote = Client::new(&base_url(&server)).unwrap();
     for (account, feature, user) in

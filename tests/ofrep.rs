@@ -12,7 +12,7 @@ use serde_json::json;
 
 /// Hooli is on the free plan with no expiry, so these answers do not depend on the date.
 async fn example_server() -> TestServer {
-    TestServer::start(Some(common::verified(&common::example_data(), 42))).await
+    TestServer::start(Some(common::signed_test(&common::example_data(), 42))).await
 }
 
 #[tokio::test]
@@ -102,7 +102,7 @@ async fn bulk_evaluation_answers_every_feature_with_an_etag_and_304_when_unchang
     let first = client.post("/ofrep/v1/evaluate/flags", &body).await;
     assert_eq!(first.status, 200);
     let flags = first.json()["flags"].as_array().unwrap().clone();
-    let n_features = server.sidecar.store.load().as_ref().unwrap().data().features.len();
+    let n_features = server.sidecar.store().load().as_ref().unwrap().data().features.len();
     assert_eq!(flags.len(), n_features);
     let sso = flags.iter().find(|flag| flag["key"] == "sso").unwrap();
     assert_eq!(sso["value"], false);
@@ -143,8 +143,8 @@ async fn configuration_advertises_boolean_flags_and_polling() {
 #[tokio::test]
 async fn answers_from_a_stale_snapshot_say_so_in_metadata() {
     // The test snapshot was created in 2023, so any staleness bound has long passed.
-    let server = TestServer::start_with(Some(common::verified(&common::example_data(), 42)), |sidecar| {
-        sidecar.store.set_staleness(Duration::from_secs(60), false);
+    let server = TestServer::start_with(Some(common::signed_test(&common::example_data(), 42)), |config| {
+        config.staleness = Some(tollgate_sidecar::config::Staleness { max: Duration::from_secs(60), unready_when_stale: false });
     })
     .await;
     let mut client = server.client().await;

@@ -55,6 +55,10 @@ pub fn signed_test(data: &SnapshotData, revision: u64) -> Vec<u8> {
 
 /// When test sidecars start by default: now, so policies with real dates decide as they would
 /// today; a test that needs a given instant uses [`TestServer::start_at`].
+/// The instant in-process test sidecars start at: 2026-12-15T00:00:00Z, inside every example
+/// license that the tests lean on, whatever the wall clock says.
+pub const PINNED_NOW_MS: i64 = 1_797_292_800_000;
+
 pub fn wall_clock_ms() -> i64 {
     tollgate_core::clock::system_now_ms()
 }
@@ -79,8 +83,9 @@ impl TestServer {
         TestServer::start_with(snapshot, |_| {}).await
     }
 
+    /// On the clock at [`PINNED_NOW_MS`]: answers never depend on the day the tests run.
     pub async fn start_with(snapshot: Option<Vec<u8>>, configure: impl FnOnce(&mut Config)) -> TestServer {
-        TestServer::start_at(snapshot, wall_clock_ms(), configure).await
+        TestServer::start_at(snapshot, PINNED_NOW_MS, configure).await
     }
 
     /// Like [`TestServer::start_with`], with the clock at `now_ms` (unix ms).
