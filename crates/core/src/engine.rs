@@ -44,7 +44,7 @@ impl UsageLookup for NoUsage {
 }
 
 /// Why a decision came out as it did; `Ok` is the only allow. The order of the variants is
-/// the order of the checks in DESIGN.md.
+/// the order of the checks in docs/DESIGN.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Reason {
     UnknownAccount,
