@@ -8,42 +8,11 @@ mod common;
 use std::collections::HashMap;
 use std::path::Path;
 
-use serde::Deserialize;
+use common::cases;
 
 use tollgate_core::engine::{UsageLookup, decide, meter_limit};
 use tollgate_core::period::parse_rfc3339;
 use tollgate_protocol::{CheckBody, DecisionJson};
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CaseFile {
-    #[allow(dead_code)]
-    description: String,
-    policies: Option<String>,
-    catalog: Option<String>,
-    accounts: Option<String>,
-    now: String,
-    #[serde(default)]
-    usage: Vec<UsageRow>,
-    checks: Vec<Check>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UsageRow {
-    account: String,
-    meter: String,
-    used: u64,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Check {
-    name: String,
-    now: Option<String>,
-    request: toml::Value,
-    expect: toml::value::Table,
-}
 
 /// Usage preset by a case: the same counts for whatever period the engine asks about.
 struct FixedUsage(HashMap<(String, String), u64>);
@@ -55,18 +24,12 @@ impl UsageLookup for FixedUsage {
 }
 
 fn check(path: &Path) -> Vec<String> {
-    let text = std::fs::read_to_string(path).unwrap();
-    let case: CaseFile = toml::from_str(&text).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
-    let data = match (&case.policies, &case.catalog, &case.accounts) {
-        (Some(dir), None, None) => tollgate_policy::compile_dir(&common::repo_root().join(dir)).unwrap_or_else(|errors| panic!("{errors}")),
-        (None, Some(catalog), accounts) => common::compile_inline(catalog, accounts.as_deref().unwrap_or("")),
-        _ => panic!("{}: give either `policies` or inline `catalog` (and `accounts`)", path.display()),
-    };
+    let (case, data) = cases::load(path);
     let snapshot = common::verified(&data, 7);
     let usage = FixedUsage(case.usage.iter().map(|row| ((row.account.clone(), row.meter.clone()), row.used)).collect());
     let mut failures = Vec::new();
     for check in &case.checks {
-        let now_text = check.now.as_deref().unwrap_or(&case.now);
+        let now_text = check.now(&case);
         let now = parse_rfc3339(now_text).unwrap_or_else(|| panic!("{}: bad `now` {now_text}", path.display()));
         let request_json = serde_json::to_string(&check.request).unwrap();
         let body: CheckBody<'_> =
@@ -104,14 +67,7 @@ fn check(path: &Path) -> Vec<String> {
         for (key, expected) in &check.expect {
             let expected = serde_json::to_value(expected).unwrap();
             let found = actual.get(key);
-            let matches = match (&expected, found) {
-                (serde_json::Value::String(text), None) if text == "absent" => true,
-                (serde_json::Value::String(text), Some(_)) if text == "absent" => false,
-                (serde_json::Value::Bool(false), None) => true,
-                (expected, Some(found)) => expected == found,
-                (_, None) => false,
-            };
-            if !matches {
+            if !cases::meets(&expected, found) {
                 failures.push(format!(
                     "{} / {}: `{key}` expected {expected}, got {}; whole answer {actual}",
                     path.display(),
@@ -126,14 +82,6 @@ fn check(path: &Path) -> Vec<String> {
 
 #[test]
 fn decision_cases() {
-    let dir = common::repo_root().join("tests/cases");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
-        .collect();
-    paths.sort();
-    assert!(!paths.is_empty(), "no case files in {}", dir.display());
-    let failures: Vec<String> = paths.iter().flat_map(|path| check(path)).collect();
+    let failures: Vec<String> = cases::case_paths().iter().flat_map(|path| check(path)).collect();
     assert!(failures.is_empty(), "{} failing expectations:\n{}", failures.len(), failures.join("\n"));
 }

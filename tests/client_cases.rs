@@ -12,38 +12,12 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use common::TestServer;
+use common::{TestServer, cases};
 use tollgate_client::{CheckRequest, Client, Decision, MeterRequest, SnapshotSource, TrustedKeys};
 use tollgate_core::clock::ManualClock;
 use tollgate_core::model::SnapshotData;
 use tollgate_core::period::parse_rfc3339;
 use tollgate_sidecar::usage::{MeterEvent, Recorded};
-
-#[derive(Deserialize)]
-struct CaseFile {
-    policies: Option<String>,
-    catalog: Option<String>,
-    accounts: Option<String>,
-    now: String,
-    #[serde(default)]
-    usage: Vec<UsageRow>,
-    checks: Vec<Check>,
-}
-
-#[derive(Deserialize)]
-struct UsageRow {
-    account: String,
-    meter: String,
-    used: u64,
-}
-
-#[derive(Deserialize)]
-struct Check {
-    name: String,
-    now: Option<String>,
-    request: CheckRequestRow,
-    expect: toml::value::Table,
-}
 
 #[derive(Deserialize)]
 struct CheckRequestRow {
@@ -95,14 +69,7 @@ fn mismatches(label: &str, expect: &toml::value::Table, actual: &Value) -> Vec<S
         }
         let expected = serde_json::to_value(expected).unwrap();
         let found = actual.get(key);
-        let matches = match (&expected, found) {
-            (Value::String(text), None) if text == "absent" => true,
-            (Value::String(text), Some(_)) if text == "absent" => false,
-            (Value::Bool(false), None) => true,
-            (expected, Some(found)) => expected == found,
-            (_, None) => false,
-        };
-        if !matches {
+        if !cases::meets(&expected, found) {
             failures.push(format!("{label}: `{key}` expected {expected}, got {found:?}; whole answer {actual}"));
         }
     }
@@ -125,14 +92,10 @@ fn request(row: &CheckRequestRow) -> CheckRequest {
     }
 }
 
-/// Runs one case file both ways; returns failures and how many checks ran in each mode.
-async fn run_file(path: &Path) -> (Vec<String>, usize, usize) {
-    let case: CaseFile = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    let data = match (&case.policies, &case.catalog) {
-        (Some(dir), _) => tollgate_policy::compile_dir(&common::repo_root().join(dir)).unwrap(),
-        (None, Some(catalog)) => common::compile_inline(catalog, case.accounts.as_deref().unwrap_or("")),
-        _ => panic!("{}: no policies", path.display()),
-    };
+/// Runs one case file both ways; returns failures, how many checks the file holds, and how
+/// many ran in each mode.
+async fn run_file(path: &Path) -> (Vec<String>, usize, usize, usize) {
+    let (case, data) = cases::load(path);
     let clock = Arc::new(ManualClock::new(0));
     let server = TestServer::start_at(Some(common::signed_test(&data, 7)), 0, |_| {}).await;
     let remote = Client::new(&format!("http://{}", server.addr)).unwrap();
@@ -150,7 +113,9 @@ async fn run_file(path: &Path) -> (Vec<String>, usize, usize) {
 
     let (mut failures, mut n_remote, mut n_local) = (Vec::new(), 0, 0);
     for check in &case.checks {
-        let now_text = check.now.as_deref().unwrap_or(&case.now);
+        let now_text = check.now(&case);
+        let row: CheckRequestRow =
+            check.request.clone().try_into().unwrap_or_else(|error| panic!("{}: {}: {error}", path.display(), check.name));
         let now = parse_rfc3339(now_text).unwrap();
         clock.set_ms(now * 1000);
         server.clock.set_ms(now * 1000);
@@ -158,14 +123,14 @@ async fn run_file(path: &Path) -> (Vec<String>, usize, usize) {
         // The sidecar's store takes it directly, past any limit; the in-process client only
         // through `meter`, which refuses what a hard limit forbids, so such checks are skipped.
         let mut local_ok = true;
-        for row in case.usage.iter().filter(|row| row.account == check.request.account) {
-            let start = period_start(&data, &row.meter, now);
-            let id = format!("preset-{}-{start}", row.meter);
+        for preset in case.usage.iter().filter(|preset| preset.account == row.account) {
+            let start = period_start(&data, &preset.meter, now);
+            let id = format!("preset-{}-{start}", preset.meter);
             let event = MeterEvent {
-                account: &row.account,
-                meter: &row.meter,
+                account: &preset.account,
+                meter: &preset.meter,
                 event_id: &id,
-                amount: row.used,
+                amount: preset.used,
                 period_start: start,
                 current_period_start: start,
                 hard_limit: None,
@@ -173,37 +138,29 @@ async fn run_file(path: &Path) -> (Vec<String>, usize, usize) {
                 now,
             };
             assert!(matches!(server.sidecar.usage().record(&event, |_| {}), Recorded::Outcome(_)));
-            let metered = local.meter(&MeterRequest::new(&row.account, &row.meter, row.used).id(id)).await.unwrap();
+            let metered = local.meter(&MeterRequest::new(&preset.account, &preset.meter, preset.used).id(id)).await.unwrap();
             local_ok &= metered.accepted;
         }
         let label = format!("{} / {}", path.display(), check.name);
-        let decision = remote.check(&request(&check.request)).await.unwrap();
+        let decision = remote.check(&request(&row)).await.unwrap();
         failures.extend(mismatches(&format!("http: {label}"), &check.expect, &as_json(&decision)));
         n_remote += 1;
         if local_ok {
-            let decision = local.check(&request(&check.request)).await.unwrap();
+            let decision = local.check(&request(&row)).await.unwrap();
             failures.extend(mismatches(&format!("in-process: {label}"), &check.expect, &as_json(&decision)));
             n_local += 1;
         }
     }
     server.stop().await;
-    (failures, n_remote, n_local)
+    (failures, case.checks.len(), n_remote, n_local)
 }
 
 #[tokio::test]
 async fn every_decision_case_agrees_through_the_rust_client() {
-    let dir = common::repo_root().join("tests/cases");
-    let mut paths: Vec<_> = std::fs::read_dir(&dir)
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
-        .collect();
-    paths.sort();
     let (mut failures, mut n_remote, mut n_local, mut n_total) = (Vec::new(), 0, 0, 0);
-    for path in &paths {
-        let case: CaseFile = toml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        n_total += case.checks.len();
-        let (file_failures, remote, local) = run_file(path).await;
+    for path in &cases::case_paths() {
+        let (file_failures, total, remote, local) = run_file(path).await;
+        n_total += total;
         failures.extend(file_failures);
         n_remote += remote;
         n_local += local;

@@ -2,6 +2,8 @@
 //! starting a real sidecar on 127.0.0.1:0, and a small keep-alive HTTP/1.1 client.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
+pub mod cases;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
