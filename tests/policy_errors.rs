@@ -269,3 +269,81 @@ fn account_specs_compile_through_the_same_lowering_with_field_context() {
     let data = compile_accounts(&catalog, [("acme".to_string(), good)]).unwrap();
     assert_eq!(data.accounts["acme"].licenses[0].id, "acme-1");
 }
+
+const INTEGRATIONS_CATALOG: &str = r#"[meters.calls]
+period = "month"
+thresholds = [90, 75]
+
+[meters.seats]
+period = "never"
+thresholds = [0, 2000]
+
+[features.api]
+meter = "calls"
+
+[[plans]]
+id = "free"
+checkout_url = "ftp://example.com/{account}"
+stripe_prices = ["price_free"]
+
+[[plans]]
+id = "pro"
+checkout_url = "https://shop.example/buy?a={account}&p={plan}&c={coupon}"
+stripe_prices = ["price_free", "has space"]
+
+[[addons]]
+id = "boost"
+checkout_url = "https://shop.example/buy?a={account}&addon={plan}"
+
+[hubspot.deal_stages.closedwon]
+plan = "platinum"
+
+[hubspot.deal_stages.appointmentscheduled]
+order = "archive"
+
+[hubspot.deal_stages.contractsent]
+order = "upgrade"
+
+[hubspot.deal_stages.qualified]
+plan = "pro"
+addons = ["nope"]
+seats = 0
+"#;
+
+#[test]
+fn integration_settings_mistakes_are_reported_with_lines() {
+    let errors = errors(INTEGRATIONS_CATALOG, &[]);
+    let rendered: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let expected = [
+        (3, "threshold 75 out of order"),
+        (7, "threshold 0; expected a percentage from 1 to 1000"),
+        (14, "expected an http:// or https:// URL"),
+        (19, "placeholder `{coupon}`"),
+        (20, "Stripe price `price_free` of plan `pro` is already the price of plan `free`"),
+        (20, "Stripe price `has space`"),
+        (27, "unknown plan `platinum`"),
+        (30, "order `archive`"),
+        (32, "makes a `upgrade` order, which needs a `plan`"),
+        (37, "unknown add-on `nope`"),
+        (38, "`seats` 0"),
+    ];
+    for (line, fragment) in expected {
+        assert!(has(&errors, "catalog.toml", line, fragment), "missing line {line} `{fragment}` in {rendered:#?}");
+    }
+}
+
+#[test]
+fn the_example_catalog_maps_prices_stages_and_thresholds() {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/policies/catalog.toml")).unwrap();
+    let catalog = tollgate_policy::compile_catalog(&source("catalog.toml", &text)).unwrap();
+    let integrations = catalog.integrations();
+    assert_eq!(integrations.stripe_prices.get("price_business_yearly"), Some(&tollgate_policy::PriceTarget::Plan("business".into())));
+    assert_eq!(integrations.stripe_prices.get("price_api_boost"), Some(&tollgate_policy::PriceTarget::Addon("api_boost".into())));
+    assert_eq!(integrations.thresholds("api_calls"), &[75, 90, 100, 120]);
+    assert_eq!(integrations.thresholds("exports"), tollgate_policy::integrations::DEFAULT_THRESHOLDS);
+    let won = &integrations.hubspot_deal_stages["closedwon"];
+    assert_eq!((won.action.as_str(), won.plan.as_deref(), won.seats, won.days), ("new", Some("business"), Some(10), Some(365)));
+    assert_eq!(integrations.hubspot_deal_stages["closedlost"].action, "cancel");
+    let business = catalog.data().plans.iter().find(|plan| plan.name == "business").unwrap();
+    assert_eq!(business.checkout_url.as_deref(), Some("https://billing.planwise.example/checkout?account={account}&plan={plan}"));
+}

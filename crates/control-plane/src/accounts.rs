@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use tollgate_core::model::{self, AccountStatus, SnapshotData, bits};
 use tollgate_core::rules;
-use tollgate_policy::{self, AccountSpec, Catalog, FenceSpec, LicenseSpec, LimitSpec, OverridesSpec, PolicyErrors, Source, UserSpec};
+use tollgate_policy::{self, AccountSpec, FenceSpec, LicenseSpec, LimitSpec, OverridesSpec, PolicyErrors, Source, UserSpec};
 
 use super::store::{AccountDoc, AccountState, LicenseDoc, LimitDoc};
 
@@ -88,11 +88,6 @@ pub fn compile_one(catalog: &Source, id: &str, account: &AccountDoc) -> Result<S
     let compiled = tollgate_policy::compile_catalog(catalog).map_err(|errors| CompileError::from(errors).messages())?;
     tollgate_policy::compile_accounts(&compiled, [(id.to_string(), account_spec(account))])
         .map_err(|errors| CompileError::from(errors).messages())
-}
-
-/// The catalog alone, compiled: names, ranks and limits for validating requests.
-pub fn compile_catalog(catalog: &Source) -> Result<SnapshotData, PolicyErrors> {
-    tollgate_policy::compile_catalog(catalog).map(|compiled: Catalog| compiled.data().clone())
 }
 
 fn feature_names(data: &SnapshotData, set: &[u64]) -> Vec<String> {

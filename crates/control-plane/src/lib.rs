@@ -336,6 +336,8 @@ pub struct ControlPlane {
     pub catalog: Arc<Source>,
     /// The catalog compiled alone: names, ranks and limits for validating requests.
     pub catalog_data: SnapshotData,
+    /// The catalog's integration settings: Stripe prices, HubSpot stages, alert thresholds.
+    pub integrations: tollgate_policy::Integrations,
     pub signing_key: Arc<SigningKey>,
     /// Published in the JWKS: the signing key's public half first, then retired keys.
     pub token_keys: Vec<VerifyingKey>,
@@ -387,7 +389,9 @@ impl ControlPlane {
         let text = std::fs::read_to_string(&catalog_path)
             .map_err(|source| StartError::Catalog { path: catalog_path.display().to_string(), source })?;
         let catalog = Source { path: catalog_path, text };
-        let catalog_data = accounts::compile_catalog(&catalog)?;
+        let compiled = tollgate_policy::compile_catalog(&catalog)?;
+        let integrations = compiled.integrations().clone();
+        let catalog_data = compiled.data().clone();
         let repository: Arc<dyn Repository> = Arc::new(open_repository(data_dir)?);
         let catalog_hash = sha256_hex(&catalog.text);
         if repository.meta(CATALOG_HASH)?.as_deref() != Some(catalog_hash.as_str()) {
@@ -402,6 +406,7 @@ impl ControlPlane {
             repository,
             catalog: Arc::new(catalog),
             catalog_data,
+            integrations,
             signing_key: Arc::new(signing_key),
             token_keys,
             publisher: Arc::new(Publisher::new(committed, Arc::clone(&metrics))),

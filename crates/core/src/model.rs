@@ -110,6 +110,9 @@ pub struct Plan {
     pub limits: Vec<Limit>,
     /// Geo-fence on everything the plan grants: a bitset over region indices.
     pub regions: Option<Vec<u64>>,
+    /// Where a customer buys this plan: a URL template with `{account}` and `{plan}`
+    /// placeholders, carried in upgrade hints.
+    pub checkout_url: Option<String>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
@@ -119,6 +122,8 @@ pub struct Addon {
     pub features: Vec<u64>,
     /// Added to the plan's limits. Sorted by meter index.
     pub limits: Vec<Limit>,
+    /// Where a customer buys this add-on; placeholders as for [`Plan::checkout_url`].
+    pub checkout_url: Option<String>,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -8,8 +8,10 @@
 //! load tests.
 
 pub mod generate;
+pub mod integrations;
 pub mod spec;
 
+pub use integrations::{DealStage, Integrations, PriceTarget};
 pub use spec::{AccountSpec, FenceSpec, LicenseSpec, LimitSpec, OverridesSpec, SpecError, SpecErrors, UserSpec};
 
 use std::collections::{BTreeMap, HashMap};
@@ -86,6 +88,9 @@ struct CatalogFile {
     /// Envoy ext_authz route-to-feature map: path prefix to feature name.
     #[serde(default)]
     routes: BTreeMap<Spanned<String>, Spanned<String>>,
+    /// HubSpot deal stages and the orders they become.
+    #[serde(default)]
+    hubspot: integrations::HubSpotFile,
 }
 
 #[derive(Deserialize)]
@@ -104,6 +109,9 @@ struct MeterFile {
     #[serde(default)]
     unit: String,
     period: Spanned<String>,
+    /// Usage alert thresholds in percent of the limit.
+    #[serde(default)]
+    thresholds: Vec<Spanned<i64>>,
 }
 
 /// A plan or an add-on: add-ons have the same shape but no `regions`.
@@ -117,6 +125,11 @@ struct PlanFile {
     #[serde(default)]
     limits: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
     regions: Option<Spanned<toml::Value>>,
+    /// Where to buy it: a URL template with `{account}` and `{plan}`.
+    checkout_url: Option<Spanned<String>>,
+    /// The Stripe price ids that buy it.
+    #[serde(default)]
+    stripe_prices: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -352,12 +365,18 @@ impl Interner {
 pub struct Catalog {
     data: SnapshotData,
     names: Names,
+    integrations: Integrations,
 }
 
 impl Catalog {
     /// The catalog as snapshot data without accounts.
     pub fn data(&self) -> &SnapshotData {
         &self.data
+    }
+
+    /// What only the control plane reads: Stripe prices, HubSpot stages, alert thresholds.
+    pub fn integrations(&self) -> &Integrations {
+        &self.integrations
     }
 }
 
@@ -384,9 +403,12 @@ pub fn compile_catalog(source: &Source) -> Result<Catalog, PolicyErrors> {
     let mut errors = Vec::new();
     let parsed = parse_toml::<CatalogFile>(source, &mut errors);
     let mut data = empty_data();
-    let names = parsed.as_ref().map(|parsed| compile_catalog_file(parsed, &mut data, &mut Diagnostics::new(source, &mut errors)));
+    let mut integrations = Integrations::default();
+    let names = parsed
+        .as_ref()
+        .map(|parsed| compile_catalog_file(parsed, &mut data, &mut integrations, &mut Diagnostics::new(source, &mut errors)));
     match names {
-        Some(names) if errors.is_empty() => Ok(Catalog { data, names }),
+        Some(names) if errors.is_empty() => Ok(Catalog { data, names, integrations }),
         _ => Err(PolicyErrors(errors)),
     }
 }
@@ -424,7 +446,10 @@ pub fn compile_sources(
     let mut errors = Vec::new();
     let parsed_catalog = parse_toml::<CatalogFile>(catalog, &mut errors);
     let mut data = empty_data();
-    let names = parsed_catalog.as_ref().map(|parsed| compile_catalog_file(parsed, &mut data, &mut Diagnostics::new(catalog, &mut errors)));
+    let mut integrations = Integrations::default();
+    let names = parsed_catalog
+        .as_ref()
+        .map(|parsed| compile_catalog_file(parsed, &mut data, &mut integrations, &mut Diagnostics::new(catalog, &mut errors)));
     let mut interner = Interner::new();
 
     // Where each account was first defined: the file and the line of its id.
@@ -651,7 +676,12 @@ fn catalog_fence(value: &Spanned<toml::Value>, names: &Names, owner: &str, diagn
     }
 }
 
-fn compile_catalog_file(catalog: &CatalogFile, data: &mut SnapshotData, diagnostics: &mut Diagnostics<'_>) -> Names {
+fn compile_catalog_file(
+    catalog: &CatalogFile,
+    data: &mut SnapshotData,
+    integrations: &mut Integrations,
+    diagnostics: &mut Diagnostics<'_>,
+) -> Names {
     // Regions compare case-insensitively: the index is keyed by the lowercased name.
     for region in &catalog.regions {
         check_id(region, "region", diagnostics);
@@ -703,6 +733,10 @@ fn compile_catalog_file(catalog: &CatalogFile, data: &mut SnapshotData, diagnost
             );
             Period::Never
         });
+        if let Some(thresholds) = integrations::check_thresholds(&meter.thresholds, &format!("meter `{}`", name.get_ref()), diagnostics)
+        {
+            integrations.meter_thresholds.insert(name.get_ref().clone(), thresholds);
+        }
         data.meter_index.insert(name.get_ref().clone(), data.meters.len() as u32);
         data.meters.push(Meter { name: name.get_ref().clone(), unit: meter.unit.clone(), period, features: Vec::new() });
     }
@@ -777,6 +811,13 @@ fn compile_catalog_file(catalog: &CatalogFile, data: &mut SnapshotData, diagnost
                 }
                 catalog_fence(regions, &names, &owner, diagnostics)
             });
+            let checkout_url = file.checkout_url.as_ref().and_then(|url| integrations::check_checkout_url(url, &owner, diagnostics));
+            let target = if kind == "plan" {
+                integrations::PriceTarget::Plan(file.id.get_ref().clone())
+            } else {
+                integrations::PriceTarget::Addon(file.id.get_ref().clone())
+            };
+            integrations::add_stripe_prices(&file.stripe_prices, &target, &owner, integrations, diagnostics);
             if kind == "plan" {
                 // Plans are the upgrade path, cheapest first: an upgrade hint names the first
                 // plan that allows a request, which is only the cheapest if the order holds.
@@ -793,14 +834,15 @@ fn compile_catalog_file(catalog: &CatalogFile, data: &mut SnapshotData, diagnost
                     );
                 }
                 index.insert(file.id.get_ref().clone(), data.plans.len() as u32);
-                data.plans.push(Plan { name: file.id.get_ref().clone(), price, features, limits, regions });
+                data.plans.push(Plan { name: file.id.get_ref().clone(), price, features, limits, regions, checkout_url });
             } else {
                 index.insert(file.id.get_ref().clone(), data.addons.len() as u32);
-                data.addons.push(Addon { name: file.id.get_ref().clone(), price, features, limits });
+                data.addons.push(Addon { name: file.id.get_ref().clone(), price, features, limits, checkout_url });
             }
         }
     }
 
+    integrations.hubspot_deal_stages = integrations::compile_hubspot(&catalog.hubspot, &plan_index, &addon_index, diagnostics);
     names.plans = plan_index;
     names.addons = addon_index;
     for (name, role) in &catalog.roles {

@@ -21,7 +21,7 @@ use tollgate_core::model::{ArchivedSnapshotData, SnapshotData};
 const MAGIC: &[u8; 8] = b"TGSNAP\x00\x01";
 /// Version of the archived data model; bumped whenever `model` changes shape, so an old file
 /// is refused with a clear message instead of failing validation.
-pub const FORMAT: u32 = 3;
+pub const FORMAT: u32 = 4;
 const SIGNATURE_LEN: usize = 64;
 /// The payload's offset in the file is a multiple of this.
 const PAYLOAD_ALIGN: usize = 16;
