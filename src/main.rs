@@ -523,6 +523,26 @@ struct ControlPlaneArgs {
     /// empty). Required with `--webhook-url`.
     #[arg(long, env = "TOLLGATE_CP_WEBHOOK_SECRET_FILE", requires = "webhook_url")]
     webhook_secret_file: Option<PathBuf>,
+    /// Enables `POST /v1/integrations/stripe`: a file holding the Stripe endpoint's signing
+    /// secret (`whsec_...`); several lines are several secrets, all accepted, for a rotation.
+    #[arg(long, env = "TOLLGATE_CP_STRIPE_WEBHOOK_SECRET_FILE")]
+    stripe_webhook_secret_file: Option<PathBuf>,
+    /// How far a `Stripe-Signature` timestamp may be from now, in seconds, either way.
+    #[arg(long, env = "TOLLGATE_CP_STRIPE_TOLERANCE_SECS", default_value_t = tollgate_control_plane::integrations::stripe::DEFAULT_TOLERANCE_SECS)]
+    stripe_tolerance_secs: i64,
+    /// Days a Stripe license stays usable (in grace) past its paid period: a `past_due`
+    /// subscription, or the moment between a period's end and its renewal.
+    #[arg(long, env = "TOLLGATE_CP_STRIPE_GRACE_DAYS", default_value_t = tollgate_control_plane::integrations::stripe::DEFAULT_GRACE_DAYS)]
+    stripe_grace_days: u32,
+    /// Enables `POST /v1/integrations/hubspot`: a file holding the HubSpot app's client
+    /// secret; several lines are several secrets, for a rotation.
+    #[arg(long, env = "TOLLGATE_CP_HUBSPOT_CLIENT_SECRET_FILE")]
+    hubspot_client_secret_file: Option<PathBuf>,
+    /// The URL HubSpot calls, exactly as configured in the HubSpot app (HubSpot signs it), e.g.
+    /// https://tollgate.example.com/v1/integrations/hubspot. Without it: http://HOST/PATH of the
+    /// request as it arrives.
+    #[arg(long, env = "TOLLGATE_CP_HUBSPOT_WEBHOOK_URL")]
+    hubspot_webhook_url: Option<String>,
 }
 
 #[cfg(feature = "control-plane")]
@@ -608,7 +628,28 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
     };
     let key = snapshot::read_signing_key(&signing_key)?;
     let retired = args.retired_key.iter().map(|path| snapshot::read_public_key(path)).collect::<Result<Vec<_>, _>>()?;
-    let config = tollgate_control_plane::Config { token_ttl_secs: args.token_ttl_secs, webhook, ..Default::default() };
+    if args.stripe_tolerance_secs <= 0 {
+        bail!("`--stripe-tolerance-secs` must be greater than 0");
+    }
+    let stripe = match &args.stripe_webhook_secret_file {
+        Some(path) => {
+            let mut stripe = tollgate_control_plane::integrations::stripe::StripeConfig::new(
+                tollgate_control_plane::integrations::read_secrets(path).context("`--stripe-webhook-secret-file`")?,
+            );
+            stripe.tolerance_secs = args.stripe_tolerance_secs;
+            stripe.grace_days = args.stripe_grace_days;
+            Some(stripe)
+        }
+        None => None,
+    };
+    let hubspot = match &args.hubspot_client_secret_file {
+        Some(path) => Some(tollgate_control_plane::integrations::hubspot::HubSpotConfig::new(
+            tollgate_control_plane::integrations::read_secrets(path).context("`--hubspot-client-secret-file`")?,
+            args.hubspot_webhook_url.clone(),
+        )),
+        None => None,
+    };
+    let config = tollgate_control_plane::Config { token_ttl_secs: args.token_ttl_secs, webhook, stripe, hubspot, ..Default::default() };
     let control_plane = tollgate_control_plane::ControlPlane::open_with_config(&data, &policies, key, retired, config)?;
     let control_plane = Arc::new(control_plane);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;

@@ -18,7 +18,7 @@ fn license_spec(license: &LicenseDoc) -> LicenseSpec {
         plan: license.plan.clone(),
         addons: license.addons.clone(),
         seats: license.seats,
-        trial: false,
+        trial: license.trial,
         starts_at: license.starts_at,
         expires_at: license.expires_at,
         grace_days: license.grace_days,

@@ -18,9 +18,10 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use super::integration_store::{EventQuery, EventStatus};
 use super::store::{AccessStatus, AuditQuery, Scope};
 use super::usage_store::{Delivery, DeliveryStatus};
-use super::{ApiError, Caller, ControlPlane, authenticate, changes, ingest, reports, tokens};
+use super::{ApiError, Caller, ControlPlane, authenticate, changes, ingest, integrations, reports, tokens};
 use tollgate_http::{query_param, read_body};
 
 /// The OpenAPI document of this API.
@@ -185,6 +186,14 @@ enum Public {
     Jwks,
 }
 
+/// Webhook receivers: no API key, each request authenticated by its sender's signature over
+/// the raw body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Signed {
+    Stripe,
+    HubSpot,
+}
+
 /// Endpoints that need a valid API key; each checks the key's scope and binding itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Keyed {
@@ -206,6 +215,11 @@ enum Keyed {
     ApproveAccessRequest,
     DenyAccessRequest,
     Usage(Usage),
+    IntegrationEvents,
+    ReapplyIntegrationEvent,
+    IntegrationLinks,
+    PutIntegrationLink,
+    DeleteIntegrationLink,
 }
 
 /// The usage endpoints: ingestion, reads and exports, analytics and webhook deliveries.
@@ -225,6 +239,7 @@ enum Usage {
 #[derive(Debug, Clone, Copy)]
 enum Handlers {
     Public(&'static [(Verb, Public)]),
+    Signed(&'static [(Verb, Signed)]),
     Keyed(&'static [(Verb, Keyed)]),
 }
 
@@ -241,13 +256,15 @@ impl Route {
     pub fn methods(&self) -> Vec<&'static str> {
         match self.handlers {
             Handlers::Public(handlers) => handlers.iter().map(|(verb, _)| verb.as_str()).collect(),
+            Handlers::Signed(handlers) => handlers.iter().map(|(verb, _)| verb.as_str()).collect(),
             Handlers::Keyed(handlers) => handlers.iter().map(|(verb, _)| verb.as_str()).collect(),
         }
     }
 
-    /// Whether this route is answered without an API key.
+    /// Whether this route is answered without an API key (probes, or webhook receivers that
+    /// check a signature instead).
     pub fn is_public(&self) -> bool {
-        matches!(self.handlers, Handlers::Public(_))
+        matches!(self.handlers, Handlers::Public(_) | Handlers::Signed(_))
     }
 
     /// Where the `{name}` segments are in `path` when it has this route's shape; `start` is
@@ -320,6 +337,10 @@ const fn public_route(pattern: &'static str, handlers: &'static [(Verb, Public)]
     Route { pattern, handlers: Handlers::Public(handlers) }
 }
 
+const fn signed_route(pattern: &'static str, handlers: &'static [(Verb, Signed)]) -> Route {
+    Route { pattern, handlers: Handlers::Signed(handlers) }
+}
+
 const fn keyed_route(pattern: &'static str, handlers: &'static [(Verb, Keyed)]) -> Route {
     Route { pattern, handlers: Handlers::Keyed(handlers) }
 }
@@ -358,6 +379,15 @@ pub static ROUTES: &[Route] = &[
     keyed_route("/v1/analytics/features", &[(Verb::Get, Keyed::Usage(Usage::FeatureAnalytics))]),
     keyed_route("/v1/analytics/limits", &[(Verb::Get, Keyed::Usage(Usage::LimitAnalytics))]),
     keyed_route("/v1/webhooks/deliveries", &[(Verb::Get, Keyed::Usage(Usage::WebhookDeliveries))]),
+    signed_route("/v1/integrations/stripe", &[(Verb::Post, Signed::Stripe)]),
+    signed_route("/v1/integrations/hubspot", &[(Verb::Post, Signed::HubSpot)]),
+    keyed_route("/v1/integrations/events", &[(Verb::Get, Keyed::IntegrationEvents)]),
+    keyed_route("/v1/integrations/events/{seq}/apply", &[(Verb::Post, Keyed::ReapplyIntegrationEvent)]),
+    keyed_route("/v1/integrations/links", &[(Verb::Get, Keyed::IntegrationLinks)]),
+    keyed_route(
+        "/v1/integrations/links/{source}/{external_id}",
+        &[(Verb::Put, Keyed::PutIntegrationLink), (Verb::Delete, Keyed::DeleteIntegrationLink)],
+    ),
 ];
 
 /// The route of a raw path and its raw parameters; `None` for unknown paths. Literal segments
@@ -410,6 +440,12 @@ async fn route(server: &Server, request: Request<Incoming>, matched: Option<Matc
                     None => method_not_allowed(request.uri().path(), route),
                 };
             }
+            Handlers::Signed(handlers) => {
+                return match endpoint(handlers, request.method()) {
+                    Some(signed) => signed_endpoint(server, signed, request).await,
+                    None => method_not_allowed(request.uri().path(), route),
+                };
+            }
             Handlers::Keyed(handlers) => Some((route, handlers, spans)),
         },
         None => None,
@@ -453,6 +489,27 @@ fn public_endpoint(server: &Server, public: Public) -> HttpResponse {
             response
         }
         Public::Jwks => json_response(StatusCode::OK, &tokens::jwks(&control_plane.token_keys)),
+    }
+}
+
+/// A webhook receiver: the raw body and the signature headers go to the integration, which
+/// verifies before it parses.
+async fn signed_endpoint(server: &Server, signed: Signed, request: Request<Incoming>) -> HttpResponse {
+    let cp = Arc::clone(&server.control_plane);
+    let header = |name: &str| request.headers().get(name).and_then(|value| value.to_str().ok()).map(str::to_string);
+    match signed {
+        Signed::Stripe => {
+            let signature = header("stripe-signature");
+            with_body(cp.config().max_body, request, move |body| integrations::stripe::receive(&cp, signature.as_deref(), &body)).await
+        }
+        Signed::HubSpot => {
+            let (signature, timestamp, host) = (header("x-hubspot-signature-v3"), header("x-hubspot-request-timestamp"), header("host"));
+            let path_and_query = request.uri().path_and_query().map_or_else(|| request.uri().path().to_string(), ToString::to_string);
+            with_body(cp.config().max_body, request, move |body| {
+                integrations::hubspot::receive(&cp, host.as_deref(), &path_and_query, signature.as_deref(), timestamp.as_deref(), &body)
+            })
+            .await
+        }
     }
 }
 
@@ -628,6 +685,67 @@ async fn keyed_endpoint(server: &Server, keyed: Keyed, caller: Caller, mut param
                 changes::create_access_request(&cp, &caller, &body)
             })
             .await
+        }
+        Keyed::IntegrationEvents => {
+            let query = match integration_event_query(&request) {
+                Ok(query) => query,
+                Err(error) => return api_error(&error),
+            };
+            respond(
+                blocking(move || {
+                    caller.require(MANAGE)?;
+                    caller.require_unbound()?;
+                    let events = cp.repository.integration_events(&query)?;
+                    let next_after = events.last().map(|event| event.seq);
+                    Ok(serde_json::json!({"events": events, "next_after": next_after}))
+                })
+                .await,
+            )
+        }
+        Keyed::ReapplyIntegrationEvent => {
+            let seq = params.take(0);
+            respond(
+                blocking(move || {
+                    caller.require(MANAGE)?;
+                    let seq = seq.parse().map_err(|_| ApiError::not_found("unknown_event", format!("no integration event `{seq}`")))?;
+                    integrations::reapply(&cp, &caller, seq)
+                })
+                .await,
+            )
+        }
+        Keyed::IntegrationLinks => {
+            let (source, account) = (query_param(&request, "source"), query_param(&request, "account"));
+            respond(
+                blocking(move || {
+                    caller.require(MANAGE)?;
+                    let account = account.or_else(|| caller.account.clone());
+                    match &account {
+                        Some(account) => caller.may_touch(account)?,
+                        None => caller.require_unbound()?,
+                    }
+                    let links = cp.repository.integration_links(source.as_deref(), account.as_deref())?;
+                    Ok(serde_json::json!({"links": links}))
+                })
+                .await,
+            )
+        }
+        Keyed::PutIntegrationLink => {
+            let (source, external_id) = (params.take(0), params.take(1));
+            with_body(cp.config().max_body, request, move |body| {
+                caller.require(MANAGE)?;
+                integrations::put_link(&cp, &caller, &source, &external_id, &body)
+            })
+            .await
+        }
+        Keyed::DeleteIntegrationLink => {
+            let (source, external_id) = (params.take(0), params.take(1));
+            respond(
+                blocking(move || {
+                    caller.require(MANAGE)?;
+                    integrations::delete_link(&cp, &caller, &source, &external_id)
+                })
+                .await,
+            )
         }
         Keyed::ApproveAccessRequest | Keyed::DenyAccessRequest => {
             let id = params.take(0);
@@ -912,4 +1030,28 @@ async fn snapshot(server: &Server, caller: &Caller, request: &Request<Incoming>)
         response.headers_mut().insert(ETAG, etag);
     }
     response
+}
+
+/// `GET /v1/integrations/events` filters: `source`, `status`, `after` (a `seq`), `limit`.
+fn integration_event_query(request: &Request<Incoming>) -> Result<EventQuery, ApiError> {
+    let status = query_param(request, "status")
+        .map(|status| {
+            EventStatus::parse(&status).ok_or_else(|| {
+                ApiError::invalid(format!("query parameter `status` value `{status}` is not one of {}", EventStatus::NAMES.join(", ")))
+            })
+        })
+        .transpose()?;
+    let source = query_param(request, "source")
+        .map(|source| {
+            integrations::System::parse(&source).map(|system| system.as_str().to_string()).ok_or_else(|| {
+                ApiError::invalid(format!(
+                    "query parameter `source` value `{source}` is not one of {}",
+                    integrations::System::NAMES.join(", ")
+                ))
+            })
+        })
+        .transpose()?;
+    let after_seq = number_param::<i64>(request, "after")?.unwrap_or(0);
+    let limit = number_param::<u32>(request, "limit")?.unwrap_or(100).clamp(1, 1000);
+    Ok(EventQuery { source, status, after_seq, limit })
 }

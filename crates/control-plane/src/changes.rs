@@ -181,6 +181,7 @@ fn apply_order(catalog: &SnapshotData, order: &OrderBody, account: &mut AccountD
                 max_devices: order.max_devices,
                 cancelled: false,
                 overrides: Default::default(),
+                trial: false,
             });
             Ok(Some(id))
         }

@@ -64,6 +64,8 @@ mod accounts;
 pub mod api;
 pub mod changes;
 pub mod ingest;
+pub mod integration_store;
+pub mod integrations;
 pub mod limits;
 pub mod metrics;
 pub mod publish;
@@ -312,6 +314,10 @@ pub struct Config {
     pub webhook: Option<webhooks::WebhookConfig>,
     /// Most totals in one `POST /v1/usage` answer.
     pub usage_page: u32,
+    /// Stripe webhooks in (`POST /v1/integrations/stripe`); `None`: that route answers 404.
+    pub stripe: Option<integrations::stripe::StripeConfig>,
+    /// HubSpot webhooks in (`POST /v1/integrations/hubspot`); `None`: that route answers 404.
+    pub hubspot: Option<integrations::hubspot::HubSpotConfig>,
     /// The one wall clock of the control plane: audit and key timestamps, access-request times,
     /// token `iat`/`exp`, usage periods, webhook schedules and snapshot `created_at`.
     pub clock: Arc<dyn Clock>,
@@ -325,6 +331,8 @@ impl Default for Config {
             max_wait: Duration::from_secs(60),
             webhook: None,
             usage_page: ingest::TOTALS_PAGE,
+            stripe: None,
+            hubspot: None,
             clock: Arc::new(SystemClock),
         }
     }

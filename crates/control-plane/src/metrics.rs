@@ -67,6 +67,11 @@ impl ControlPlaneMetrics {
         describe("tollgate_cp_snapshot_long_polls", None, "Sidecar long-polls waiting on /v1/snapshot.");
         describe("tollgate_cp_usage_events_total", None, "Usage events received from sidecars by result.");
         describe("tollgate_cp_usage_batches_total", None, "Usage batches received from sidecars.");
+        describe(
+            "tollgate_cp_integration_events_total",
+            None,
+            "Inbound Stripe and HubSpot events by source and outcome (applied, unmapped, stale, ignored, duplicate).",
+        );
         let route_names = ROUTES.iter().map(|route| route.pattern).chain(std::iter::once("unmatched"));
         let requests = route_names
             .map(|route| {
@@ -131,6 +136,12 @@ impl ControlPlaneMetrics {
         if let Some(counter) = self.usage_events.get(result as usize) {
             counter.increment(n);
         }
+    }
+
+    /// Counts an inbound integration event by its source and what became of it.
+    pub fn integration_event(&self, source: &'static str, outcome: &'static str) {
+        let labels = vec![Label::new("source", source), Label::new("outcome", outcome)];
+        counter(&self.recorder, "tollgate_cp_integration_events_total", labels).increment(1);
     }
 
     pub fn render(&self) -> String {

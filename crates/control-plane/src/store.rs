@@ -14,6 +14,7 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
+use super::integration_store::{IntegrationRepository, IntegrationTransaction};
 use super::usage_store::{UsageRepository, UsageTransaction};
 
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +109,9 @@ pub struct LicenseDoc {
     /// A cancelled license stays on record but is left out of snapshots.
     pub cancelled: bool,
     pub overrides: OverridesDoc,
+    /// A trial license (a Stripe subscription that is `trialing`); absent in older documents.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub trial: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,7 +213,7 @@ pub struct OrderRecord {
 
 /// What one write transaction may read and change. Everything done through it commits
 /// together or not at all.
-pub trait Transaction: UsageTransaction {
+pub trait Transaction: UsageTransaction + IntegrationTransaction {
     fn account(&mut self, id: &str) -> Result<Option<AccountDoc>, StoreError>;
     fn put_account(&mut self, id: &str, account: &AccountDoc) -> Result<(), StoreError>;
     fn order(&mut self, order_id: &str) -> Result<Option<OrderRecord>, StoreError>;
@@ -246,7 +250,7 @@ pub struct AuditQuery {
 }
 
 /// The license repository's interface.
-pub trait Repository: Send + Sync + UsageRepository {
+pub trait Repository: Send + Sync + UsageRepository + IntegrationRepository {
     /// Stores a new key, created at `now` (unix seconds). The repository never reads a clock:
     /// every time it records comes from its caller.
     fn create_key(&self, key: &KeyRecord, now: i64) -> Result<(), StoreError>;
@@ -329,6 +333,7 @@ CREATE TABLE access_requests (
 CREATE INDEX access_requests_account ON access_requests (account, id);
 "#,
     super::usage_store::MIGRATION,
+    super::integration_store::MIGRATION,
 ];
 
 /// The file name of the database inside the data directory.
