@@ -11,76 +11,14 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use tokio::net::TcpStream;
+mod support;
 
-struct Client {
-    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
-    addr: SocketAddr,
-}
-
-impl Client {
-    async fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        stream.set_nodelay(true).unwrap();
-        let (sender, connection) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.unwrap();
-        tokio::spawn(connection);
-        Client { sender, addr }
-    }
-
-    async fn send(&mut self, method: &str, path: &str, body: Vec<u8>, key: Option<&str>) -> (u16, Bytes) {
-        let mut builder = hyper::Request::builder().method(method).uri(path).header("host", self.addr.to_string());
-        if let Some(key) = key {
-            builder = builder.header("authorization", format!("Bearer {key}"));
-        }
-        self.sender.ready().await.unwrap();
-        let response = self.sender.send_request(builder.body(Full::new(Bytes::from(body))).unwrap()).await.unwrap();
-        let status = response.status().as_u16();
-        (status, response.into_body().collect().await.unwrap().to_bytes())
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-struct Processes(Vec<Child>);
-
-impl Drop for Processes {
-    fn drop(&mut self) {
-        // Sidecars first, so they do not log the control plane going away.
-        for child in self.0.iter_mut().rev() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-async fn wait_ready(addr: SocketAddr, path: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(Ok(stream)) = tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(addr)).await {
-            drop(stream);
-            let mut client = Client::connect(addr).await;
-            if client.send("GET", path, Vec::new(), None).await.0 == 200 {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "{addr} did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
+use support::{Client, Processes, free_port, futures_join_all, percentile, wait_ready};
 
 #[tokio::main]
 async fn main() {
@@ -217,12 +155,4 @@ async fn main() {
         "orders_in_throughput_run": n_done,
     });
     println!("{}", serde_json::to_string_pretty(&report).unwrap());
-}
-
-/// Awaits every future (a tiny join_all, to keep the futures crate out).
-async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
-    let handles: Vec<_> = futures.map(Box::pin).collect();
-    for handle in handles {
-        handle.await;
-    }
 }

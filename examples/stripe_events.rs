@@ -1,0 +1,203 @@
+//! Measures Stripe webhooks in: signed `customer.subscription.*` events applied per second,
+//! and the time from an upgrade event being acknowledged to every subscribed sidecar
+//! allowing what the new plan grants. Starts one `tollgate control-plane` (with
+//! `--stripe-webhook-secret-file`) and N `tollgate sidecar --control-plane` processes.
+//!
+//! cargo build --release --bin tollgate
+//! cargo run --release --example stripe_events -- [BINARY] [SIDECARS] [EVENTS] [SECONDS] [CLIENTS]
+//!
+//! Defaults: target/release/tollgate, 3 sidecars, 100 upgrade/downgrade events, 10 s of
+//! throughput with 8 concurrent senders, each event a new subscription of a new account.
+//! Prints one JSON object.
+#![allow(clippy::disallowed_methods, reason = "waits on real processes and sockets use wall-clock deadlines")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+mod support;
+
+use support::{Client, Processes, free_port, futures_join_all, percentile, wait_ready};
+use tollgate_control_plane::integrations::stripe;
+
+const SECRET: &str = "whsec_example_measurement";
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+/// A signed Stripe event: the body and its `Stripe-Signature`.
+fn stripe_event(id: &str, kind: &str, created: i64, subscription: &str, account: &str, price: &str) -> (Vec<u8>, String) {
+    let body = serde_json::json!({
+        "id": id,
+        "object": "event",
+        "type": kind,
+        "created": created,
+        "data": {"object": {
+            "id": subscription,
+            "object": "subscription",
+            "customer": format!("cus_{account}"),
+            "status": "active",
+            "metadata": {"tollgate_account": account},
+            "start_date": created - 86_400,
+            "current_period_start": created - 86_400,
+            "current_period_end": created + 30 * 86_400,
+            "items": {"data": [{"id": "si_1", "price": {"id": price}, "quantity": 3}]},
+        }},
+    })
+    .to_string()
+    .into_bytes();
+    let signature = stripe::sign(SECRET.as_bytes(), unix_now(), &body);
+    (body, signature)
+}
+
+async fn deliver(client: &mut Client, (body, signature): (Vec<u8>, String)) -> serde_json::Value {
+    let (status, answer) = client.send_with("POST", "/v1/integrations/stripe", body, None, &[("stripe-signature", &signature)]).await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+    assert_eq!(answer["status"], "applied", "{answer}");
+    answer
+}
+
+#[tokio::main]
+async fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let binary = args.get(1).cloned().unwrap_or_else(|| "target/release/tollgate".into());
+    let n_sidecars: usize = args.get(2).map_or(3, |n| n.parse().unwrap());
+    let n_events: usize = args.get(3).map_or(100, |n| n.parse().unwrap());
+    let seconds: u64 = args.get(4).map_or(10, |n| n.parse().unwrap());
+    let n_clients: usize = args.get(5).map_or(8, |n| n.parse().unwrap());
+
+    let dir = tempfile::tempdir().unwrap();
+    let run = |arguments: &[&str]| Command::new(&binary).args(arguments).stdout(Stdio::piped()).stderr(Stdio::null()).output().unwrap();
+    let keys = dir.path().join("keys");
+    assert!(run(&["keygen", "--out", keys.to_str().unwrap()]).status.success());
+    let data = dir.path().join("cp");
+    let output = run(&["control-plane", "keys", "create", "--data", data.to_str().unwrap(), "--scope", "sidecar"]);
+    assert!(output.status.success());
+    let key_file = dir.path().join("sidecar.key");
+    std::fs::write(&key_file, String::from_utf8(output.stdout).unwrap().trim()).unwrap();
+    let secret_file = dir.path().join("stripe.secret");
+    std::fs::write(&secret_file, SECRET).unwrap();
+
+    let cp_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let policies = std::env::current_dir().unwrap().join("policies");
+    let mut processes = Processes(Vec::new());
+    processes.0.push(
+        Command::new(&binary)
+            .args(["control-plane", "--data", data.to_str().unwrap(), "--policies", policies.to_str().unwrap()])
+            .args(["--signing-key", keys.join("tollgate.key").to_str().unwrap(), "--listen", &cp_addr.to_string()])
+            .args(["--stripe-webhook-secret-file", secret_file.to_str().unwrap()])
+            .env("TOLLGATE_LOG", "warn")
+            .spawn()
+            .unwrap(),
+    );
+    wait_ready(cp_addr, "/healthz").await;
+    let mut cp = Client::connect(cp_addr).await;
+    let base = unix_now();
+    deliver(&mut cp, stripe_event("evt_seed", "customer.subscription.created", base, "sub_acme", "acme", "price_team_monthly")).await;
+
+    let mut sidecars = Vec::new();
+    for n in 0..n_sidecars {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let data_dir = dir.path().join(format!("sidecar-{n}"));
+        processes.0.push(
+            Command::new(&binary)
+                .args(["sidecar", "--control-plane", &format!("http://{cp_addr}"), "--api-key-file", key_file.to_str().unwrap()])
+                .args(["--trust-key", keys.join("tollgate.pub").to_str().unwrap(), "--data-dir", data_dir.to_str().unwrap()])
+                .args(["--listen", &addr.to_string(), "--workers", "1"])
+                .env("TOLLGATE_LOG", "warn")
+                .spawn()
+                .unwrap(),
+        );
+        sidecars.push(addr);
+    }
+    for addr in &sidecars {
+        wait_ready(*addr, "/readyz").await;
+    }
+
+    // Event -> decision: alternate the business and team prices; after each event, poll every
+    // sidecar until `sso` (business only) is allowed or denied as the event says.
+    let check = serde_json::to_vec(&serde_json::json!({"account": "acme", "feature": "sso"})).unwrap();
+    let mut pollers = Vec::new();
+    for addr in &sidecars {
+        pollers.push(Client::connect(*addr).await);
+    }
+    let mut latencies_ms = Vec::new();
+    for n in 0..n_events {
+        let upgrade = n % 2 == 0;
+        let price = if upgrade { "price_business_monthly" } else { "price_team_monthly" };
+        let event = stripe_event(&format!("evt_p{n}"), "customer.subscription.updated", base + 1 + n as i64, "sub_acme", "acme", price);
+        let answer = deliver(&mut cp, event).await;
+        let acknowledged = Instant::now();
+        let revision = answer["revision"].as_u64().unwrap();
+        let waits = pollers.iter_mut().map(|poller| {
+            let check = check.clone();
+            async move {
+                loop {
+                    let (_, answer) = poller.send("POST", "/v1/check", check.clone(), None).await;
+                    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+                    if answer["revision"].as_u64().unwrap_or(0) >= revision {
+                        assert_eq!(answer["allow"], upgrade, "{answer}");
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_micros(500)).await;
+                }
+            }
+        });
+        futures_join_all(waits).await;
+        latencies_ms.push(acknowledged.elapsed().as_secs_f64() * 1e3);
+    }
+    latencies_ms.sort_by(f64::total_cmp);
+
+    // Throughput: concurrent senders, each event a new subscription of a new account.
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..n_clients {
+        let done = Arc::clone(&done);
+        workers.push(tokio::spawn(async move {
+            let mut client = Client::connect(cp_addr).await;
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let id = format!("w{worker}-{n}");
+                let event = stripe_event(
+                    &format!("evt_{id}"),
+                    "customer.subscription.created",
+                    base,
+                    &format!("sub_{id}"),
+                    &id,
+                    "price_team_monthly",
+                );
+                deliver(&mut client, event).await;
+                done.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let n_done = done.load(Ordering::Relaxed);
+
+    let report = serde_json::json!({
+        "sidecars": n_sidecars,
+        "events_measured": n_events,
+        "event_to_every_sidecar_decision_ms": {
+            "p50": percentile(&latencies_ms, 0.50),
+            "p90": percentile(&latencies_ms, 0.90),
+            "p99": percentile(&latencies_ms, 0.99),
+            "max": latencies_ms.last().copied().unwrap_or(0.0),
+        },
+        "events_applied_per_second": n_done as f64 / elapsed,
+        "accounts_at_end": n_done + 1,
+        "throughput_clients": n_clients,
+        "throughput_seconds": elapsed,
+    });
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+}
