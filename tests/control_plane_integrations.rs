@@ -392,8 +392,11 @@ async fn unmapped_events_are_kept_listed_and_applied_once_mapped() {
 async fn entitlement_summaries_add_features_to_stripe_licenses() {
     let dir = tempfile::tempdir().unwrap();
     let mut setup = start(dir.path()).await;
-    let integration = setup.server.key("integration", None);
-    send_json(&mut setup.client, "PUT", "/v1/integrations/links/stripe/cus_NffrFeUfNV2Hib", &integration, &json!({"account": "ent"})).await;
+    // The customer's own metadata links it to its account.
+    let customer =
+        json!({"id": "cus_NffrFeUfNV2Hib", "object": "customer", "email": "ops@ent.example", "metadata": {"tollgate_account": "ent"}});
+    let linked = stripe_send(&mut setup, &event("evt_c1", "customer.created", NOW - 10, customer)).await.json();
+    assert_eq!((linked["status"].as_str(), linked["account"].as_str()), (Some("applied"), Some("ent")), "{linked}");
     let summary = |features: &[&str]| {
         json!({
             "object": "entitlements.active_entitlement_summary",

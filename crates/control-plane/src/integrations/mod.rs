@@ -111,6 +111,8 @@ pub enum Mapping {
     Unmapped { account: Option<String>, reason: String },
     /// Older than what was applied to the same object.
     Stale { account: Option<String>, reason: String },
+    /// Linked an external id to an account (applied, without changing the account).
+    Linked { account: String, reason: String },
     /// Changes nothing (a type or stage Tollgate does not map); may still update the object's
     /// record.
     Ignored { reason: String, object: Option<(String, ObjectState)> },
@@ -218,6 +220,10 @@ fn apply(
                     event.revision = Some(revision);
                 }
             }
+        }
+        Mapping::Linked { account, reason } => {
+            event.account = Some(account);
+            event.reason = Some(reason);
         }
         Mapping::Unmapped { account, reason } => {
             event.status = EventStatus::Unmapped;

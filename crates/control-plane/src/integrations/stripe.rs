@@ -138,6 +138,7 @@ pub fn parse_event(body: &[u8]) -> Result<Inbound, ApiError> {
     let object_id = match event_type {
         "invoice.paid" => invoice_subscription(object).map(str::to_string),
         _ if event_type.starts_with("customer.subscription.") => text(object, &["id"]).map(str::to_string),
+        "customer.created" | "customer.updated" => text(object, &["id"]).map(str::to_string),
         _ => id_of(object.get("customer")).map(|customer| format!("entitlements:{customer}")),
     };
     Ok(Inbound {
@@ -189,8 +190,31 @@ pub fn map(control_plane: &ControlPlane, transaction: &mut dyn Transaction, inbo
         "customer.subscription.deleted" => subscription(control_plane, transaction, inbound, &object, true)?,
         "invoice.paid" => invoice_paid(control_plane, transaction, &object)?,
         "entitlements.active_entitlement_summary.updated" => entitlements(control_plane, transaction, inbound, &object)?,
+        "customer.created" | "customer.updated" => customer(transaction, inbound, &object)?,
         other => Mapping::Ignored { reason: format!("Tollgate does not map `{other}` events"), object: None },
     })
+}
+
+/// A customer whose `metadata.tollgate_account` names an account is linked to it, so later
+/// subscription and entitlement events of that customer find their account.
+fn customer(transaction: &mut dyn Transaction, inbound: &Inbound, customer: &Value) -> Result<Mapping, ApiError> {
+    let Some(customer_id) = text(customer, &["id"]) else {
+        return Ok(unmapped(None, "the customer has no `id`".into()));
+    };
+    let Some(account) = text(customer, &["metadata", "tollgate_account"]) else {
+        return Ok(Mapping::Ignored { reason: "the customer has no `metadata.tollgate_account`".into(), object: None });
+    };
+    if !crate::changes::valid_id(account) {
+        return Ok(unmapped(None, format!("`metadata.tollgate_account` value `{account}` is not a valid account id")));
+    }
+    let link = crate::integration_store::Link {
+        source: System::Stripe.as_str().to_string(),
+        external_id: customer_id.to_string(),
+        account: account.to_string(),
+        created_at: inbound.occurred_at_ms.div_euclid(1000),
+    };
+    transaction.put_integration_link(&link)?;
+    Ok(Mapping::Linked { account: account.to_string(), reason: format!("customer `{customer_id}` is linked to account `{account}`") })
 }
 
 fn unmapped(account: Option<&str>, reason: String) -> Mapping {
