@@ -195,6 +195,14 @@ struct SidecarArgs {
     /// Largest request body in bytes.
     #[arg(long, env = "TOLLGATE_MAX_BODY", default_value_t = tollgate_sidecar::DEFAULT_MAX_BODY)]
     max_body: usize,
+    /// Largest snapshot accepted, from a file or the control plane, in bytes; a larger file is
+    /// refused unread. A million accounts take about 160 MB.
+    #[arg(long, env = "TOLLGATE_MAX_SNAPSHOT_BYTES", default_value_t = tollgate_snapshot::DEFAULT_MAX_FILE_BYTES)]
+    max_snapshot_bytes: u64,
+    /// Accept a snapshot older than the highest revision this sidecar installed before (kept in
+    /// `--data-dir`); without it such a snapshot is refused as a rollback.
+    #[arg(long, env = "TOLLGATE_ALLOW_ROLLBACK")]
+    allow_rollback: bool,
     /// How long SIGTERM waits for in-flight requests, in seconds.
     #[arg(long, env = "TOLLGATE_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     drain_timeout_secs: u64,
@@ -320,11 +328,17 @@ fn run(cli: Cli) -> Result<()> {
                     if trust_key.is_empty() {
                         bail!("`--trust-key` is required with `--snapshot`");
                     }
-                    Source::File(path).load(&read_trusted(&trust_key)?, None, None, tollgate_core::clock::system_now_ms())?
+                    Source::File(path).load(
+                        &read_trusted(&trust_key)?,
+                        None,
+                        None,
+                        tollgate_core::clock::system_now_ms(),
+                        snapshot::DEFAULT_MAX_FILE_BYTES,
+                    )?
                 }
                 (None, Some(dir)) => {
                     let (source, trusted) = dev_source(dir)?;
-                    source.load(&trusted, None, None, tollgate_core::clock::system_now_ms())?
+                    source.load(&trusted, None, None, tollgate_core::clock::system_now_ms(), snapshot::DEFAULT_MAX_FILE_BYTES)?
                 }
                 (None, None) => bail!("give `--snapshot FILE --trust-key KEY` or `--policies DIR`"),
             };
@@ -430,6 +444,8 @@ fn sidecar_config(args: SidecarArgs) -> Result<Config> {
         device: header_name(&args.ext_authz_device_header).context("`--ext-authz-device-header`")?,
     };
     config.max_body = args.max_body;
+    config.max_snapshot_bytes = args.max_snapshot_bytes;
+    config.allow_rollback = args.allow_rollback;
     config.drain_timeout = Duration::from_secs(args.drain_timeout_secs);
     config.workers = args.workers;
     config.watch_interval = Duration::from_millis(args.watch_interval_ms);

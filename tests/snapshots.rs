@@ -287,3 +287,98 @@ fn a_retired_snapshot_buffer_is_reused_and_still_verified() {
     forged[last] ^= 1;
     assert!(matches!(Snapshot::verify_into(&forged, &trusted(), Some(reused)), Err(SnapshotError::BadSignature(_))));
 }
+
+/// What stands where a snapshot file should be is untrusted: a FIFO must not block the loader,
+/// a device behind a symlink must not be read without end, and a large file that is not a
+/// snapshot (or whose header disagrees with its size) is refused from its first bytes.
+#[test]
+fn snapshot_sources_are_checked_before_they_are_read() {
+    use tollgate_snapshot::{DEFAULT_MAX_FILE_BYTES, ReadError};
+    let dir = tempfile::tempdir().unwrap();
+    let trusted = trusted();
+
+    let fifo = dir.path().join("fifo.snap");
+    assert!(std::process::Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let error = Snapshot::read_file_into(&fifo, &trusted, None, DEFAULT_MAX_FILE_BYTES).unwrap_err();
+    assert!(matches!(error, ReadError::NotAFile { kind: "a FIFO", .. }), "{error}");
+
+    let zero = dir.path().join("zero.snap");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    let error = Snapshot::read_file_into(&zero, &trusted, None, DEFAULT_MAX_FILE_BYTES).unwrap_err();
+    assert!(error.to_string().contains("a character device, not a regular file"), "{error}");
+    let error = Snapshot::read_file_into(dir.path(), &trusted, None, DEFAULT_MAX_FILE_BYTES).unwrap_err();
+    assert!(matches!(error, ReadError::NotAFile { kind: "a directory", .. }), "{error}");
+
+    // A sparse gigabyte: past a configured ceiling it is refused by size, and under the default
+    // one by its first bytes.
+    let sparse = dir.path().join("sparse.snap");
+    std::fs::File::create(&sparse).unwrap().set_len(1 << 30).unwrap();
+    let error = Snapshot::read_file_into(&sparse, &trusted, None, 1 << 20).unwrap_err();
+    assert!(matches!(error, ReadError::TooLarge { len: 1_073_741_824, max: 1_048_576, .. }), "{error}");
+    assert!(error.to_string().contains("--max-snapshot-bytes"), "{error}");
+    let error = Snapshot::read_file_into(&sparse, &trusted, None, DEFAULT_MAX_FILE_BYTES).unwrap_err();
+    assert!(matches!(error, ReadError::Snapshot(SnapshotError::BadMagic)), "{error}");
+
+    // A real snapshot with a gigabyte of padding after it: the header's length gives it away.
+    let bytes = common::signed_test(&common::example_data(), 5);
+    let padded = dir.path().join("padded.snap");
+    std::fs::write(&padded, &bytes).unwrap();
+    std::fs::OpenOptions::new().write(true).open(&padded).unwrap().set_len(1 << 30).unwrap();
+    let error = Snapshot::read_file_into(&padded, &trusted, None, DEFAULT_MAX_FILE_BYTES).unwrap_err();
+    assert!(matches!(error, ReadError::Snapshot(SnapshotError::PayloadLength { .. })), "{error}");
+
+    // The same snapshot as it was written still reads, and an empty file is truncated.
+    let good = dir.path().join("good.snap");
+    std::fs::write(&good, &bytes).unwrap();
+    assert_eq!(Snapshot::read_file_into(&good, &trusted, None, bytes.len() as u64).unwrap().revision(), 5);
+    assert!(matches!(Snapshot::read_file_into(&good, &trusted, None, bytes.len() as u64 - 1), Err(ReadError::TooLarge { .. })));
+    let empty = dir.path().join("empty.snap");
+    std::fs::write(&empty, b"").unwrap();
+    let error = Snapshot::read_file_into(&empty, &trusted, None, DEFAULT_MAX_FILE_BYTES).unwrap_err();
+    assert!(matches!(error, ReadError::Snapshot(SnapshotError::Truncated(0))), "{error}");
+}
+
+/// With a data directory, the highest revision ever installed is kept there, and an older
+/// signed snapshot is refused at the next start (a rollback), unless `--allow-rollback`.
+#[test]
+fn an_older_signed_snapshot_is_refused_across_a_restart() {
+    use tollgate_core::clock::{Clock, ManualClock};
+    use tollgate_sidecar::app::App;
+    use tollgate_sidecar::config::{Config, SourceConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let (file, data_dir) = (dir.path().join("snapshot.tgs"), dir.path().join("data"));
+    let build = |allow_rollback: bool| {
+        let mut config = Config::new(SourceConfig::File(file.clone()), trusted());
+        config.data_dir = Some(data_dir.clone());
+        config.allow_rollback = allow_rollback;
+        App::build(config, Arc::new(ManualClock::new(common::PINNED_NOW_MS)) as Arc<dyn Clock>).unwrap()
+    };
+    std::fs::write(&file, common::signed_test(&common::example_data(), 10)).unwrap();
+    let first = build(false);
+    assert_eq!(first.sidecar().store().revision(), Some(10));
+    drop(first);
+    assert_eq!(std::fs::read_to_string(data_dir.join("highest-revision")).unwrap().trim(), "10");
+
+    // The same revision again is fine (a restart reads its own cache).
+    assert_eq!(build(false).sidecar().store().revision(), Some(10));
+
+    // An older, validly signed snapshot in its place is a rollback: not installed, not ready.
+    std::fs::write(&file, common::signed_test(&common::example_data(), 7)).unwrap();
+    let refused = build(false);
+    let store = refused.sidecar().store();
+    assert_eq!((store.revision(), store.is_ready()), (None, false));
+    let status = store.status();
+    assert!(status.last_error.as_deref().unwrap().contains("older than revision 10"), "{status:?}");
+    drop(refused);
+
+    // The operator may allow it explicitly; the record then follows what is installed.
+    assert_eq!(build(true).sidecar().store().revision(), Some(7));
+    assert_eq!(std::fs::read_to_string(data_dir.join("highest-revision")).unwrap().trim(), "7");
+
+    // A record that is not a number stops the start with a message naming the file.
+    std::fs::write(data_dir.join("highest-revision"), "garbage").unwrap();
+    let mut config = Config::new(SourceConfig::File(file.clone()), trusted());
+    config.data_dir = Some(data_dir.clone());
+    let error = App::build(config, Arc::new(ManualClock::new(common::PINNED_NOW_MS)) as Arc<dyn Clock>).unwrap_err();
+    assert!(error.to_string().contains("highest-revision") && error.to_string().contains("garbage"), "{error}");
+}

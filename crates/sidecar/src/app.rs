@@ -36,6 +36,10 @@ pub enum AppError {
     /// A policies directory with mistakes is bad configuration and stops the start.
     #[error(transparent)]
     Policies(LoadError),
+    #[error(transparent)]
+    RollbackGuard(#[from] crate::store::RollbackGuardError),
+    #[error("cannot create data directory `{path}`: {source}")]
+    DataDir { path: String, source: std::io::Error },
     #[error("cannot listen on `{address}`{purpose}: {source}")]
     Listen { address: std::net::SocketAddr, purpose: &'static str, source: std::io::Error },
 }
@@ -96,6 +100,7 @@ impl App {
                 let data_dir = config.data_dir.clone().ok_or(ConfigError::NoDataDir)?;
                 let mut subscription = Subscription::new(url, api_key_file, data_dir)?;
                 subscription.wait = *poll_wait;
+                subscription.max_snapshot_bytes = config.max_snapshot_bytes;
                 Source::ControlPlane(Arc::new(subscription))
             }
         };
@@ -103,6 +108,11 @@ impl App {
         let usage = UsageStore::new();
         let metering = open_metering(&config, &source, clock.as_ref(), &metrics, &usage)?;
         let sidecar = Sidecar::new(metrics, Arc::new(trusted), source.describe(), clock, usage, &config, metering);
+        sidecar.store.set_max_snapshot_bytes(config.max_snapshot_bytes);
+        if let Some(data_dir) = &config.data_dir {
+            std::fs::create_dir_all(data_dir).map_err(|source| AppError::DataDir { path: data_dir.display().to_string(), source })?;
+            sidecar.store.guard_rollback(data_dir.join(crate::store::HIGHEST_REVISION_FILE), config.allow_rollback)?;
+        }
         if let Some(staleness) = config.staleness {
             sidecar.store.set_staleness(staleness.max, staleness.unready_when_stale);
         }

@@ -32,6 +32,11 @@ pub struct Config {
     pub ext_authz: ExtAuthzHeaders,
     /// Largest request body in bytes (`--max-body`).
     pub max_body: usize,
+    /// Largest snapshot file read or downloaded, in bytes (`--max-snapshot-bytes`).
+    pub max_snapshot_bytes: u64,
+    /// Accept a snapshot older than the highest revision recorded in `data_dir`
+    /// (`--allow-rollback`).
+    pub allow_rollback: bool,
     /// How long shutdown waits for in-flight requests (`--drain-timeout-secs`).
     pub drain_timeout: Duration,
     /// Worker threads of the runtime the caller builds (`--workers`); `None` follows the
@@ -104,6 +109,8 @@ pub struct Staleness {
 pub enum ConfigError {
     #[error("`--max-body` must be greater than 0")]
     MaxBody,
+    #[error("`--max-snapshot-bytes` must be greater than 0")]
+    MaxSnapshotBytes,
     #[error("`--watch-interval-ms` must be greater than 0")]
     WatchInterval,
     #[error("`--quota-local-share` must be greater than 0 and at most 1, not `{0}`")]
@@ -132,6 +139,8 @@ impl Config {
             staleness: None,
             ext_authz: ExtAuthzHeaders::default(),
             max_body: crate::DEFAULT_MAX_BODY,
+            max_snapshot_bytes: tollgate_snapshot::DEFAULT_MAX_FILE_BYTES,
+            allow_rollback: false,
             drain_timeout: Duration::from_secs(10),
             workers: None,
             watch_interval: Duration::from_millis(500),
@@ -143,6 +152,9 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_body == 0 {
             return Err(ConfigError::MaxBody);
+        }
+        if self.max_snapshot_bytes == 0 {
+            return Err(ConfigError::MaxSnapshotBytes);
         }
         if self.watch_interval.is_zero() {
             return Err(ConfigError::WatchInterval);

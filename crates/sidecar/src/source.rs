@@ -35,6 +35,9 @@ impl std::fmt::Debug for Source {
 pub enum LoadError {
     #[error("cannot read `{path}`: {source}")]
     Read { path: String, source: std::io::Error },
+    /// Not a regular file, or larger than `--max-snapshot-bytes`: refused before reading.
+    #[error(transparent)]
+    Refused(ReadError),
     #[error(transparent)]
     Compile(#[from] PolicyErrors),
     #[error(transparent)]
@@ -46,7 +49,7 @@ pub enum LoadError {
 impl LoadError {
     pub fn cause(&self) -> RejectCause {
         match self {
-            LoadError::Read { .. } => RejectCause::Read,
+            LoadError::Read { .. } | LoadError::Refused(_) => RejectCause::Read,
             LoadError::Compile(_) | LoadError::Build(_) => RejectCause::Compile,
             LoadError::Snapshot(SnapshotError::UntrustedKey(_)) => RejectCause::UntrustedKey,
             LoadError::Snapshot(SnapshotError::BadSignature(_)) => RejectCause::Signature,
@@ -92,15 +95,26 @@ impl Source {
     /// Reads (or compiles and signs) and verifies a snapshot. `serving` is the revision in
     /// use; a compiled snapshot gets a newer one.
     /// `spare` is a retired snapshot's buffer to read into, if there is one.
-    /// `now_ms` stamps (and numbers) a snapshot compiled in dev mode.
-    pub fn load(&self, trusted: &TrustedKeys, serving: Option<u64>, spare: Option<AlignedVec>, now_ms: i64) -> Result<Snapshot, LoadError> {
+    /// `now_ms` stamps (and numbers) a snapshot compiled in dev mode. Files larger than
+    /// `max_bytes` are refused unread.
+    pub fn load(
+        &self,
+        trusted: &TrustedKeys,
+        serving: Option<u64>,
+        spare: Option<AlignedVec>,
+        now_ms: i64,
+        max_bytes: u64,
+    ) -> Result<Snapshot, LoadError> {
         let read_error = |error| match error {
             ReadError::Io { path, source } => LoadError::Read { path, source },
             ReadError::Snapshot(error) => LoadError::Snapshot(error),
+            refused => LoadError::Refused(refused),
         };
         match self {
-            Source::ControlPlane(subscription) => Snapshot::read_file_into(&subscription.cache_path(), trusted, spare).map_err(read_error),
-            Source::File(path) => Snapshot::read_file_into(path, trusted, spare).map_err(read_error),
+            Source::ControlPlane(subscription) => {
+                Snapshot::read_file_into(&subscription.cache_path(), trusted, spare, max_bytes).map_err(read_error)
+            }
+            Source::File(path) => Snapshot::read_file_into(path, trusted, spare, max_bytes).map_err(read_error),
             Source::Policies { dir, key } => {
                 let data = tollgate_policy::compile_dir(dir)?;
                 let revision = (now_ms.max(0) as u64).max(serving.map_or(0, |serving| serving + 1));
@@ -135,7 +149,7 @@ pub fn reload(source: &Source, trusted: &TrustedKeys, store: &SnapshotStore) -> 
         return Err(ReloadError::NoCache(subscription.cache_path().display().to_string()));
     }
     let started = Stopwatch::start();
-    let loaded = source.load(trusted, store.revision(), store.take_spare(), store.clock().now_ms());
+    let loaded = source.load(trusted, store.revision(), store.take_spare(), store.clock().now_ms(), store.max_snapshot_bytes());
     finish(source, store, Some(loaded), started)
 }
 
@@ -149,7 +163,10 @@ pub async fn reload_in_background(
     let started = Stopwatch::start();
     let (source_ref, trusted_ref, store_ref) = (Arc::clone(source), Arc::clone(trusted), Arc::clone(store));
     let loaded = super::background::run_with_deadline(
-        move || source_ref.load(&trusted_ref, store_ref.revision(), store_ref.take_spare(), store_ref.clock().now_ms()),
+        move || {
+            let max_bytes = store_ref.max_snapshot_bytes();
+            source_ref.load(&trusted_ref, store_ref.revision(), store_ref.take_spare(), store_ref.clock().now_ms(), max_bytes)
+        },
         super::background::DEADLINE,
     )
     .await;

@@ -20,7 +20,23 @@ use tollgate_snapshot::Snapshot;
 pub enum InstallError {
     #[error("snapshot revision {offered} is not newer than the serving revision {serving}")]
     NotNewer { offered: u64, serving: u64 },
+    #[error(
+        "snapshot revision {offered} is older than revision {highest}, which this sidecar installed before; refusing a rollback (start with `--allow-rollback` to accept it)"
+    )]
+    Rollback { offered: u64, highest: u64 },
 }
+
+/// Why the record of the highest installed revision could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum RollbackGuardError {
+    #[error("cannot read `{path}`: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("`{path}` should hold the highest installed snapshot revision, a whole number; it holds `{text}`")]
+    Malformed { path: String, text: String },
+}
+
+/// The file in `--data-dir` that keeps the highest revision installed.
+pub const HIGHEST_REVISION_FILE: &str = "highest-revision";
 
 #[derive(Debug, Clone, Default)]
 struct UpdateStatus {
@@ -58,6 +74,13 @@ pub struct SnapshotStore {
     /// Unix ms when an update was received (a changed file, a snapshot from the control plane)
     /// that is neither installed nor rejected yet; 0 = none.
     pending_since_ms: AtomicI64,
+    /// Largest snapshot file or download accepted, in bytes (`--max-snapshot-bytes`).
+    max_snapshot_bytes: AtomicU64,
+    /// The highest revision ever installed, as recorded in `--data-dir`: older snapshots are
+    /// refused, across restarts too. 0: none.
+    highest: AtomicU64,
+    /// Where the highest revision is recorded, when there is a data directory.
+    highest_file: Mutex<Option<std::path::PathBuf>>,
 }
 
 /// How long a retired snapshot's buffer is kept for reuse; past it, it is freed, so memory
@@ -98,6 +121,9 @@ impl SnapshotStore {
             spare: Arc::new(Mutex::new(None)),
             clock,
             pending_since_ms: AtomicI64::new(0),
+            max_snapshot_bytes: AtomicU64::new(tollgate_snapshot::DEFAULT_MAX_FILE_BYTES),
+            highest: AtomicU64::new(0),
+            highest_file: Mutex::new(None),
         }
     }
 
@@ -130,6 +156,13 @@ impl SnapshotStore {
             self.reject(RejectCause::NotNewer, &error.to_string());
             return Err(error);
         }
+        let highest = self.highest.load(Ordering::Relaxed);
+        if offered < highest {
+            let error = InstallError::Rollback { offered, highest };
+            self.reject(RejectCause::Rollback, &error.to_string());
+            return Err(error);
+        }
+        self.record_highest(offered);
         let n_accounts = snapshot.header().counts.accounts;
         self.synced_at_ms.fetch_max(snapshot.header().created_at_ms, Ordering::Relaxed);
         let old = self.current.swap(Some(Arc::new(snapshot)));
@@ -147,6 +180,59 @@ impl SnapshotStore {
         }
         tracing::info!(revision = offered, accounts = n_accounts, "snapshot installed");
         Ok(offered)
+    }
+
+    /// Keeps the highest installed revision in `path` from now on, and refuses snapshots older
+    /// than the one recorded there, unless `allow_rollback` (then the record starts afresh
+    /// from the next install). As TUF clients do: a replayed old signed snapshot cannot take
+    /// back what a newer one granted or revoked, not even across a restart.
+    pub fn guard_rollback(&self, path: std::path::PathBuf, allow_rollback: bool) -> Result<(), RollbackGuardError> {
+        let display = path.display().to_string();
+        let recorded = match std::fs::read_to_string(&path) {
+            Ok(text) => Some(
+                text.trim()
+                    .parse::<u64>()
+                    .map_err(|_| RollbackGuardError::Malformed { path: display.clone(), text: text.chars().take(40).collect() })?,
+            ),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => None,
+            Err(source) => return Err(RollbackGuardError::Read { path: display, source }),
+        };
+        if let Some(recorded) = recorded {
+            if allow_rollback {
+                tracing::warn!(recorded, "--allow-rollback: snapshots older than the highest installed revision are accepted");
+            } else {
+                self.highest.fetch_max(recorded, Ordering::Relaxed);
+            }
+        }
+        if let Ok(mut slot) = self.highest_file.lock() {
+            *slot = Some(path);
+        }
+        Ok(())
+    }
+
+    /// The highest revision installed before, if recorded.
+    pub fn highest_revision(&self) -> Option<u64> {
+        Some(self.highest.load(Ordering::Relaxed)).filter(|highest| *highest > 0)
+    }
+
+    /// Records `revision` as installed, in memory and in the data directory.
+    fn record_highest(&self, revision: u64) {
+        self.highest.fetch_max(revision, Ordering::Relaxed);
+        let path = self.highest_file.lock().ok().and_then(|slot| slot.clone());
+        if let Some(path) = path
+            && let Err(error) = tollgate_http::fs::write_atomically(&path, format!("{revision}\n").as_bytes())
+        {
+            tracing::warn!(%error, path = %path.display(), "cannot record the highest installed revision");
+        }
+    }
+
+    /// Largest snapshot accepted, in bytes: files are refused unread past it.
+    pub fn max_snapshot_bytes(&self) -> u64 {
+        self.max_snapshot_bytes.load(Ordering::Relaxed)
+    }
+
+    pub fn set_max_snapshot_bytes(&self, max: u64) {
+        self.max_snapshot_bytes.store(max, Ordering::Relaxed);
     }
 
     /// The retired snapshot's buffer, if one is being kept, for the next load.

@@ -25,9 +25,6 @@ pub const CACHE_FILE: &str = "snapshot.tgs";
 pub const DEFAULT_WAIT_SECS: u64 = 25;
 pub const BACKOFF_START: Duration = Duration::from_millis(200);
 pub const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// Largest snapshot accepted from the control plane (1 GiB).
-const MAX_SNAPSHOT: usize = 1 << 30;
-
 /// How long a connection attempt to the control plane may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a request other than the long-poll (a usage batch) may take in all.
@@ -41,6 +38,8 @@ pub struct Subscription {
     pub api_key: String,
     pub data_dir: PathBuf,
     pub wait: Duration,
+    /// Largest snapshot download accepted, in bytes (`--max-snapshot-bytes`).
+    pub max_snapshot_bytes: u64,
     /// Pooled: the long-poll and the shipper reuse their connections.
     client: HttpClient,
 }
@@ -79,6 +78,7 @@ impl Subscription {
             api_key,
             data_dir,
             wait: Duration::from_secs(DEFAULT_WAIT_SECS),
+            max_snapshot_bytes: tollgate_snapshot::DEFAULT_MAX_FILE_BYTES,
             client: HttpClient::new(CONNECT_TIMEOUT),
         })
     }
@@ -96,7 +96,8 @@ impl Subscription {
     pub async fn poll(&self, after: u64) -> Result<Option<Bytes>, SubscribeError> {
         let path = feed::snapshot_query(after, self.wait.as_secs());
         let limit = self.wait + Duration::from_secs(10);
-        let (status, body) = self.exchange_within("GET", &path, Bytes::new(), MAX_SNAPSHOT, limit).await?;
+        let max_body = usize::try_from(self.max_snapshot_bytes).unwrap_or(usize::MAX);
+        let (status, body) = self.exchange_within("GET", &path, Bytes::new(), max_body, limit).await?;
         match status {
             StatusCode::OK => Ok(Some(body)),
             StatusCode::NOT_MODIFIED => Ok(None),

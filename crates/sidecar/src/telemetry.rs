@@ -65,10 +65,12 @@ pub enum RejectCause {
     Signature,
     Validation,
     NotNewer,
+    /// Older than the highest revision this sidecar ever installed (kept in `--data-dir`).
+    Rollback,
 }
 
 impl RejectCause {
-    pub const ALL: [RejectCause; 7] = [
+    pub const ALL: [RejectCause; 8] = [
         RejectCause::Read,
         RejectCause::Compile,
         RejectCause::Framing,
@@ -76,6 +78,7 @@ impl RejectCause {
         RejectCause::Signature,
         RejectCause::Validation,
         RejectCause::NotNewer,
+        RejectCause::Rollback,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -87,6 +90,7 @@ impl RejectCause {
             RejectCause::Signature => "signature",
             RejectCause::Validation => "validation",
             RejectCause::NotNewer => "not_newer",
+            RejectCause::Rollback => "rollback",
         }
     }
 }

@@ -183,21 +183,44 @@ impl Snapshot {
         Ok(Snapshot { header, bytes, payload })
     }
 
-    /// Reads a snapshot file into an aligned buffer and verifies it.
+    /// Reads a snapshot file of at most [`DEFAULT_MAX_FILE_BYTES`] into an aligned buffer and
+    /// verifies it.
     pub fn read_file(path: &Path, trusted: &TrustedKeys) -> Result<Snapshot, ReadError> {
-        Snapshot::read_file_into(path, trusted, None)
+        Snapshot::read_file_into(path, trusted, None, DEFAULT_MAX_FILE_BYTES)
     }
 
     /// Like [`Snapshot::read_file`], reading into `spare` (a retired snapshot's buffer) when it
     /// is large enough. Reusing memory that is already mapped spares the kernel faulting in a
     /// fresh buffer the size of the snapshot, which is most of what a swap costs the rest of
     /// the machine (loadtest/README.md).
-    pub fn read_file_into(path: &Path, trusted: &TrustedKeys, spare: Option<AlignedVec>) -> Result<Snapshot, ReadError> {
-        let read_error = |source| ReadError::Io { path: path.display().to_string(), source };
-        let mut file = std::fs::File::open(path).map_err(read_error)?;
-        let len = usize::try_from(file.metadata().map_err(read_error)?.len()).unwrap_or(0);
+    ///
+    /// What is at `path` is untrusted until verified: it is opened without blocking (a FIFO
+    /// does not hang the loader), must be a regular file (not a device such as `/dev/zero`
+    /// behind a symlink) of at most `max_bytes`, and its framing is checked from the first
+    /// bytes, so a file that is not a snapshot, or whose header disagrees with its size, is
+    /// refused before memory for the whole of it is taken. The read stops at the size seen.
+    pub fn read_file_into(path: &Path, trusted: &TrustedKeys, spare: Option<AlignedVec>, max_bytes: u64) -> Result<Snapshot, ReadError> {
+        use std::io::{Read, Seek};
+        use std::os::unix::fs::OpenOptionsExt;
+        let display = || path.display().to_string();
+        let read_error = |source| ReadError::Io { path: display(), source };
+        let mut file =
+            std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY).open(path).map_err(read_error)?;
+        let metadata = file.metadata().map_err(read_error)?;
+        if !metadata.is_file() {
+            return Err(ReadError::NotAFile { path: display(), kind: file_kind(&metadata) });
+        }
+        let len = metadata.len();
+        if len > max_bytes {
+            return Err(ReadError::TooLarge { path: display(), len, max: max_bytes });
+        }
+        let mut head = vec![0u8; usize::try_from(len).unwrap_or(usize::MAX).min(MAGIC.len() + 4 + MAX_HEADER_LEN)];
+        file.read_exact(&mut head).map_err(read_error)?;
+        check_head(&head, len)?;
+        file.rewind().map_err(read_error)?;
+        let len = usize::try_from(len).map_err(|_| ReadError::TooLarge { path: display(), len, max: max_bytes })?;
         let mut bytes = reusable(spare, len);
-        bytes.extend_from_reader(&mut file).map_err(read_error)?;
+        bytes.extend_from_reader(&mut file.take(len as u64)).map_err(read_error)?;
         Ok(Snapshot::verify_owned(bytes, trusted)?)
     }
 
@@ -257,12 +280,67 @@ fn reusable(spare: Option<AlignedVec>, len: usize) -> AlignedVec {
     }
 }
 
+/// Largest snapshot file read unless configured otherwise: 1 GiB, room for several million
+/// accounts (a million take about 160 MB).
+pub const DEFAULT_MAX_FILE_BYTES: u64 = 1 << 30;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     #[error("cannot read `{path}`: {source}")]
     Io { path: String, source: std::io::Error },
+    #[error("`{path}` is {kind}, not a regular file; a snapshot is read only from a regular file")]
+    NotAFile { path: String, kind: &'static str },
+    #[error("`{path}` is {len} bytes, more than the largest snapshot accepted ({max} bytes; see --max-snapshot-bytes)")]
+    TooLarge { path: String, len: u64, max: u64 },
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+}
+
+/// What kind of file `metadata` describes, in words.
+fn file_kind(metadata: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = metadata.file_type();
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_char_device() {
+        "a character device"
+    } else if kind.is_block_device() {
+        "a block device"
+    } else if kind.is_socket() {
+        "a socket"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Checks the start of a snapshot file of `len` bytes: magic, format and a header whose
+/// payload length adds up to `len`. `head` is the file's first bytes (all of them when the file
+/// is short).
+fn check_head(head: &[u8], len: u64) -> Result<(), SnapshotError> {
+    let magic = head.get(..MAGIC.len()).ok_or(SnapshotError::Truncated(head.len()))?;
+    if magic != MAGIC {
+        return Err(SnapshotError::BadMagic);
+    }
+    let len_bytes: [u8; 4] =
+        head.get(MAGIC.len()..MAGIC.len() + 4).and_then(|slice| slice.try_into().ok()).ok_or(SnapshotError::Truncated(head.len()))?;
+    let header_len = u32::from_le_bytes(len_bytes) as usize;
+    let header_end = MAGIC.len() + 4 + header_len;
+    if header_len == 0 || header_len > MAX_HEADER_LEN || !header_end.is_multiple_of(PAYLOAD_ALIGN) {
+        return Err(SnapshotError::HeaderLength(header_len));
+    }
+    let header_bytes = head.get(MAGIC.len() + 4..header_end).ok_or(SnapshotError::Truncated(head.len()))?;
+    let header: Header = serde_json::from_slice(header_bytes).map_err(SnapshotError::Header)?;
+    if header.format != FORMAT {
+        return Err(SnapshotError::Format { found: header.format });
+    }
+    let expected = (header_end as u64).saturating_add(header.payload_len).saturating_add(SIGNATURE_LEN as u64);
+    if expected != len {
+        let actual = usize::try_from(len.saturating_sub(header_end as u64 + SIGNATURE_LEN as u64)).unwrap_or(usize::MAX);
+        return Err(SnapshotError::PayloadLength { expected: header.payload_len, actual });
+    }
+    Ok(())
 }
 
 fn parse_framing(bytes: &[u8]) -> Result<Framing, SnapshotError> {
