@@ -44,6 +44,7 @@ async fn check_batch_and_entitlements_over_http() {
     assert_eq!(denied.reason, Reason::Engine(EngineReason::NotEntitled));
     let upgrade = denied.upgrade.unwrap();
     assert_eq!((upgrade.kind.as_str(), upgrade.id.as_str()), ("plan", "business"));
+    assert_eq!(upgrade.checkout_url.as_deref(), Some("https://billing.planwise.example/checkout?account=hooli&plan=business"));
 
     let batch = client
         .batch(&[CheckRequest::new("hooli", "reports"), CheckRequest::new("hooli", "reports").user("nobody"), CheckRequest::new("x", "y")])
@@ -55,7 +56,12 @@ async fn check_batch_and_entitlements_over_http() {
     let entitlements = client.entitlements("hooli", None, None).await.unwrap();
     assert_eq!(entitlements.account, "hooli");
     assert_eq!(entitlements.revision, 42);
-    assert!(entitlements.features.iter().any(|feature| feature.feature == "sso" && !feature.allow));
+    let sso = entitlements.features.iter().find(|feature| feature.feature == "sso").unwrap();
+    assert!(!sso.allow);
+    assert_eq!(
+        sso.upgrade.as_ref().and_then(|upgrade| upgrade.checkout_url.as_deref()),
+        Some("https://billing.planwise.example/checkout?account=hooli&plan=business")
+    );
     let unknown = client.entitlements("nobody", None, None).await.unwrap_err();
     assert!(matches!(unknown, ClientError::Api { status: 404, ref code, .. } if code == "unknown_account"), "{unknown}");
     server.stop().await;
@@ -207,6 +213,8 @@ async fn in_process_answers_like_the_sidecar_and_follows_the_file() {
         assert_eq!(local.check(&request).await.unwrap(), remote.check(&request).await.unwrap(), "{account}/{feature}");
     }
     assert_eq!(local.entitlements("hooli", None, None).await.unwrap(), remote.entitlements("hooli", None, None).await.unwrap());
+    let upgrade = local.check(&CheckRequest::new("hooli", "sso")).await.unwrap().upgrade.unwrap();
+    assert_eq!(upgrade.checkout_url.as_deref(), Some("https://billing.planwise.example/checkout?account=hooli&plan=business"));
 
     // Usage is kept in memory, with the same idempotency and limits.
     let event = MeterRequest::new("hooli", "api_calls", 2).id("event-1");

@@ -43,7 +43,7 @@ fn as_json(decision: &Decision) -> Value {
         ("remaining", decision.remaining.map(|value| json!(value))),
         ("reset_at", decision.reset_at.as_ref().map(|value| json!(value))),
         ("expires_at", decision.expires_at.as_ref().map(|value| json!(value))),
-        ("upgrade", decision.upgrade.as_ref().map(|upgrade| json!({"kind": upgrade.kind, "id": upgrade.id}))),
+        ("upgrade", decision.upgrade.as_ref().map(|upgrade| serde_json::to_value(upgrade).unwrap())),
         ("grace", decision.grace.then_some(json!(true))),
         ("overage", decision.overage.then_some(json!(true))),
         ("stale", decision.stale.then_some(json!(true))),

@@ -104,7 +104,11 @@ async fn an_upgrade_order_changes_a_running_sidecar_answer() {
     let sidecar = TestSidecar::start(server.addr, &server.key("sidecar", None), trusting(&signing_key(7)), &dir.path().join("sc")).await;
     let check = json!({"account": "acme", "feature": "sso"});
     let before = sidecar.wait_for(&check, Duration::from_secs(10), |answer| answer["reason"] == "not_entitled").await;
-    assert_eq!(before["upgrade"], json!({"kind": "plan", "id": "business"}));
+    // The catalog's checkout link survives the control plane's compile and the feed.
+    assert_eq!(
+        before["upgrade"],
+        json!({"kind": "plan", "id": "business", "checkout_url": "https://billing.planwise.example/checkout?account=acme&plan=business"})
+    );
 
     let upgrade = json!({"order_id": "o-2", "action": "upgrade", "account": "acme", "plan": "business"});
     let accepted = std::time::Instant::now();

@@ -205,6 +205,7 @@ fn envoy_ext_authz_end_to_end() {
     assert_eq!(denied.status, 403);
     assert_eq!(denied.headers["x-tollgate-reason"], "not_entitled");
     assert_eq!(denied.headers["x-tollgate-upgrade"], "plan:business");
+    assert_eq!(denied.headers["x-tollgate-upgrade-url"], "https://billing.planwise.example/checkout?account=hooli&plan=business");
     let body: serde_json::Value = serde_json::from_str(&denied.body).unwrap();
     assert_eq!(body["reason"], "not_entitled");
     assert_eq!(hits.load(Ordering::SeqCst), before, "a denied request must not reach the app");

@@ -26,7 +26,10 @@ async fn check_allows_and_denies_with_reasons() {
     let denied = client.post("/v1/check", &json!({"account": "hooli", "feature": "sso"})).await.json();
     assert_eq!(denied["allow"], false);
     assert_eq!(denied["reason"], "not_entitled");
-    assert_eq!(denied["upgrade"], json!({"kind": "plan", "id": "business"}));
+    assert_eq!(
+        denied["upgrade"],
+        json!({"kind": "plan", "id": "business", "checkout_url": "https://billing.planwise.example/checkout?account=hooli&plan=business"})
+    );
 
     let unknown = client.post("/v1/check", &json!({"account": "nobody", "feature": "sso"})).await;
     assert_eq!(unknown.status, 200, "a deny is an answer, not an error");
@@ -77,7 +80,10 @@ async fn metering_is_idempotent_and_quota_checks_see_it_at_once() {
     assert_eq!(check["remaining"], 2);
     let over = client.post("/v1/check", &json!({"account": "hooli", "feature": "api", "amount": 3})).await.json();
     assert_eq!(over["reason"], "quota_exceeded");
-    assert_eq!(over["upgrade"], json!({"kind": "plan", "id": "team"}));
+    assert_eq!(
+        over["upgrade"],
+        json!({"kind": "plan", "id": "team", "checkout_url": "https://billing.planwise.example/checkout?account=hooli&plan=team"})
+    );
     assert!(over["reset_at"].as_str().unwrap().ends_with("-01T00:00:00Z"));
 
     let refused = client.post("/v1/meter", &json!({"account": "hooli", "meter": "api_calls", "amount": 5, "id": "evt-2"})).await.json();
@@ -110,6 +116,55 @@ async fn entitlements_describe_the_account() {
     let missing = client.get("/v1/entitlements/nobody").await;
     assert_eq!(missing.status, 404);
     assert_eq!(missing.json()["error"]["code"], "unknown_account");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn denials_and_entitlements_carry_the_checkout_link_of_the_suggested_plan_or_addon() {
+    let server = example_server().await;
+    let mut client = server.client().await;
+    // wonka is on the team plan; sso needs business, whose template fills in account and plan.
+    let denied = client.post("/v1/check", &json!({"account": "wonka", "feature": "sso"})).await.json();
+    assert_eq!(denied["reason"], "not_entitled");
+    assert_eq!(denied["upgrade"]["checkout_url"], "https://billing.planwise.example/checkout?account=wonka&plan=business");
+    // Past team's 50000 api calls the api_boost add-on is cheaper than business, and it has no
+    // checkout_url in the catalog: the field is left out, not null.
+    let over = client.post("/v1/check", &json!({"account": "wonka", "feature": "api", "amount": 50001})).await.json();
+    assert_eq!(over["reason"], "quota_exceeded");
+    assert_eq!(over["upgrade"], json!({"kind": "addon", "id": "api_boost"}));
+    // The batch answers the same.
+    let batch = client.post("/v1/check/batch", &json!({"checks": [{"account": "wonka", "feature": "sso"}]})).await.json();
+    assert_eq!(batch["results"][0]["upgrade"], denied["upgrade"]);
+
+    let body = client.get("/v1/entitlements/wonka").await.json();
+    let feature = |name: &str| body["features"].as_array().unwrap().iter().find(|feature| feature["feature"] == name).unwrap().clone();
+    assert_eq!(
+        feature("sso")["upgrade"],
+        json!({"kind": "plan", "id": "business", "checkout_url": "https://billing.planwise.example/checkout?account=wonka&plan=business"})
+    );
+    assert_eq!(
+        feature("advanced_analytics")["upgrade"],
+        json!({"kind": "addon", "id": "analytics_pack", "checkout_url": "https://billing.planwise.example/checkout?account=wonka&addon=analytics_pack"})
+    );
+    assert_eq!(feature("reports")["upgrade"], json!(null));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_checkout_link_percent_encodes_the_account_id() {
+    let catalog = std::fs::read_to_string(common::repo_root().join("policies/catalog.toml")).unwrap();
+    let accounts = r#"
+        [accounts."a@b:c"]
+        [[accounts."a@b:c".licenses]]
+        plan = "team"
+    "#;
+    let server = TestServer::start(Some(common::signed_test(&common::compile_inline(&catalog, accounts), 1))).await;
+    let mut client = server.client().await;
+    let denied = client.post("/v1/check", &json!({"account": "a@b:c", "feature": "sso"})).await.json();
+    assert_eq!(denied["upgrade"]["checkout_url"], "https://billing.planwise.example/checkout?account=a%40b%3Ac&plan=business");
+    let body = client.get("/v1/entitlements/a%40b%3Ac").await.json();
+    let sso = body["features"].as_array().unwrap().iter().find(|feature| feature["feature"] == "sso").unwrap().clone();
+    assert_eq!(sso["upgrade"]["checkout_url"], "https://billing.planwise.example/checkout?account=a%40b%3Ac&plan=business");
     server.stop().await;
 }
 

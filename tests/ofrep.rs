@@ -39,6 +39,7 @@ async fn single_evaluation_maps_allow_and_deny_with_the_reason_and_upgrade_in_me
     assert_eq!(denied["metadata"]["upgrade"], "plan:business");
     assert_eq!(denied["metadata"]["upgrade_kind"], "plan");
     assert_eq!(denied["metadata"]["upgrade_id"], "business");
+    assert_eq!(denied["metadata"]["upgrade_checkout_url"], "https://billing.planwise.example/checkout?account=hooli&plan=business");
     // Metadata stays flat, as OpenFeature requires.
     assert!(denied["metadata"].as_object().unwrap().values().all(|value| !value.is_object() && !value.is_array()));
     server.stop().await;
@@ -107,6 +108,7 @@ async fn bulk_evaluation_answers_every_feature_with_an_etag_and_304_when_unchang
     let sso = flags.iter().find(|flag| flag["key"] == "sso").unwrap();
     assert_eq!(sso["value"], false);
     assert_eq!(sso["metadata"]["upgrade"], "plan:business");
+    assert_eq!(sso["metadata"]["upgrade_checkout_url"], "https://billing.planwise.example/checkout?account=hooli&plan=business");
     let etag = first.headers["etag"].to_str().unwrap().to_string();
     assert!(etag.starts_with('"') && etag.ends_with('"'), "a strong ETag: {etag}");
 

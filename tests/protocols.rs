@@ -29,6 +29,7 @@ async fn ext_authz_takes_the_feature_from_the_route_map_and_a_route_wins_over_th
     assert_eq!(denied.headers["x-tollgate-feature"], "sso");
     assert_eq!(denied.headers["x-tollgate-reason"], "not_entitled");
     assert_eq!(denied.headers["x-tollgate-upgrade"], "plan:business");
+    assert_eq!(denied.headers["x-tollgate-upgrade-url"], "https://billing.planwise.example/checkout?account=hooli&plan=business");
     assert_eq!(denied.json()["reason"], "not_entitled");
 
     // Prefixes match whole segments: `/reportsx` is not under `/reports`, and with no route
@@ -36,6 +37,13 @@ async fn ext_authz_takes_the_feature_from_the_route_map_and_a_route_wins_over_th
     let unrouted = client.send("GET", "/ext_authz/reportsx", "", &[("x-tollgate-account", "hooli")]).await;
     assert_eq!(unrouted.status, 403);
     assert_eq!(unrouted.headers["x-tollgate-reason"], "missing_identity");
+
+    // A hint without a checkout link (team -> the api_boost add-on) has no URL header.
+    let event = json!({"account": "wonka", "meter": "api_calls", "amount": 50000, "id": "ext-authz-1"});
+    assert_eq!(client.post("/v1/meter", &event).await.status, 200);
+    let exhausted = client.send("POST", "/ext_authz/api/items", "", &[("x-tollgate-account", "wonka")]).await;
+    assert_eq!(exhausted.headers["x-tollgate-upgrade"], "addon:api_boost");
+    assert!(exhausted.headers.get("x-tollgate-upgrade-url").is_none());
 
     // Metered routes tell the upstream what is left.
     let metered = client.send("POST", "/ext_authz/api/v2/items", "", &[("x-tollgate-account", "hooli")]).await;
@@ -135,6 +143,25 @@ async fn authzen_spec_example_evaluation() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()["decision"], false);
     assert_eq!(reply.json()["context"]["reason"], "unknown_user");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn authzen_context_carries_the_upgrade_hint_with_its_checkout_link() {
+    let server = example_server().await;
+    let mut client = server.client().await;
+    let request = json!({
+        "subject": {"type": "account", "id": "hooli"},
+        "resource": {"type": "feature", "id": "sso"},
+        "action": {"name": "use"}
+    });
+    let answer = client.post("/access/v1/evaluation", &request).await.json();
+    assert_eq!(answer["decision"], false);
+    assert_eq!(answer["context"]["reason"], "not_entitled");
+    assert_eq!(
+        answer["context"]["upgrade"],
+        json!({"kind": "plan", "id": "business", "checkout_url": "https://billing.planwise.example/checkout?account=hooli&plan=business"})
+    );
     server.stop().await;
 }
 

@@ -97,6 +97,10 @@ pub struct Upgrade {
     /// `plan` or `addon`.
     pub kind: String,
     pub id: String,
+    /// Where the account buys it (the catalog's `checkout_url`, filled in); `None` when the
+    /// plan or add-on has no checkout link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkout_url: Option<String>,
 }
 
 /// A decision as the sidecar answers it; `fallback` is true only for an answer the client

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tollgate_core::clock::Clock;
 use tollgate_core::engine::{self, decide};
 use tollgate_core::period::{Rfc3339, format_rfc3339};
-use tollgate_protocol::{CheckBody, DecisionJson};
+use tollgate_protocol::{CheckBody, DecisionJson, UpgradeJson};
 use tollgate_sidecar::source::{self, Source};
 use tollgate_sidecar::store::SnapshotStore;
 use tollgate_sidecar::subscribe::Subscription;
@@ -90,7 +90,7 @@ impl Local {
             grace: answer.grace,
             overage: answer.overage,
             stale: answer.stale,
-            upgrade: answer.upgrade.map(|upgrade| Upgrade { kind: upgrade.kind.to_string(), id: upgrade.id.to_string() }),
+            upgrade: answer.upgrade.map(Upgrade::from),
             fallback: false,
         })
     }
@@ -193,7 +193,7 @@ impl Local {
                         feature: feature.feature.to_string(),
                         allow: answer.allow,
                         reason: answer.reason.to_string(),
-                        upgrade: answer.upgrade.map(|upgrade| Upgrade { kind: upgrade.kind.to_string(), id: upgrade.id.to_string() }),
+                        upgrade: answer.upgrade.map(Upgrade::from),
                     }
                 })
                 .collect(),
@@ -213,6 +213,12 @@ impl Local {
                 })
                 .collect(),
         })
+    }
+}
+
+impl From<UpgradeJson<'_>> for Upgrade {
+    fn from(upgrade: UpgradeJson<'_>) -> Upgrade {
+        Upgrade { kind: upgrade.kind.to_string(), id: upgrade.id.to_string(), checkout_url: upgrade.checkout_url }
     }
 }
 

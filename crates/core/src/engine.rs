@@ -446,6 +446,16 @@ pub fn upgrade_name(snapshot: &ArchivedSnapshotData, upgrade: Upgrade) -> Option
     }
 }
 
+/// The `checkout_url` template of an upgrade's plan or add-on, placeholders unfilled: filling
+/// them allocates, so it is left to whoever renders the answer, off the deciding path.
+pub fn upgrade_checkout_template(snapshot: &ArchivedSnapshotData, upgrade: Upgrade) -> Option<&str> {
+    let template = match upgrade {
+        Upgrade::Plan(plan_idx) => snapshot.plans.get(plan_idx as usize)?.checkout_url.as_ref(),
+        Upgrade::Addon(addon_idx) => snapshot.addons.get(addon_idx as usize)?.checkout_url.as_ref(),
+    };
+    template.map(|template| template.as_str())
+}
+
 // ---------------------------------------------------------------------------------------------
 // Entitlements: the resolved view of one account, for drawing a UI. Off the hot path, so it
 // may allocate; it is still pure.

@@ -8,9 +8,10 @@ pub mod usage;
 
 use std::borrow::Cow;
 
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 use serde::{Deserialize, Serialize};
 
-use tollgate_core::engine::{Decision, Request, upgrade_name};
+use tollgate_core::engine::{Decision, Request, Upgrade, upgrade_checkout_template, upgrade_name};
 use tollgate_core::model::ArchivedSnapshotData;
 use tollgate_core::period::Rfc3339;
 
@@ -73,6 +74,48 @@ pub struct MeterBody<'a> {
 pub struct UpgradeJson<'s> {
     pub kind: &'static str,
     pub id: &'s str,
+    /// Where the account buys it: the plan's or add-on's `checkout_url` template filled in;
+    /// absent when the catalog gives none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkout_url: Option<String>,
+}
+
+impl<'s> UpgradeJson<'s> {
+    /// The hint for `account`, or `None` when the upgrade names no plan or add-on of the
+    /// snapshot.
+    pub fn new(snapshot: &'s ArchivedSnapshotData, account: &str, upgrade: Upgrade) -> Option<UpgradeJson<'s>> {
+        let (kind, id) = upgrade_name(snapshot, upgrade)?;
+        let checkout_url = upgrade_checkout_template(snapshot, upgrade).map(|template| fill_checkout_url(template, account, id));
+        Some(UpgradeJson { kind, id, checkout_url })
+    }
+}
+
+/// Everything but RFC 3986's unreserved characters (`A-Z a-z 0-9 - . _ ~`): a filled-in value
+/// can then sit in a path segment, a query value or a fragment without changing the URL's
+/// structure. Bytes beyond ASCII are always encoded.
+const NOT_UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// Fills a `checkout_url` template: `{account}` with the account id and `{plan}` with the plan's
+/// or add-on's id, each percent-encoded. The policy compiler admits no other placeholder; any
+/// other brace is copied as it is.
+pub fn fill_checkout_url(template: &str, account: &str, id: &str) -> String {
+    let mut url = String::with_capacity(template.len() + account.len() + id.len());
+    let mut rest = template;
+    while let Some((before, after)) = rest.split_once('{') {
+        url.push_str(before);
+        if let Some(after) = after.strip_prefix("account}") {
+            url.extend(utf8_percent_encode(account, NOT_UNRESERVED));
+            rest = after;
+        } else if let Some(after) = after.strip_prefix("plan}") {
+            url.extend(utf8_percent_encode(id, NOT_UNRESERVED));
+            rest = after;
+        } else {
+            url.push('{');
+            rest = after;
+        }
+    }
+    url.push_str(rest);
+    url
 }
 
 /// A decision as the API returns it; optional fields appear only where they apply.
@@ -129,7 +172,7 @@ impl<'s> DecisionJson<'s> {
             grace: decision.grace,
             overage: quota.is_some_and(|quota| quota.overage),
             stale,
-            upgrade: decision.upgrade.and_then(|upgrade| upgrade_name(snapshot, upgrade)).map(|(kind, id)| UpgradeJson { kind, id }),
+            upgrade: decision.upgrade.and_then(|upgrade| UpgradeJson::new(snapshot, account, upgrade)),
         }
     }
 }
@@ -184,4 +227,33 @@ pub fn json_error(error: &serde_json::Error) -> ErrorJson {
         serde_json::error::Category::Data | serde_json::error::Category::Io => "invalid_request",
     };
     ErrorJson::new(code, error.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fill_checkout_url;
+
+    const TEMPLATE: &str = "https://billing.example/checkout?account={account}&plan={plan}";
+
+    #[test]
+    fn a_checkout_url_fills_both_placeholders() {
+        assert_eq!(fill_checkout_url(TEMPLATE, "acme", "business"), "https://billing.example/checkout?account=acme&plan=business");
+    }
+
+    #[test]
+    fn a_checkout_url_encodes_everything_but_unreserved_characters() {
+        assert_eq!(
+            fill_checkout_url(TEMPLATE, "a@b:c/d?e&f=g h+é", "Az09-._~"),
+            "https://billing.example/checkout?account=a%40b%3Ac%2Fd%3Fe%26f%3Dg%20h%2B%C3%A9&plan=Az09-._~"
+        );
+    }
+
+    #[test]
+    fn a_checkout_url_fills_repeated_placeholders_and_keeps_other_braces() {
+        assert_eq!(
+            fill_checkout_url("https://x.example/{plan}/{account}?again={plan}&{other}", "{plan}", "p"),
+            "https://x.example/p/%7Bplan%7D?again=p&{other}"
+        );
+        assert_eq!(fill_checkout_url("https://x.example/no-placeholders", "a", "p"), "https://x.example/no-placeholders");
+    }
 }

@@ -3,7 +3,7 @@
 //! value comes from the engine through `decide_timed`, and nothing here keeps state.
 //!
 //! Mapping: an allow is `TARGETING_MATCH` with value `true`; a deny is `DISABLED` with value
-//! `false` and Tollgate's reason (and upgrade hint) in `metadata`. A flag that is not a
+//! `false` and Tollgate's reason (and upgrade hint, with its checkout link) in `metadata`. A flag that is not a
 //! feature of the catalog is `FLAG_NOT_FOUND` (404); a context without `account` or
 //! `targetingKey` is `TARGETING_KEY_MISSING` (400), and one whose fields have the wrong type
 //! `INVALID_CONTEXT` (400).
@@ -148,7 +148,8 @@ fn evaluate(sidecar: &Sidecar, snapshot: &Snapshot, check: &CheckBody<'_>, now: 
 }
 
 /// Flag metadata must be flat (strings, numbers, booleans), so the decision's fields are
-/// copied across and the upgrade hint becomes `upgrade = "kind:id"` plus its two parts.
+/// copied across and the upgrade hint becomes `upgrade = "kind:id"` plus its two parts, and
+/// `upgrade_checkout_url` when the plan or add-on has a checkout link.
 fn metadata(answer: &DecisionJson<'_>) -> Value {
     let mut metadata = match serde_json::to_value(answer) {
         Ok(Value::Object(map)) => map,
@@ -159,6 +160,9 @@ fn metadata(answer: &DecisionJson<'_>) -> Value {
         metadata.insert("upgrade".into(), Value::String(format!("{}:{}", upgrade.kind, upgrade.id)));
         metadata.insert("upgrade_kind".into(), Value::String(upgrade.kind.to_string()));
         metadata.insert("upgrade_id".into(), Value::String(upgrade.id.to_string()));
+        if let Some(checkout_url) = &upgrade.checkout_url {
+            metadata.insert("upgrade_checkout_url".into(), Value::String(checkout_url.clone()));
+        }
     }
     Value::Object(metadata)
 }

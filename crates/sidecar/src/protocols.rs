@@ -127,6 +127,13 @@ pub fn ext_authz(sidecar: &Sidecar, request: &Request<Incoming>) -> HttpResponse
     {
         headers.insert("x-tollgate-upgrade", upgrade);
     }
+    // The filled-in values are percent-encoded ASCII; only a template with characters a header
+    // cannot carry would fail, and then the header is left out rather than mangled.
+    if let Some(checkout_url) =
+        body.upgrade.as_ref().and_then(|upgrade| upgrade.checkout_url.as_deref()).and_then(|url| HeaderValue::from_str(url).ok())
+    {
+        headers.insert("x-tollgate-upgrade-url", checkout_url);
+    }
     response
 }
 

@@ -28,7 +28,7 @@ def as_json(decision: Decision) -> Dict[str, Any]:
     answer = {key: value for key, value in decision.__dict__.items() if value is not None and value is not False}
     answer["allow"] = decision.allow
     if decision.upgrade is not None:
-        answer["upgrade"] = {"kind": decision.upgrade.kind, "id": decision.upgrade.id}
+        answer["upgrade"] = {key: value for key, value in decision.upgrade.__dict__.items() if value is not None}
     answer.pop("fallback", None)
     return answer
 

@@ -17,6 +17,9 @@ from tollgate_sdk import CheckRequest, Client, Fallback, TollgateError, Upgrade,
 
 from conftest import free_port
 
+# The example catalog's checkout link template, before its query.
+CHECKOUT = "https://billing.planwise.example/checkout"
+
 
 def test_check_allows_and_denies_with_a_reason_and_an_upgrade_hint(sidecar_url: str) -> None:
     client = Client(sidecar_url)
@@ -25,7 +28,7 @@ def test_check_allows_and_denies_with_a_reason_and_an_upgrade_hint(sidecar_url: 
     assert isinstance(allowed.revision, int)
     denied = client.check(CheckRequest("hooli", "sso"))
     assert not denied.allow and denied.reason == "not_entitled"
-    assert denied.upgrade == Upgrade("plan", "business")
+    assert denied.upgrade == Upgrade("plan", "business", f"{CHECKOUT}?account=hooli&plan=business")
     assert denied.upgrade.hint() == "plan:business"
 
 
@@ -56,7 +59,9 @@ def test_entitlements_list_features_with_upgrade_hints(sidecar_url: str) -> None
     view = client.entitlements("hooli")
     assert view.account == "hooli"
     sso = next(feature for feature in view.features if feature.feature == "sso")
-    assert not sso.allow and sso.upgrade == Upgrade("plan", "business")
+    assert not sso.allow and sso.upgrade == Upgrade("plan", "business", f"{CHECKOUT}?account=hooli&plan=business")
+    analytics = next(feature for feature in view.features if feature.feature == "advanced_analytics")
+    assert analytics.upgrade == Upgrade("addon", "analytics_pack", f"{CHECKOUT}?account=hooli&addon=analytics_pack")
     with pytest.raises(TollgateError) as raised:
         client.entitlements("nobody")
     assert raised.value.status == 404 and raised.value.code == "unknown_account"

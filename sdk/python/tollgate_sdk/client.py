@@ -72,9 +72,18 @@ class Upgrade:
 
     kind: str  # "plan" or "addon"
     id: str
+    # Where the account buys it: the catalog's `checkout_url` with the account and the plan's
+    # or add-on's id filled in; None when the plan or add-on has no checkout link.
+    checkout_url: Optional[str] = None
 
     def hint(self) -> str:
         return f"{self.kind}:{self.id}"
+
+    @staticmethod
+    def from_json(wire: Optional[Dict[str, Any]]) -> Optional["Upgrade"]:
+        if not wire:
+            return None
+        return Upgrade(wire["kind"], wire["id"], wire.get("checkout_url"))
 
 
 @dataclass(frozen=True)
@@ -100,7 +109,6 @@ class Decision:
         reason = wire.get("reason")
         if reason not in REASONS:
             raise TollgateError(f"the answer names unknown reason `{reason}`", "unknown_reason")
-        upgrade = wire.get("upgrade")
         return Decision(
             allow=bool(wire["allow"]),
             reason=str(reason),
@@ -115,7 +123,7 @@ class Decision:
             grace=bool(wire.get("grace", False)),
             overage=bool(wire.get("overage", False)),
             stale=bool(wire.get("stale", False)),
-            upgrade=Upgrade(upgrade["kind"], upgrade["id"]) if upgrade else None,
+            upgrade=Upgrade.from_json(wire.get("upgrade")),
         )
 
 
@@ -238,7 +246,7 @@ class Client:
                     feature["feature"],
                     feature["allow"],
                     feature["reason"],
-                    Upgrade(feature["upgrade"]["kind"], feature["upgrade"]["id"]) if feature.get("upgrade") else None,
+                    Upgrade.from_json(feature.get("upgrade")),
                 )
                 for feature in answer["features"]
             ],

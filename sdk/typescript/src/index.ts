@@ -54,6 +54,9 @@ export interface CheckRequest {
 export interface Upgrade {
   kind: "plan" | "addon";
   id: string;
+  /** Where the account buys it: the catalog's `checkout_url` with the account and the plan's or
+   * add-on's id filled in; absent when the plan or add-on has no checkout link. */
+  checkout_url?: string;
 }
 
 export interface Decision {

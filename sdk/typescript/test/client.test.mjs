@@ -30,7 +30,7 @@ test("check allows and denies with a reason and an upgrade hint", async () => {
   const denied = await client.check({ account: "hooli", feature: "sso" });
   assert.equal(denied.allow, false);
   assert.equal(denied.reason, "not_entitled");
-  assert.deepEqual(denied.upgrade, { kind: "plan", id: "business" });
+  assert.deepEqual(denied.upgrade, { kind: "plan", id: "business", checkout_url: "https://billing.planwise.example/checkout?account=hooli&plan=business" });
   assert.equal(TollgateClient.upgradeHint(denied), "plan:business");
   assert.equal(TollgateClient.upgradeHint(allowed), undefined);
 });
@@ -67,7 +67,9 @@ test("entitlements list every feature with its upgrade hint", async () => {
   assert.equal(view.account, "hooli");
   const sso = view.features.find((feature) => feature.feature === "sso");
   assert.equal(sso.allow, false);
-  assert.deepEqual(sso.upgrade, { kind: "plan", id: "business" });
+  assert.deepEqual(sso.upgrade, { kind: "plan", id: "business", checkout_url: "https://billing.planwise.example/checkout?account=hooli&plan=business" });
+  const analytics = view.features.find((feature) => feature.feature === "advanced_analytics");
+  assert.deepEqual(analytics.upgrade, { kind: "addon", id: "analytics_pack", checkout_url: "https://billing.planwise.example/checkout?account=hooli&addon=analytics_pack" });
   await assert.rejects(client.entitlements("nobody"), (error) => error.status === 404 && error.code === "unknown_account");
 });
 
