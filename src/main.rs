@@ -199,6 +199,14 @@ struct SidecarArgs {
     /// refused unread. A million accounts take about 160 MB.
     #[arg(long, env = "TOLLGATE_MAX_SNAPSHOT_BYTES", default_value_t = tollgate_snapshot::DEFAULT_MAX_FILE_BYTES)]
     max_snapshot_bytes: u64,
+    /// How long a client may take to send a request's head (request line and headers, idle
+    /// keep-alive time included), in seconds; slower connections are closed.
+    #[arg(long, env = "TOLLGATE_HEADER_READ_TIMEOUT_SECS", default_value_t = tollgate_http::DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
+    header_read_timeout_secs: u64,
+    /// How long a client may take to send a request's body, in seconds; past it the answer is
+    /// 408 `body_timeout`.
+    #[arg(long, env = "TOLLGATE_BODY_READ_TIMEOUT_SECS", default_value_t = tollgate_http::DEFAULT_BODY_READ_TIMEOUT.as_secs())]
+    body_read_timeout_secs: u64,
     /// Accept a snapshot older than the highest revision this sidecar installed before (kept in
     /// `--data-dir`); without it such a snapshot is refused as a rollback.
     #[arg(long, env = "TOLLGATE_ALLOW_ROLLBACK")]
@@ -446,6 +454,8 @@ fn sidecar_config(args: SidecarArgs) -> Result<Config> {
     config.max_body = args.max_body;
     config.max_snapshot_bytes = args.max_snapshot_bytes;
     config.allow_rollback = args.allow_rollback;
+    config.header_read_timeout = Duration::from_secs(args.header_read_timeout_secs);
+    config.body_read_timeout = Duration::from_secs(args.body_read_timeout_secs);
     config.drain_timeout = Duration::from_secs(args.drain_timeout_secs);
     config.workers = args.workers;
     config.watch_interval = Duration::from_millis(args.watch_interval_ms);
@@ -530,6 +540,13 @@ struct ControlPlaneArgs {
     /// How long SIGTERM waits for in-flight requests, in seconds.
     #[arg(long, env = "TOLLGATE_CP_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     drain_timeout_secs: u64,
+    /// How long a client may take to send a request's head (idle keep-alive time included), in
+    /// seconds; slower connections are closed.
+    #[arg(long, env = "TOLLGATE_CP_HEADER_READ_TIMEOUT_SECS", default_value_t = tollgate_http::DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
+    header_read_timeout_secs: u64,
+    /// How long a client may take to send a request's body, in seconds (408 past it).
+    #[arg(long, env = "TOLLGATE_CP_BODY_READ_TIMEOUT_SECS", default_value_t = tollgate_http::DEFAULT_BODY_READ_TIMEOUT.as_secs())]
+    body_read_timeout_secs: u64,
     /// Where usage threshold notifications (80 % and 100 % of a limit) are POSTed, signed with
     /// HMAC-SHA256: http://HOST:PORT/PATH. Plain HTTP only; for TLS run a local proxy (such as
     /// an Envoy or nginx sidecar) and point this at it. Without it nothing is enqueued.
@@ -665,7 +682,18 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
         )),
         None => None,
     };
-    let config = tollgate_control_plane::Config { token_ttl_secs: args.token_ttl_secs, webhook, stripe, hubspot, ..Default::default() };
+    if args.header_read_timeout_secs == 0 || args.body_read_timeout_secs == 0 {
+        bail!("`--header-read-timeout-secs` and `--body-read-timeout-secs` must be greater than 0");
+    }
+    let config = tollgate_control_plane::Config {
+        token_ttl_secs: args.token_ttl_secs,
+        webhook,
+        stripe,
+        hubspot,
+        header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
+        body_read_timeout: Duration::from_secs(args.body_read_timeout_secs),
+        ..Default::default()
+    };
     let control_plane = tollgate_control_plane::ControlPlane::open_with_config(&data, &policies, key, retired, config)?;
     let control_plane = Arc::new(control_plane);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;

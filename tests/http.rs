@@ -329,3 +329,47 @@ async fn speaks_http2_cleartext_with_prior_knowledge() {
     }
     server.stop().await;
 }
+
+/// A client that trickles its request head is disconnected after the header read timeout, and
+/// one that stalls in its body is answered 408: slow connections cannot pile up. (The timers
+/// are hyper's and tokio's, on real time: the timeouts here are one second.)
+#[tokio::test]
+async fn slow_clients_are_cut_off_by_the_read_timeouts() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let server = TestServer::start_with(Some(common::signed_test(&common::example_data(), 1)), |config| {
+        config.header_read_timeout = std::time::Duration::from_secs(1);
+        config.body_read_timeout = std::time::Duration::from_secs(1);
+    })
+    .await;
+    let read_all = |mut stream: tokio::net::TcpStream| async move {
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+        (read.is_ok(), String::from_utf8_lossy(&answer).into_owned())
+    };
+
+    let mut trickle = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    trickle.write_all(b"POST /v1/check HTTP/1.1\r\nhost: x\r\n").await.unwrap();
+    let (closed, _) = read_all(trickle).await;
+    assert!(closed, "a connection that never finished its head was left open");
+
+    let mut stalled = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stalled
+        .write_all(b"POST /v1/check HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"account\"")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&answer).contains("body_timeout") {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), stalled.read(&mut chunk)).await {
+            Ok(Ok(n)) if n > 0 => answer.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("body_timeout"), "{answer}");
+
+    // Prompt clients are served as before.
+    let mut client = server.client().await;
+    assert_eq!(client.post("/v1/check", &serde_json::json!({"account": "acme", "feature": "reports"})).await.status, 200);
+    server.stop().await;
+}

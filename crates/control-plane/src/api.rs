@@ -83,7 +83,16 @@ pub async fn serve(
     let on_close = move || {
         let _ = closing_sender.send(true);
     };
-    tollgate_http::connections(listener, move |request| handle(Arc::clone(&server), request), shutdown, on_close, drain_timeout).await;
+    let header_timeout = server.control_plane.config().header_read_timeout;
+    tollgate_http::connections(
+        listener,
+        move |request| handle(Arc::clone(&server), request),
+        shutdown,
+        on_close,
+        drain_timeout,
+        header_timeout,
+    )
+    .await;
 }
 
 fn api_error(error: &ApiError) -> HttpResponse {
@@ -500,12 +509,12 @@ async fn signed_endpoint(server: &Server, signed: Signed, request: Request<Incom
     match signed {
         Signed::Stripe => {
             let signature = header("stripe-signature");
-            with_body(cp.config().max_body, request, move |body| integrations::stripe::receive(&cp, signature.as_deref(), &body)).await
+            with_body(cp.config().body_limits(), request, move |body| integrations::stripe::receive(&cp, signature.as_deref(), &body)).await
         }
         Signed::HubSpot => {
             let (signature, timestamp, host) = (header("x-hubspot-signature-v3"), header("x-hubspot-request-timestamp"), header("host"));
             let path_and_query = request.uri().path_and_query().map_or_else(|| request.uri().path().to_string(), ToString::to_string);
-            with_body(cp.config().max_body, request, move |body| {
+            with_body(cp.config().body_limits(), request, move |body| {
                 integrations::hubspot::receive(&cp, host.as_deref(), &path_and_query, signature.as_deref(), timestamp.as_deref(), &body)
             })
             .await
@@ -516,11 +525,11 @@ async fn signed_endpoint(server: &Server, signed: Signed, request: Request<Incom
 /// Reads the body (its errors are answered as they are), then runs `work` on it on the
 /// blocking pool. The body is read before the key's scope is checked, as it always was.
 async fn with_body<T: Serialize + Send + 'static>(
-    max_body: usize,
+    limits: tollgate_http::BodyLimits,
     request: Request<Incoming>,
     work: impl FnOnce(Bytes) -> Result<T, ApiError> + Send + 'static,
 ) -> HttpResponse {
-    match read_body(request, max_body).await {
+    match read_body(request, limits).await {
         Ok(body) => respond(blocking(move || work(body)).await),
         Err(response) => response,
     }
@@ -560,7 +569,7 @@ async fn keyed_endpoint(server: &Server, keyed: Keyed, caller: Caller, mut param
             )
         }
         Keyed::Order => {
-            with_body(cp.config().max_body, request, move |body| {
+            with_body(cp.config().body_limits(), request, move |body| {
                 caller.require(MANAGE)?;
                 changes::order(&cp, &caller, &body)
             })
@@ -594,7 +603,7 @@ async fn keyed_endpoint(server: &Server, keyed: Keyed, caller: Caller, mut param
         }
         Keyed::PutUser => {
             let (account, user) = (params.take(0), params.take(1));
-            with_body(cp.config().max_body, request, move |body| {
+            with_body(cp.config().body_limits(), request, move |body| {
                 caller.require(MANAGE)?;
                 changes::put_user(&cp, &caller, &account, &user, &body)
             })
@@ -612,7 +621,7 @@ async fn keyed_endpoint(server: &Server, keyed: Keyed, caller: Caller, mut param
         }
         Keyed::PutGroup => {
             let (account, group) = (params.take(0), params.take(1));
-            with_body(cp.config().max_body, request, move |body| {
+            with_body(cp.config().body_limits(), request, move |body| {
                 caller.require(MANAGE)?;
                 changes::put_group(&cp, &caller, &account, &group, &body)
             })
@@ -620,7 +629,7 @@ async fn keyed_endpoint(server: &Server, keyed: Keyed, caller: Caller, mut param
         }
         Keyed::ActivateDevice => {
             let account = params.take(0);
-            with_body(cp.config().max_body, request, move |body| {
+            with_body(cp.config().body_limits(), request, move |body| {
                 caller.require(READ)?;
                 changes::activate_device(&cp, &caller, &account, &body)
             })
@@ -638,7 +647,7 @@ async fn keyed_endpoint(server: &Server, keyed: Keyed, caller: Caller, mut param
         }
         Keyed::PutOverrides => {
             let (account, license) = (params.take(0), params.take(1));
-            with_body(cp.config().max_body, request, move |body| {
+            with_body(cp.config().body_limits(), request, move |body| {
                 caller.require(MANAGE)?;
                 changes::put_overrides(&cp, &caller, &account, &license, &body)
             })
@@ -680,7 +689,7 @@ async fn keyed_endpoint(server: &Server, keyed: Keyed, caller: Caller, mut param
             )
         }
         Keyed::CreateAccessRequest => {
-            with_body(cp.config().max_body, request, move |body| {
+            with_body(cp.config().body_limits(), request, move |body| {
                 caller.require(READ)?;
                 changes::create_access_request(&cp, &caller, &body)
             })
@@ -731,7 +740,7 @@ async fn keyed_endpoint(server: &Server, keyed: Keyed, caller: Caller, mut param
         }
         Keyed::PutIntegrationLink => {
             let (source, external_id) = (params.take(0), params.take(1));
-            with_body(cp.config().max_body, request, move |body| {
+            with_body(cp.config().body_limits(), request, move |body| {
                 caller.require(MANAGE)?;
                 integrations::put_link(&cp, &caller, &source, &external_id, &body)
             })
@@ -750,7 +759,7 @@ async fn keyed_endpoint(server: &Server, keyed: Keyed, caller: Caller, mut param
         Keyed::ApproveAccessRequest | Keyed::DenyAccessRequest => {
             let id = params.take(0);
             let approve = keyed == Keyed::ApproveAccessRequest;
-            with_body(cp.config().max_body, request, move |body| {
+            with_body(cp.config().body_limits(), request, move |body| {
                 caller.require(&[Scope::Admin])?;
                 changes::decide_access_request(&cp, &caller, access_request_id(&id)?, approve, &body)
             })
@@ -832,7 +841,7 @@ async fn usage_endpoint(
     let now = control_plane.now();
     match usage {
         Usage::Ingest => {
-            with_body(control_plane.config().max_body, request, move |body| {
+            with_body(control_plane.config().body_limits(), request, move |body| {
                 caller.require(&[Scope::Sidecar, Scope::Admin])?;
                 caller.require_unbound()?;
                 ingest::ingest(&control_plane, &body, now)

@@ -308,6 +308,10 @@ pub struct Config {
     pub token_ttl_secs: i64,
     /// Largest request body, in bytes.
     pub max_body: usize,
+    /// How long a client may take to send a request head (`--header-read-timeout-secs`).
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a request body (`--body-read-timeout-secs`).
+    pub body_read_timeout: Duration,
     /// Longest long-poll wait on `/v1/snapshot`.
     pub max_wait: Duration,
     /// Where threshold notifications go; `None`: none are enqueued.
@@ -323,11 +327,20 @@ pub struct Config {
     pub clock: Arc<dyn Clock>,
 }
 
+impl Config {
+    /// The body size and time limits of a request.
+    pub fn body_limits(&self) -> tollgate_http::BodyLimits {
+        tollgate_http::BodyLimits { max_bytes: self.max_body, timeout: self.body_read_timeout }
+    }
+}
+
 impl Default for Config {
     fn default() -> Config {
         Config {
             token_ttl_secs: DEFAULT_TOKEN_TTL_SECS,
             max_body: 1024 * 1024,
+            header_read_timeout: tollgate_http::DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: tollgate_http::DEFAULT_BODY_READ_TIMEOUT,
             max_wait: Duration::from_secs(60),
             webhook: None,
             usage_page: ingest::TOTALS_PAGE,

@@ -10,4 +10,4 @@ pub mod fs;
 pub mod serve;
 
 pub use answer::{HttpResponse, error_response, json_response, json_response_sized};
-pub use serve::{connections, query_param, read_body};
+pub use serve::{BodyLimits, DEFAULT_BODY_READ_TIMEOUT, DEFAULT_HEADER_READ_TIMEOUT, connections, query_param, read_body};

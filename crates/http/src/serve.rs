@@ -13,22 +13,41 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::header::CONTENT_LENGTH;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-/// Serves `handler` on every connection `listener` accepts; see the module doc.
+/// Default of `--header-read-timeout-secs`: how long a client may take to send a request's
+/// head (request line and headers), idle keep-alive time before it included.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default of `--body-read-timeout-secs`: how long a client may take to send a request's body.
+pub const DEFAULT_BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How much body a request may have and how long the client may take to send it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyLimits {
+    pub max_bytes: usize,
+    pub timeout: Duration,
+}
+
+/// Serves `handler` on every connection `listener` accepts; see the module doc. A client that
+/// does not send a whole request head within `header_timeout` is disconnected, so slow or idle
+/// connections cannot pile up.
 pub async fn connections<H, F>(
     listener: TcpListener,
     handler: H,
     shutdown: impl Future<Output = ()>,
     on_close: impl FnOnce(),
     drain_timeout: Duration,
+    header_timeout: Duration,
 ) where
     H: Fn(Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Result<Response<Full<Bytes>>, Infallible>> + Send + 'static,
 {
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    // HTTP/2: a connection that stops answering pings is closed too.
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(header_timeout).keep_alive_timeout(header_timeout);
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -61,9 +80,11 @@ pub async fn connections<H, F>(
     }
 }
 
-/// Reads a request body of at most `max_body` bytes: 413 past it (refused up front when the
-/// declared length says so), 400 when the body cannot be read.
-pub async fn read_body(request: Request<Incoming>, max_body: usize) -> Result<Bytes, Response<Full<Bytes>>> {
+/// Reads a request body of at most `limits.max_bytes` bytes within `limits.timeout`: 413 past
+/// the size (refused up front when the declared length says so), 408 past the time, 400 when
+/// the body cannot be read.
+pub async fn read_body(request: Request<Incoming>, limits: BodyLimits) -> Result<Bytes, Response<Full<Bytes>>> {
+    let max_body = limits.max_bytes;
     let too_large = || {
         crate::answer::error_response(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -75,7 +96,14 @@ pub async fn read_body(request: Request<Incoming>, max_body: usize) -> Result<By
     if declared.is_some_and(|declared| declared > max_body as u64) {
         return Err(too_large());
     }
-    match Limited::new(request.into_body(), max_body).collect().await {
+    let Ok(collected) = tokio::time::timeout(limits.timeout, Limited::new(request.into_body(), max_body).collect()).await else {
+        return Err(crate::answer::error_response(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!("the request body did not arrive within {} s", limits.timeout.as_secs_f64()),
+        ));
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(error) if error.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(error) => {

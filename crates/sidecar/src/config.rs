@@ -32,6 +32,10 @@ pub struct Config {
     pub ext_authz: ExtAuthzHeaders,
     /// Largest request body in bytes (`--max-body`).
     pub max_body: usize,
+    /// How long a client may take to send a request head (`--header-read-timeout-secs`).
+    pub header_read_timeout: Duration,
+    /// How long a client may take to send a request body (`--body-read-timeout-secs`).
+    pub body_read_timeout: Duration,
     /// Largest snapshot file read or downloaded, in bytes (`--max-snapshot-bytes`).
     pub max_snapshot_bytes: u64,
     /// Accept a snapshot older than the highest revision recorded in `data_dir`
@@ -109,6 +113,10 @@ pub struct Staleness {
 pub enum ConfigError {
     #[error("`--max-body` must be greater than 0")]
     MaxBody,
+    #[error("`--header-read-timeout-secs` must be greater than 0")]
+    HeaderReadTimeout,
+    #[error("`--body-read-timeout-secs` must be greater than 0")]
+    BodyReadTimeout,
     #[error("`--max-snapshot-bytes` must be greater than 0")]
     MaxSnapshotBytes,
     #[error("`--watch-interval-ms` must be greater than 0")]
@@ -139,6 +147,8 @@ impl Config {
             staleness: None,
             ext_authz: ExtAuthzHeaders::default(),
             max_body: crate::DEFAULT_MAX_BODY,
+            header_read_timeout: tollgate_http::DEFAULT_HEADER_READ_TIMEOUT,
+            body_read_timeout: tollgate_http::DEFAULT_BODY_READ_TIMEOUT,
             max_snapshot_bytes: tollgate_snapshot::DEFAULT_MAX_FILE_BYTES,
             allow_rollback: false,
             drain_timeout: Duration::from_secs(10),
@@ -152,6 +162,12 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_body == 0 {
             return Err(ConfigError::MaxBody);
+        }
+        if self.header_read_timeout.is_zero() {
+            return Err(ConfigError::HeaderReadTimeout);
+        }
+        if self.body_read_timeout.is_zero() {
+            return Err(ConfigError::BodyReadTimeout);
         }
         if self.max_snapshot_bytes == 0 {
             return Err(ConfigError::MaxSnapshotBytes);

@@ -57,7 +57,10 @@ pub struct Sidecar {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) trusted: Arc<TrustedKeys>,
     pub(crate) source: String,
-    pub(crate) max_body: usize,
+    /// Largest request body and how long it may take to arrive.
+    pub(crate) body: tollgate_http::BodyLimits,
+    /// How long a client may take to send a request head.
+    pub(crate) header_read_timeout: Duration,
     /// Where `/ext_authz` reads identity and feature from.
     pub(crate) ext_authz: protocols::ExtAuthzHeaders,
     /// Where metered usage goes.
@@ -130,7 +133,8 @@ impl Sidecar {
             metrics,
             trusted,
             source,
-            max_body: config.max_body,
+            body: tollgate_http::BodyLimits { max_bytes: config.max_body, timeout: config.body_read_timeout },
+            header_read_timeout: config.header_read_timeout,
             ext_authz: config.ext_authz.clone(),
             metering,
             settings: config.metering,
@@ -193,8 +197,9 @@ async fn serve_scoped(
     shutdown: impl Future<Output = ()>,
     drain_timeout: Duration,
 ) {
+    let header_timeout = sidecar.header_read_timeout;
     let handler = move |request| handle(Arc::clone(&sidecar), scope, request);
-    tollgate_http::connections(listener, handler, shutdown, || {}, drain_timeout).await;
+    tollgate_http::connections(listener, handler, shutdown, || {}, drain_timeout, header_timeout).await;
 }
 
 pub use tollgate_http::HttpResponse;
@@ -262,7 +267,7 @@ async fn route(sidecar: &Sidecar, request: Request<Incoming>) -> (Route, HttpRes
     }
     let response = match route {
         Route::Check | Route::CheckBatch | Route::Meter | Route::AuthZen if expected == Method::POST => {
-            match read_body(request, sidecar.max_body).await {
+            match read_body(request, sidecar.body).await {
                 Ok(body) => match route {
                     Route::Check => check(sidecar, &body),
                     Route::CheckBatch => check_batch(sidecar, &body),

@@ -65,7 +65,7 @@ pub async fn handle(sidecar: &Sidecar, request: Request<Incoming>) -> HttpRespon
         return configuration();
     }
     let if_none_match = request.headers().get(IF_NONE_MATCH).cloned();
-    let body = match tollgate_http::read_body(request, sidecar.max_body).await {
+    let body = match tollgate_http::read_body(request, sidecar.body).await {
         Ok(body) => body,
         Err(response) => return response,
     };
