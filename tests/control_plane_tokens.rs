@@ -162,3 +162,50 @@ async fn rotation_keeps_old_tokens_verifiable() {
     assert!(python_verify(&jwks_file, &old_token, "acme").0);
     server.stop().await;
 }
+
+/// Signs `claims` under `header` with `key`: a validly signed token whose contents are chosen.
+fn forge(header: &serde_json::Value, claims: &serde_json::Value, key: &ed25519_dalek::SigningKey) -> String {
+    use ed25519_dalek::Signer;
+    let input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
+    format!("{input}.{}", URL_SAFE_NO_PAD.encode(key.sign(input.as_bytes()).to_bytes()))
+}
+
+/// Signed by the right key and still refused: a foreign issuer, a `crit` header, malformed
+/// times. A suspended account gets no token at all.
+#[tokio::test]
+async fn validly_signed_tokens_with_bad_claims_are_refused() {
+    let key = signing_key(7);
+    let kid = tollgate_snapshot::key_id(&key.verifying_key());
+    let keys = vec![(kid.clone(), key.verifying_key())];
+    let at = 1_800_000_000;
+    let header = json!({"alg": "EdDSA", "typ": "JWT", "kid": kid});
+    let good = json!({"iss": "tollgate", "sub": "acme", "exp": at + 60, "nbf": at - 60});
+    assert!(tokens::verify(&forge(&header, &good, &key), &keys, at).is_ok());
+    let with = |field: &str, value: serde_json::Value| {
+        let mut claims = good.clone();
+        claims[field] = value;
+        forge(&header, &claims, &key)
+    };
+    assert_eq!(tokens::verify(&with("iss", json!("evil")), &keys, at), Err(TokenError::Issuer("evil".into())));
+    let mut no_issuer = good.clone();
+    no_issuer.as_object_mut().unwrap().remove("iss");
+    assert_eq!(tokens::verify(&forge(&header, &no_issuer, &key), &keys, at), Err(TokenError::Issuer("(none)".into())));
+    assert_eq!(tokens::verify(&with("nbf", json!("yesterday")), &keys, at), Err(TokenError::MalformedTime("nbf")));
+    assert_eq!(tokens::verify(&with("nbf", json!(1.5e9)), &keys, at), Err(TokenError::MalformedTime("nbf")));
+    assert_eq!(tokens::verify(&with("exp", json!("soon")), &keys, at), Err(TokenError::MalformedTime("exp")));
+    let critical = json!({"alg": "EdDSA", "kid": kid, "crit": ["exp-ext"], "exp-ext": true});
+    assert!(matches!(tokens::verify(&forge(&critical, &good, &key), &keys, at), Err(TokenError::Critical(_))));
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestControlPlane::start(&dir.path().join("cp")).await;
+    let integration = server.key("integration", None);
+    let mut client = server.client().await;
+    let order = |id: &str, action: &str| json!({"order_id": id, "action": action, "account": "initech", "plan": "team"});
+    assert_eq!(post(&mut client, "/v1/orders", &integration, &order("s-1", "new")).await.status, 200);
+    assert_eq!(get(&mut client, "/v1/accounts/initech/license-token", &integration).await.status, 200);
+    assert_eq!(post(&mut client, "/v1/orders", &integration, &order("s-2", "suspend")).await.status, 200);
+    let refused = get(&mut client, "/v1/accounts/initech/license-token", &integration).await;
+    assert_eq!(refused.status, 422);
+    assert!(refused.text().contains("suspended"), "{}", refused.text());
+    server.stop().await;
+}

@@ -460,6 +460,11 @@ impl ControlPlane {
             .repository
             .account(account_id)?
             .ok_or_else(|| ApiError::not_found("unknown_account", format!("account `{account_id}` does not exist")))?;
+        if account.status == store::AccountState::Suspended {
+            return Err(ApiError::Unprocessable(vec![format!(
+                "account `{account_id}` is suspended; no license token is issued until it is resumed"
+            )]));
+        }
         let data = accounts::compile_one(&self.catalog, account_id, &account).map_err(ApiError::Policy)?;
         let mut claims = accounts::token_claims(&data, account_id, now)
             .ok_or_else(|| ApiError::Unprocessable(vec![format!("account `{account_id}` has no license valid now")]))?;

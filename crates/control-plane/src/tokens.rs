@@ -1,8 +1,10 @@
 //! License tokens: compact JWS with `alg: EdDSA` over Ed25519 (RFC 8037), the JWKS that
 //! publishes the verifying keys (OKP, Ed25519), and offline verification. Verification accepts
 //! exactly `EdDSA`, needs a `kid` found in the key set, checks the signature strictly and then
-//! `exp` and `nbf`; anything else (`alg: none`, another algorithm, an unknown key, a tampered
-//! part, an expired token) is refused. No I/O.
+//! the claims: `iss` must be Tollgate's, `exp` a number in the future, `nbf` (when present) a
+//! number in the past, and a `crit` header (extensions the token says must be understood) is
+//! refused, as none are. Anything else (`alg: none`, another algorithm, an unknown key, a
+//! tampered part, an expired token) is refused. No I/O.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -35,6 +37,12 @@ pub enum TokenError {
     NotYetValid(i64),
     #[error("token has no numeric `exp` claim")]
     NoExpiry,
+    #[error("token claim `{0}` is not a number of seconds")]
+    MalformedTime(&'static str),
+    #[error("token issuer `{0}` is not `tollgate`")]
+    Issuer(String),
+    #[error("token header lists critical extensions ({0}) that are not understood")]
+    Critical(String),
     #[error("key set is not valid: {0}")]
     Jwks(String),
 }
@@ -106,6 +114,9 @@ pub fn verify(token: &str, keys: &[(String, VerifyingKey)], now: i64) -> Result<
     if alg != "EdDSA" {
         return Err(TokenError::Algorithm(alg.to_string()));
     }
+    if let Some(critical) = header.get("crit") {
+        return Err(TokenError::Critical(critical.to_string()));
+    }
     let kid = header.get("kid").and_then(serde_json::Value::as_str).ok_or(TokenError::NoKeyId)?;
     let (_, key) = keys.iter().find(|(id, _)| id == kid).ok_or_else(|| TokenError::UnknownKey(kid.to_string()))?;
     let bad_signature = || TokenError::BadSignature(kid.to_string());
@@ -117,14 +128,22 @@ pub fn verify(token: &str, keys: &[(String, VerifyingKey)], now: i64) -> Result<
     let claims_bytes = URL_SAFE_NO_PAD.decode(claims_part).map_err(|_| TokenError::Format)?;
     let claims: serde_json::Map<String, serde_json::Value> =
         serde_json::from_slice(&claims_bytes).map_err(|error| TokenError::Claims(error.to_string()))?;
-    let exp = claims.get("exp").and_then(serde_json::Value::as_i64).ok_or(TokenError::NoExpiry)?;
+    let issuer = claims.get("iss").map_or_else(|| "(none)".to_string(), |iss| iss.as_str().map_or_else(|| iss.to_string(), str::to_string));
+    if issuer != ISSUER {
+        return Err(TokenError::Issuer(issuer));
+    }
+    let exp = match claims.get("exp") {
+        None => return Err(TokenError::NoExpiry),
+        Some(exp) => exp.as_i64().ok_or(TokenError::MalformedTime("exp"))?,
+    };
     if now >= exp {
         return Err(TokenError::Expired(exp));
     }
-    if let Some(nbf) = claims.get("nbf").and_then(serde_json::Value::as_i64)
-        && now < nbf
-    {
-        return Err(TokenError::NotYetValid(nbf));
+    if let Some(nbf) = claims.get("nbf") {
+        let nbf = nbf.as_i64().ok_or(TokenError::MalformedTime("nbf"))?;
+        if now < nbf {
+            return Err(TokenError::NotYetValid(nbf));
+        }
     }
     Ok(claims)
 }
