@@ -199,6 +199,10 @@ struct SidecarArgs {
     /// refused unread. A million accounts take about 160 MB.
     #[arg(long, env = "TOLLGATE_MAX_SNAPSHOT_BYTES", default_value_t = tollgate_snapshot::DEFAULT_MAX_FILE_BYTES)]
     max_snapshot_bytes: u64,
+    /// Where apps reach this sidecar (e.g. http://localhost:8181), as discovery documents such
+    /// as /.well-known/authzen-configuration announce it; default http:// plus `--listen`.
+    #[arg(long, env = "TOLLGATE_PUBLIC_URL")]
+    public_url: Option<String>,
     /// How long a client may take to send a request's head (request line and headers, idle
     /// keep-alive time included), in seconds; slower connections are closed.
     #[arg(long, env = "TOLLGATE_HEADER_READ_TIMEOUT_SECS", default_value_t = tollgate_http::DEFAULT_HEADER_READ_TIMEOUT.as_secs())]
@@ -455,6 +459,7 @@ fn sidecar_config(args: SidecarArgs) -> Result<Config> {
     config.max_snapshot_bytes = args.max_snapshot_bytes;
     config.allow_rollback = args.allow_rollback;
     config.header_read_timeout = Duration::from_secs(args.header_read_timeout_secs);
+    config.public_url = args.public_url.clone();
     config.body_read_timeout = Duration::from_secs(args.body_read_timeout_secs);
     config.drain_timeout = Duration::from_secs(args.drain_timeout_secs);
     config.workers = args.workers;

@@ -231,7 +231,10 @@ async fn authzen_spec_example_evaluations_with_defaults_and_semantics() {
 
 #[tokio::test]
 async fn authzen_requests_tollgate_cannot_map_are_denied_not_errors_and_bad_json_is_400() {
-    let server = TestServer::start(Some(common::signed_test(&spec_server(), 7))).await;
+    let server = TestServer::start_with(Some(common::signed_test(&spec_server(), 7)), |config| {
+        config.public_url = Some("http://pdp.internal:8181/".into());
+    })
+    .await;
     let mut client = server.client().await;
     // The specification's batch example as written names no account: each item is a deny
     // with the reason in its context, and the answer is still a 200.
@@ -263,8 +266,9 @@ async fn authzen_requests_tollgate_cannot_map_are_denied_not_errors_and_bad_json
         client.post("/access/v1/evaluations", &json!({"evaluations": [{}], "options": {"evaluations_semantic": "sometimes"}})).await;
     assert_eq!(unknown_semantic.status, 400);
 
-    let configuration = client.get("/.well-known/authzen-configuration").await.json();
-    let base = format!("http://{}", server.addr);
+    // The discovery document comes from configuration, never from the caller's Host header.
+    let configuration = client.send("GET", "/.well-known/authzen-configuration", "", &[("host", "evil.example")]).await.json();
+    let base = "http://pdp.internal:8181";
     assert_eq!(configuration["policy_decision_point"], base);
     assert_eq!(configuration["access_evaluation_endpoint"], format!("{base}/access/v1/evaluation"));
     assert_eq!(configuration["access_evaluations_endpoint"], format!("{base}/access/v1/evaluations"));

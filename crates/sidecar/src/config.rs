@@ -32,6 +32,9 @@ pub struct Config {
     pub ext_authz: ExtAuthzHeaders,
     /// Largest request body in bytes (`--max-body`).
     pub max_body: usize,
+    /// Where apps reach the sidecar (`--public-url`), for discovery documents such as the
+    /// AuthZEN configuration; `http://` + `listen` when unset.
+    pub public_url: Option<String>,
     /// How long a client may take to send a request head (`--header-read-timeout-secs`).
     pub header_read_timeout: Duration,
     /// How long a client may take to send a request body (`--body-read-timeout-secs`).
@@ -113,6 +116,8 @@ pub struct Staleness {
 pub enum ConfigError {
     #[error("`--max-body` must be greater than 0")]
     MaxBody,
+    #[error("`--public-url` value `{0}` must be an http:// or https:// URL")]
+    PublicUrl(String),
     #[error("`--header-read-timeout-secs` must be greater than 0")]
     HeaderReadTimeout,
     #[error("`--body-read-timeout-secs` must be greater than 0")]
@@ -147,6 +152,7 @@ impl Config {
             staleness: None,
             ext_authz: ExtAuthzHeaders::default(),
             max_body: crate::DEFAULT_MAX_BODY,
+            public_url: None,
             header_read_timeout: tollgate_http::DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: tollgate_http::DEFAULT_BODY_READ_TIMEOUT,
             max_snapshot_bytes: tollgate_snapshot::DEFAULT_MAX_FILE_BYTES,
@@ -162,6 +168,11 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.max_body == 0 {
             return Err(ConfigError::MaxBody);
+        }
+        if let Some(url) = &self.public_url
+            && (!(url.starts_with("http://") || url.starts_with("https://")) || url.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(ConfigError::PublicUrl(url.clone()));
         }
         if self.header_read_timeout.is_zero() {
             return Err(ConfigError::HeaderReadTimeout);
@@ -191,6 +202,14 @@ impl Config {
             SourceConfig::ControlPlane { .. } if no_keys => Err(ConfigError::NoTrustedKey("--control-plane")),
             SourceConfig::ControlPlane { .. } if self.data_dir.is_none() => Err(ConfigError::NoDataDir),
             _ => Ok(()),
+        }
+    }
+
+    /// Where apps reach the sidecar: `public_url` without a trailing `/`, or `http://LISTEN`.
+    pub fn public_url(&self) -> String {
+        match &self.public_url {
+            Some(url) => url.trim_end_matches('/').to_string(),
+            None => format!("http://{}", self.listen),
         }
     }
 

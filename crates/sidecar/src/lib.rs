@@ -61,6 +61,8 @@ pub struct Sidecar {
     pub(crate) body: tollgate_http::BodyLimits,
     /// How long a client may take to send a request head.
     pub(crate) header_read_timeout: Duration,
+    /// Where apps reach this sidecar, for discovery documents (`--public-url`).
+    pub(crate) public_url: String,
     /// Where `/ext_authz` reads identity and feature from.
     pub(crate) ext_authz: protocols::ExtAuthzHeaders,
     /// Where metered usage goes.
@@ -135,6 +137,7 @@ impl Sidecar {
             source,
             body: tollgate_http::BodyLimits { max_bytes: config.max_body, timeout: config.body_read_timeout },
             header_read_timeout: config.header_read_timeout,
+            public_url: config.public_url(),
             ext_authz: config.ext_authz.clone(),
             metering,
             settings: config.metering,
@@ -277,7 +280,7 @@ async fn route(sidecar: &Sidecar, request: Request<Incoming>) -> (Route, HttpRes
                 Err(response) => response,
             }
         }
-        Route::AuthZen => protocols::authzen_configuration(&request),
+        Route::AuthZen => protocols::authzen_configuration(&sidecar.public_url),
         Route::Entitlements => entitlements(sidecar, &request),
         Route::Status => status(sidecar),
         Route::Metrics => metrics(sidecar),

@@ -293,11 +293,10 @@ fn unmappable(message: String) -> Value {
     json!({"decision": false, "context": {"reason": "invalid_request", "error": {"code": "invalid_request", "message": message}}})
 }
 
-/// `/.well-known/authzen-configuration`: the PDP's metadata, with endpoints under the address
-/// the client used.
-pub fn authzen_configuration(request: &Request<Incoming>) -> HttpResponse {
-    let host = request.headers().get(hyper::header::HOST).and_then(|value| value.to_str().ok()).unwrap_or("127.0.0.1");
-    let base = format!("http://{host}");
+/// `/.well-known/authzen-configuration`: the PDP's metadata, with endpoints under `base`, the
+/// sidecar's configured public URL (never the request's `Host` header, which the caller
+/// chooses).
+pub fn authzen_configuration(base: &str) -> HttpResponse {
     json_response(
         StatusCode::OK,
         &json!({
