@@ -673,7 +673,8 @@ fn usage_status(sidecar: &Sidecar) -> serde_json::Value {
         })
     });
     serde_json::json!({
-        "durable": sidecar.metering.log().is_some_and(|log| !log.is_broken()),
+        "durable": sidecar.metering.log().is_some_and(|log| log.failure().is_none()),
+        "log_failure": sidecar.metering.log().and_then(|log| log.failure()),
         "log_dir": sidecar.metering.log().map(|log| log.dir().display().to_string()),
         "pending_events": sidecar.metering.log().filter(|log| log.tracks_pending()).map(|log| log.n_pending()),
         "shipping": shipping,
@@ -682,6 +683,11 @@ fn usage_status(sidecar: &Sidecar) -> serde_json::Value {
 }
 
 fn readyz(sidecar: &Sidecar) -> HttpResponse {
+    // A usage log that cannot write (a full disk) cannot acknowledge metered use: take the pod
+    // out until it can.
+    if let Some(failure) = sidecar.metering.log().and_then(|log| log.failure()) {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "usage_log_failing", format!("the usage log cannot write: {failure}"));
+    }
     if sidecar.store.is_serving_ready() {
         json_response(StatusCode::OK, &serde_json::json!({"status": "ready"}))
     } else if sidecar.store.is_ready() {

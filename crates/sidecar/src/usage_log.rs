@@ -114,7 +114,17 @@ pub struct UsageLog {
     /// something ships them.
     pending: Arc<Mutex<VecDeque<LoggedEvent>>>,
     track_pending: bool,
-    broken: Arc<AtomicBool>,
+    health: Arc<LogHealth>,
+}
+
+/// How the writer is doing, shared with the readers of `/readyz` and `/v1/status`.
+#[derive(Debug, Default)]
+struct LogHealth {
+    /// A failed write could not be cut back: nothing more is appended until a restart.
+    broken: AtomicBool,
+    /// The last write failed (a full disk, an I/O error): events are not being acknowledged.
+    /// Cleared by the next write that succeeds.
+    failing: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for UsageLog {
@@ -256,14 +266,14 @@ impl UsageLog {
             VecDeque::new()
         };
         let pending = Arc::new(Mutex::new(pending));
-        let broken = Arc::new(AtomicBool::new(false));
-        let mut writer = Writer::start(dir.clone(), next_seq, segments, Arc::clone(&pending), track_pending, Arc::clone(&broken))?;
+        let health = Arc::new(LogHealth::default());
+        let mut writer = Writer::start(dir.clone(), next_seq, segments, Arc::clone(&pending), track_pending, Arc::clone(&health))?;
         let (sender, receiver) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("tollgate-usage-log".into())
             .spawn(move || writer.run(&receiver))
             .map_err(|source| LogError::Folder { path: dir.display().to_string(), source })?;
-        let log = UsageLog { dir, commands: Mutex::new(Some(sender)), writer: Mutex::new(Some(thread)), pending, track_pending, broken };
+        let log = UsageLog { dir, commands: Mutex::new(Some(sender)), writer: Mutex::new(Some(thread)), pending, track_pending, health };
         Ok((log, recovery))
     }
 
@@ -277,7 +287,7 @@ impl UsageLog {
     /// Queues an event for the next group write. The returned receiver answers with its
     /// sequence number once the record is synced to disk, or with the error.
     pub fn append(&self, event: LoggedEvent) -> Result<tokio::sync::oneshot::Receiver<Result<u64, String>>, LogError> {
-        if self.broken.load(Ordering::Acquire) {
+        if self.health.broken.load(Ordering::Acquire) {
             return Err(LogError::Broken);
         }
         let (done, receiver) = tokio::sync::oneshot::channel();
@@ -320,7 +330,15 @@ impl UsageLog {
     }
 
     pub fn is_broken(&self) -> bool {
-        self.broken.load(Ordering::Acquire)
+        self.health.broken.load(Ordering::Acquire)
+    }
+
+    /// Why the log is not taking events now (a failed write, a broken log), if it is not.
+    pub fn failure(&self) -> Option<String> {
+        if self.is_broken() {
+            return Some(LogError::Broken.to_string());
+        }
+        lock(&self.health.failing).clone()
     }
 
     /// Finishes queued writes and stops the writer thread.
@@ -355,7 +373,7 @@ struct Writer {
     active_last_seq: u64,
     pending: Arc<Mutex<VecDeque<LoggedEvent>>>,
     track_pending: bool,
-    broken: Arc<AtomicBool>,
+    health: Arc<LogHealth>,
 }
 
 impl Writer {
@@ -365,10 +383,10 @@ impl Writer {
         closed: Vec<Segment>,
         pending: Arc<Mutex<VecDeque<LoggedEvent>>>,
         track_pending: bool,
-        broken: Arc<AtomicBool>,
+        health: Arc<LogHealth>,
     ) -> Result<Writer, LogError> {
         let (active, active_path) = Writer::create_segment(&dir, next_seq)?;
-        Ok(Writer { dir, next_seq, closed, active, active_path, active_len: 0, active_last_seq: 0, pending, track_pending, broken })
+        Ok(Writer { dir, next_seq, closed, active, active_path, active_len: 0, active_last_seq: 0, pending, track_pending, health })
     }
 
     fn create_segment(dir: &Path, first_seq: u64) -> Result<(File, PathBuf), LogError> {
@@ -430,6 +448,9 @@ impl Writer {
         if let Some(through) = compact_through {
             self.compact(through);
         }
+        if !appended.is_empty() {
+            *lock(&self.health.failing) = result.as_ref().err().cloned();
+        }
         match result {
             Ok(()) => {
                 if self.track_pending && !appended.is_empty() {
@@ -467,7 +488,7 @@ impl Writer {
                 // later group would follow; if even that fails the log is unusable.
                 let restored = self.active.set_len(self.active_len).and_then(|()| self.active.sync_data());
                 if restored.is_err() {
-                    self.broken.store(true, Ordering::Release);
+                    self.health.broken.store(true, Ordering::Release);
                 }
                 Err(format!("cannot write `{}`: {error}", self.active_path.display()))
             }
@@ -530,6 +551,28 @@ mod tests {
     fn append_all(log: &UsageLog, ids: &[&str]) -> Vec<u64> {
         let receivers: Vec<_> = ids.iter().map(|id| log.append(event(id)).unwrap()).collect();
         receivers.into_iter().map(|receiver| receiver.blocking_recv().unwrap().unwrap()).collect()
+    }
+
+    /// A write that fails (here: to `/dev/full`, as on a full disk) is reported until a later
+    /// write succeeds, and its events are not acknowledged.
+    #[test]
+    fn a_failing_write_is_reported_until_a_write_succeeds() {
+        let dir = tempfile::tempdir().unwrap();
+        let health = Arc::new(LogHealth::default());
+        let pending = Arc::new(Mutex::new(VecDeque::new()));
+        let mut writer = Writer::start(dir.path().to_path_buf(), 1, Vec::new(), pending, false, Arc::clone(&health)).unwrap();
+        let good = std::mem::replace(&mut writer.active, OpenOptions::new().write(true).open("/dev/full").unwrap());
+        let (done, answer) = tokio::sync::oneshot::channel();
+        writer.write_group(vec![Command::Append { event: event("a"), done }]);
+        let error = answer.blocking_recv().unwrap().unwrap_err();
+        assert!(error.contains("cannot write"), "{error}");
+        let failing = lock(&health.failing).clone().unwrap();
+        assert!(failing.contains("No space left on device"), "{failing}");
+        writer.active = good;
+        let (done, answer) = tokio::sync::oneshot::channel();
+        writer.write_group(vec![Command::Append { event: event("b"), done }]);
+        assert!(answer.blocking_recv().unwrap().is_ok());
+        assert_eq!(*lock(&health.failing), None);
     }
 
     #[test]
