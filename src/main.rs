@@ -608,6 +608,20 @@ enum KeysCommand {
         #[arg(long, env = "TOLLGATE_KEYS_ACCOUNT")]
         account: Option<String>,
     },
+    /// Revoke an API key at once (by its id, the 16 hex digits after `tg_`); audited.
+    Revoke {
+        /// The control plane's data directory.
+        #[arg(long, env = "TOLLGATE_KEYS_DATA")]
+        data: PathBuf,
+        /// The key's id.
+        id: String,
+    },
+    /// List the API keys (ids, scopes, accounts, creation and revocation times; no secrets).
+    List {
+        /// The control plane's data directory.
+        #[arg(long, env = "TOLLGATE_KEYS_DATA")]
+        data: PathBuf,
+    },
 }
 
 #[cfg(feature = "control-plane")]
@@ -639,12 +653,30 @@ fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
 
 #[cfg(feature = "control-plane")]
 fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
-    if let Some(ControlPlaneCommand::Keys { command: KeysCommand::Create { data, scope, account } }) = args.command {
-        let repository = tollgate_control_plane::open_repository(&data)?;
-        // The one control-plane time read outside a `ControlPlane`: the key's creation stamp.
+    if let Some(ControlPlaneCommand::Keys { command }) = args.command {
+        // The control-plane time reads outside a `ControlPlane`: a key's creation or
+        // revocation stamp.
         let now = tollgate_core::clock::system_now_ms().div_euclid(1000);
-        let key = tollgate_control_plane::create_key(&repository, &scope, account.as_deref(), now)?;
-        println!("{key}");
+        match command {
+            KeysCommand::Create { data, scope, account } => {
+                let repository = tollgate_control_plane::open_repository(&data)?;
+                let key = tollgate_control_plane::create_key(&repository, &scope, account.as_deref(), now)?;
+                println!("{key}");
+            }
+            KeysCommand::Revoke { data, id } => {
+                use tollgate_control_plane::store::Repository;
+                let repository = tollgate_control_plane::open_repository(&data)?;
+                if !repository.revoke_key(&id, "cli", now)? {
+                    bail!("no live API key `{id}` in `{}`", data.display());
+                }
+                println!("revoked {id}");
+            }
+            KeysCommand::List { data } => {
+                use tollgate_control_plane::store::Repository;
+                let repository = tollgate_control_plane::open_repository(&data)?;
+                println!("{}", serde_json::to_string_pretty(&serde_json::json!({"keys": repository.keys()?}))?);
+            }
+        }
         return Ok(());
     }
     let (Some(data), Some(policies), Some(signing_key)) = (args.data, args.policies, args.signing_key) else {

@@ -625,3 +625,54 @@ async fn grants_tokens_and_the_audit_log_follow_the_control_plane_clock() {
     assert!(late.text().contains("`until` must be in the future"), "{}", late.text());
     server.stop().await;
 }
+
+/// A revoked key authenticates no one from its next request on, whether it was revoked through
+/// the API or the CLI; revocations are audited and the key stays listed with its time.
+#[tokio::test]
+async fn revoked_keys_are_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestControlPlane::start(dir.path()).await;
+    let admin = server.key("admin", None);
+    let integration = server.key("integration", None);
+    let sidecar = server.key("sidecar", None);
+    let id_of = |key: &str| key.trim_start_matches("tg_").split('_').next().unwrap().to_string();
+    let mut client = server.client().await;
+    assert_eq!(get(&mut client, "/v1/catalog", &integration).await.status, 200);
+
+    let delete = |key: &str| format!("Bearer {key}");
+    let by_integration =
+        client.send("DELETE", &format!("/v1/keys/{}", id_of(&sidecar)), "", &[("authorization", &delete(&integration))]).await;
+    assert_eq!(by_integration.status, 403);
+    let revoked = client.send("DELETE", &format!("/v1/keys/{}", id_of(&integration)), "", &[("authorization", &delete(&admin))]).await;
+    assert_eq!(revoked.status, 200, "{}", revoked.text());
+    assert_eq!(get(&mut client, "/v1/catalog", &integration).await.status, 401);
+    let again = client.send("DELETE", &format!("/v1/keys/{}", id_of(&integration)), "", &[("authorization", &delete(&admin))]).await;
+    assert_eq!((again.status, again.json()["error"]["code"].as_str().unwrap()), (404, "unknown_key"));
+
+    // The CLI revokes in the same database, effective for the running server at once.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["control-plane", "keys", "revoke", "--data"])
+        .arg(dir.path())
+        .arg(id_of(&sidecar))
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert_eq!(get(&mut client, "/v1/snapshot", &sidecar).await.status, 401);
+
+    let keys = get(&mut client, "/v1/keys", &admin).await.json();
+    let listed = keys["keys"].as_array().unwrap();
+    assert_eq!(listed.len(), 3);
+    assert!(listed.iter().all(|key| key.get("secret_sha256").is_none()));
+    let revoked_ids: Vec<&str> = listed.iter().filter(|key| !key["revoked_at"].is_null()).map(|key| key["id"].as_str().unwrap()).collect();
+    assert_eq!(revoked_ids.len(), 2);
+    let audit = get(&mut client, "/v1/audit", &admin).await.json();
+    let revocations: Vec<&str> = audit["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|entry| entry["action"] == "key.revoke")
+        .map(|entry| entry["key_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(revocations, [id_of(&admin).as_str(), "cli"]);
+    server.stop().await;
+}

@@ -224,6 +224,8 @@ enum Keyed {
     ApproveAccessRequest,
     DenyAccessRequest,
     Usage(Usage),
+    Keys,
+    RevokeKey,
     IntegrationEvents,
     ReapplyIntegrationEvent,
     IntegrationLinks,
@@ -367,6 +369,8 @@ pub static ROUTES: &[Route] = &[
     public_route("/openapi.json", &[(Verb::Get, Public::OpenApi)]),
     public_route("/.well-known/jwks.json", &[(Verb::Get, Public::Jwks)]),
     keyed_route("/v1/catalog", &[(Verb::Get, Keyed::Catalog)]),
+    keyed_route("/v1/keys", &[(Verb::Get, Keyed::Keys)]),
+    keyed_route("/v1/keys/{id}", &[(Verb::Delete, Keyed::RevokeKey)]),
     keyed_route("/v1/orders", &[(Verb::Post, Keyed::Order)]),
     keyed_route("/v1/audit", &[(Verb::Get, Keyed::Audit)]),
     keyed_route(SNAPSHOT_PATH, &[(Verb::Get, Keyed::Snapshot)]),
@@ -549,6 +553,26 @@ async fn keyed_endpoint(server: &Server, keyed: Keyed, caller: Caller, mut param
     let cp = Arc::clone(&server.control_plane);
     match keyed {
         Keyed::Catalog => json_response(StatusCode::OK, &super::catalog_json(&cp.catalog_data)),
+        Keyed::Keys => respond(
+            blocking(move || {
+                caller.require(&[Scope::Admin])?;
+                Ok(serde_json::json!({"keys": cp.repository.keys()?}))
+            })
+            .await,
+        ),
+        Keyed::RevokeKey => {
+            let id = params.take(0);
+            respond(
+                blocking(move || {
+                    caller.require(&[Scope::Admin])?;
+                    if !cp.repository.revoke_key(&id, &caller.key_id, cp.now())? {
+                        return Err(ApiError::not_found("unknown_key", format!("no live API key `{id}`")));
+                    }
+                    Ok(serde_json::json!({"id": id, "revoked": true}))
+                })
+                .await,
+            )
+        }
         Keyed::Snapshot => snapshot(server, &caller, &request).await,
         Keyed::Audit => {
             let query = match audit_query(&request) {

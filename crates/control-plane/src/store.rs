@@ -72,6 +72,18 @@ pub struct KeyRecord {
     pub account: Option<String>,
 }
 
+/// What is shown of an API key: never its secret or its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyInfo {
+    pub id: String,
+    pub scope: Scope,
+    pub account: Option<String>,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds; the key authenticates no one after it.
+    pub revoked_at: Option<i64>,
+}
+
 /// An account as stored: the same shape as an `[accounts.ID]` table of a policy file, plus
 /// bookkeeping. Times are unix seconds.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -254,7 +266,13 @@ pub trait Repository: Send + Sync + UsageRepository + IntegrationRepository {
     /// Stores a new key, created at `now` (unix seconds). The repository never reads a clock:
     /// every time it records comes from its caller.
     fn create_key(&self, key: &KeyRecord, now: i64) -> Result<(), StoreError>;
+    /// A key that is not revoked.
     fn find_key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError>;
+    /// Revokes a key at `now` and audits it as done by `by`, in one transaction; `false` when
+    /// no such key is live.
+    fn revoke_key(&self, id: &str, by: &str, now: i64) -> Result<bool, StoreError>;
+    /// Every key, revoked ones included, without secrets.
+    fn keys(&self) -> Result<Vec<KeyInfo>, StoreError>;
     /// Runs `change` in one write transaction: committed when it returns `Ok(true)`, rolled
     /// back when it returns `Ok(false)` or an error. See [`write`] for the typed form.
     fn transact(&self, change: &mut dyn FnMut(&mut dyn Transaction) -> Result<bool, StoreError>) -> Result<(), StoreError>;
@@ -334,6 +352,8 @@ CREATE INDEX access_requests_account ON access_requests (account, id);
 "#,
     super::usage_store::MIGRATION,
     super::integration_store::MIGRATION,
+    // Revoked keys stay on record (who had access, until when) but authenticate no one.
+    "ALTER TABLE api_keys ADD COLUMN revoked_at INTEGER;",
 ];
 
 /// The file name of the database inside the data directory.
@@ -520,7 +540,7 @@ impl Repository for SqliteRepository {
     fn find_key(&self, id: &str) -> Result<Option<KeyRecord>, StoreError> {
         let row: Option<(String, String, String, Option<String>)> = self
             .lock_reader()
-            .query_row("SELECT id, secret_sha256, scope, account FROM api_keys WHERE id = ?1", [id], |row| {
+            .query_row("SELECT id, secret_sha256, scope, account FROM api_keys WHERE id = ?1 AND revoked_at IS NULL", [id], |row| {
                 Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?))
             })
             .optional()?;
@@ -528,6 +548,43 @@ impl Repository for SqliteRepository {
         Ok(row.and_then(|(id, secret_sha256, scope, account)| {
             Scope::parse(&scope).map(|scope| KeyRecord { id, secret_sha256, scope, account })
         }))
+    }
+
+    fn revoke_key(&self, id: &str, by: &str, now: i64) -> Result<bool, StoreError> {
+        let mut connection = self.lock();
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut wrapped = SqliteTransaction { transaction, revision: None };
+        let revoked =
+            wrapped.transaction.execute("UPDATE api_keys SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL", params![now, id])? > 0;
+        if revoked {
+            wrapped.audit(&NewAudit {
+                at: now,
+                key_id: by,
+                action: "key.revoke",
+                account: None,
+                target: Some(id),
+                before: None,
+                after: Some(serde_json::json!({"revoked_at": now})),
+            })?;
+        }
+        wrapped.transaction.commit()?;
+        Ok(revoked)
+    }
+
+    fn keys(&self) -> Result<Vec<KeyInfo>, StoreError> {
+        let connection = self.lock_reader();
+        let mut statement =
+            connection.prepare("SELECT id, scope, account, created_at, revoked_at FROM api_keys ORDER BY created_at, id")?;
+        let rows = statement
+            .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get(2)?, row.get(3)?, row.get(4)?)))?;
+        let mut keys = Vec::new();
+        for row in rows {
+            let (id, scope, account, created_at, revoked_at) = row?;
+            if let Some(scope) = Scope::parse(&scope) {
+                keys.push(KeyInfo { id, scope, account, created_at, revoked_at });
+            }
+        }
+        Ok(keys)
     }
 
     fn transact(&self, change: &mut dyn FnMut(&mut dyn Transaction) -> Result<bool, StoreError>) -> Result<(), StoreError> {
