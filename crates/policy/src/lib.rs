@@ -733,8 +733,7 @@ fn compile_catalog_file(
             );
             Period::Never
         });
-        if let Some(thresholds) = integrations::check_thresholds(&meter.thresholds, &format!("meter `{}`", name.get_ref()), diagnostics)
-        {
+        if let Some(thresholds) = integrations::check_thresholds(&meter.thresholds, &format!("meter `{}`", name.get_ref()), diagnostics) {
             integrations.meter_thresholds.insert(name.get_ref().clone(), thresholds);
         }
         data.meter_index.insert(name.get_ref().clone(), data.meters.len() as u32);
