@@ -514,15 +514,21 @@ struct ControlPlaneArgs {
     /// How long SIGTERM waits for in-flight requests, in seconds.
     #[arg(long, env = "TOLLGATE_CP_DRAIN_TIMEOUT_SECS", default_value_t = 10)]
     drain_timeout_secs: u64,
-    /// Where usage threshold notifications (80 % and 100 % of a limit) are POSTed, signed with
-    /// HMAC-SHA256: http://HOST:PORT/PATH. Plain HTTP only; for TLS run a local proxy (such as
-    /// an Envoy or nginx sidecar) and point this at it. Without it nothing is enqueued.
+    /// A webhook endpoint that receives every event type, besides those managed through
+    /// `/v1/webhooks/endpoints` (kept there as endpoint `configured`): http://HOST:PORT/PATH,
+    /// signed the Standard Webhooks way. Plain HTTP only; for TLS run a local proxy (such as an
+    /// Envoy or nginx sidecar) and point this at it.
     #[arg(long, env = "TOLLGATE_CP_WEBHOOK_URL", requires = "webhook_secret_file")]
     webhook_url: Option<String>,
-    /// File holding the webhook signing secret (surrounding whitespace is ignored; must not be
-    /// empty). Required with `--webhook-url`.
+    /// File holding the secret of `--webhook-url`: a Standard Webhooks secret `whsec_BASE64`
+    /// (the key is the decoded base64), or any other text, used as the raw HMAC key.
+    /// Surrounding whitespace is ignored; must not be empty. Required with `--webhook-url`.
     #[arg(long, env = "TOLLGATE_CP_WEBHOOK_SECRET_FILE", requires = "webhook_url")]
     webhook_secret_file: Option<PathBuf>,
+    /// Send `license.expiring` this many days before a license's `expires_at` (once per
+    /// license and expiry; a renewal that moves the expiry sends again); 0 turns it off.
+    #[arg(long, env = "TOLLGATE_CP_LICENSE_EXPIRING_DAYS", default_value_t = tollgate_control_plane::webhooks::DEFAULT_LICENSE_EXPIRING_DAYS)]
+    license_expiring_days: u32,
 }
 
 #[cfg(feature = "control-plane")]
@@ -608,7 +614,12 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
     };
     let key = snapshot::read_signing_key(&signing_key)?;
     let retired = args.retired_key.iter().map(|path| snapshot::read_public_key(path)).collect::<Result<Vec<_>, _>>()?;
-    let config = tollgate_control_plane::Config { token_ttl_secs: args.token_ttl_secs, webhook, ..Default::default() };
+    let config = tollgate_control_plane::Config {
+        token_ttl_secs: args.token_ttl_secs,
+        webhook,
+        license_expiring_days: args.license_expiring_days,
+        ..Default::default()
+    };
     let control_plane = tollgate_control_plane::ControlPlane::open_with_config(&data, &policies, key, retired, config)?;
     let control_plane = Arc::new(control_plane);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;

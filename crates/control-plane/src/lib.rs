@@ -71,6 +71,7 @@ pub mod reports;
 pub mod store;
 pub mod tokens;
 pub mod usage_store;
+pub mod webhook_store;
 pub mod webhooks;
 
 use std::path::{Path, PathBuf};
@@ -308,8 +309,11 @@ pub struct Config {
     pub max_body: usize,
     /// Longest long-poll wait on `/v1/snapshot`.
     pub max_wait: Duration,
-    /// Where threshold notifications go; `None`: none are enqueued.
+    /// The webhook endpoint the flags configure (subscribed to every event type), besides
+    /// those managed through the API; `None`: only those.
     pub webhook: Option<webhooks::WebhookConfig>,
+    /// `license.expiring` goes out this many days before a license's `expires_at`; 0: never.
+    pub license_expiring_days: u32,
     /// Most totals in one `POST /v1/usage` answer.
     pub usage_page: u32,
     /// The one wall clock of the control plane: audit and key timestamps, access-request times,
@@ -324,6 +328,7 @@ impl Default for Config {
             max_body: 1024 * 1024,
             max_wait: Duration::from_secs(60),
             webhook: None,
+            license_expiring_days: webhooks::DEFAULT_LICENSE_EXPIRING_DAYS,
             usage_page: ingest::TOTALS_PAGE,
             clock: Arc::new(SystemClock),
         }
@@ -343,9 +348,9 @@ pub struct ControlPlane {
     pub token_keys: Vec<VerifyingKey>,
     pub publisher: Arc<Publisher>,
     pub metrics: Arc<ControlPlaneMetrics>,
-    /// Wakes the webhook task when ingestion enqueued a notification.
+    /// Wakes the webhook task after a commit enqueued a message (or a delivery is retried).
     pub webhook_wake: tokio::sync::Notify,
-    /// Accounts' limits, for threshold notifications.
+    /// Accounts' limits, for `usage.threshold` messages.
     pub limits: limits::LimitCache,
     config: Config,
 }
@@ -398,6 +403,7 @@ impl ControlPlane {
             let revision = repository.set_meta(CATALOG_HASH, &catalog_hash, true)?;
             tracing::info!(revision, "catalog changed since the last start; publishing a new revision");
         }
+        webhooks::configure_endpoint(repository.as_ref(), config.webhook.as_ref(), config.clock.now())?;
         let committed = repository.revision()?;
         let mut token_keys = vec![signing_key.verifying_key()];
         token_keys.extend(retired_keys);
