@@ -1,9 +1,10 @@
 //! The control plane: the license repository behind a REST integration API with scoped API
 //! keys, order intake, signed license tokens, snapshot publishing to sidecars, and usage
-//! ingestion with reports and threshold webhooks. This module holds the shared state
+//! ingestion with reports, and outbound webhooks. This module holds the shared state
 //! ([`ControlPlane`]), API keys and callers, and the error kinds; the HTTP server is `api`,
 //! the database `store` (usage tables in `usage_store`), writes `changes`, publishing
-//! `publish`, tokens `tokens`, usage `ingest`, `reports`, `limits` and `webhooks`. It never
+//! `publish`, tokens `tokens`, usage `ingest`, `reports` and `limits`, webhooks `webhooks`
+//! (their tables `webhook_store`). It never
 //! decides a request: sidecars do, from the snapshots it publishes.
 
 /// An enum carried in request bodies and stored documents as fixed strings, which stay what
@@ -372,7 +373,7 @@ pub fn open_repository(data_dir: &Path) -> Result<SqliteRepository, StoreError> 
 impl ControlPlane {
     /// Opens the repository (running migrations), compiles the catalog, and bumps the revision
     /// when the catalog differs from the one last published, so sidecars get the new one.
-    /// Tuned by [`Config::default`]: the system clock, no webhook.
+    /// Tuned by [`Config::default`]: the system clock, no flag-configured webhook endpoint.
     pub fn open(
         data_dir: &Path,
         policies_dir: &Path,
@@ -463,7 +464,7 @@ impl ControlPlane {
 }
 
 /// Runs the control plane on `listener`: publishes a snapshot at once and after every commit,
-/// delivers webhook notifications when a webhook is configured, and serves the API until
+/// scans license expiries and delivers webhook messages, and serves the API until
 /// `shutdown` resolves; then drains for at most `drain_timeout`.
 pub async fn run(
     control_plane: Arc<ControlPlane>,
