@@ -575,4 +575,113 @@ mod tests {
         })
         .unwrap();
     }
+
+    fn endpoint(id: &str, event_types: &[EventType], enabled: bool) -> Endpoint {
+        Endpoint {
+            id: id.into(),
+            url: format!("http://127.0.0.1:1/{id}"),
+            event_types: event_types.to_vec(),
+            enabled,
+            description: None,
+            secret: format!("whsec_{id}"),
+            created_at: 0,
+            updated_at: 0,
+        }
+    }
+
+    fn write<T>(repository: &SqliteRepository, change: impl FnOnce(&mut dyn crate::store::Transaction) -> Result<T, StoreError>) -> T {
+        crate::store::write(repository, change).unwrap()
+    }
+
+    /// One delivery per subscribed, enabled endpoint; a disabled endpoint's deliveries are not
+    /// due until it is enabled again; a deleted endpoint's pending ones fail; a failed one can
+    /// be retried by hand.
+    #[test]
+    fn deliveries_follow_their_endpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let repository = SqliteRepository::open(dir.path()).unwrap();
+        write(&repository, |transaction| {
+            transaction.put_webhook_endpoint(&endpoint("ep_a", &[EventType::OrderApplied, EventType::UsageThreshold], true))?;
+            transaction.put_webhook_endpoint(&endpoint("ep_b", &[EventType::OrderApplied], true))?;
+            transaction.put_webhook_endpoint(&endpoint("ep_c", &[EventType::UsageThreshold], true))?;
+            transaction.put_webhook_endpoint(&endpoint("ep_off", EventType::ALL, false))
+        });
+        let message = |id: &'static str, event_type: EventType| NewMessage { id, event_type, dedup_key: None, body: "{}", created_at: 1 };
+        assert_eq!(write(&repository, |transaction| transaction.enqueue_message(&message("msg_1", EventType::OrderApplied))), 2);
+        assert_eq!(write(&repository, |transaction| transaction.enqueue_message(&message("msg_2", EventType::LicenseExpiring))), 0);
+        let due = |repository: &SqliteRepository| -> Vec<String> {
+            repository.due_deliveries(1_000, 10).unwrap().into_iter().map(|due| due.delivery.endpoint_id).collect()
+        };
+        assert_eq!(due(&repository), ["ep_a", "ep_b"]);
+        assert_eq!(repository.due_deliveries(1_000, 10).unwrap()[0].secret, "whsec_ep_a");
+
+        write(&repository, |transaction| transaction.put_webhook_endpoint(&endpoint("ep_b", &[EventType::OrderApplied], false)));
+        assert_eq!(due(&repository), ["ep_a"]);
+        write(&repository, |transaction| transaction.delete_webhook_endpoint("ep_a", "endpoint deleted"));
+        assert!(due(&repository).is_empty());
+        assert_eq!(repository.next_delivery_ms().unwrap(), None, "nothing to wake for while ep_b is disabled");
+        write(&repository, |transaction| transaction.put_webhook_endpoint(&endpoint("ep_b", &[EventType::OrderApplied], true)));
+        assert_eq!(due(&repository), ["ep_b"]);
+        assert_eq!(repository.next_delivery_ms().unwrap(), Some(1_000));
+
+        let listed = repository.deliveries(None, 0, 10).unwrap();
+        let failed: Vec<&Delivery> = listed.iter().filter(|delivery| delivery.status == DeliveryStatus::Failed).collect();
+        assert_eq!(failed.len(), 1);
+        assert_eq!((failed[0].endpoint_id.as_str(), failed[0].last_error.as_deref()), ("ep_a", Some("endpoint deleted")));
+        assert!(repository.webhook_endpoints().unwrap().iter().all(|endpoint| endpoint.id != "ep_a"));
+        let pending = listed.iter().find(|delivery| delivery.status == DeliveryStatus::Pending).unwrap();
+        assert!(!repository.retry_delivery(pending.id, 5_000).unwrap(), "only a failed delivery is retried by hand");
+        assert!(repository.retry_delivery(failed[0].id, 5_000).unwrap());
+        assert_eq!(repository.delivery(failed[0].id).unwrap().unwrap().status, DeliveryStatus::Pending);
+    }
+
+    /// A message enqueued in a transaction that rolls back is not there.
+    #[test]
+    fn a_rolled_back_change_enqueues_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let repository = SqliteRepository::open(dir.path()).unwrap();
+        write(&repository, |transaction| transaction.put_webhook_endpoint(&endpoint("ep_a", &[EventType::OrderApplied], true)));
+        let failed: Result<(), StoreError> = crate::store::write(&repository, |transaction: &mut dyn crate::store::Transaction| {
+            crate::webhooks::enqueue(transaction, EventType::OrderApplied, serde_json::json!({}), 1)?;
+            Err(StoreError::NotRun)
+        });
+        assert!(failed.is_err());
+        assert!(repository.deliveries(None, 0, 10).unwrap().is_empty());
+        let sent =
+            write(&repository, |transaction| crate::webhooks::enqueue(transaction, EventType::OrderApplied, serde_json::json!({}), 1));
+        assert!(sent.is_some_and(|id| id.starts_with("msg_")));
+        assert_eq!(repository.deliveries(None, 0, 10).unwrap().len(), 1);
+    }
+
+    /// Every account write keeps the expiry index: cancelled and open-ended licenses are left
+    /// out, an unchanged expiry keeps its notified mark, a moved one is notified again.
+    #[test]
+    fn the_expiry_index_follows_account_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let repository = SqliteRepository::open(dir.path()).unwrap();
+        let license =
+            |id: &str, expires_at: Option<i64>| LicenseDoc { id: id.into(), plan: "team".into(), expires_at, ..LicenseDoc::default() };
+        let mut account = AccountDoc {
+            licenses: vec![license("a-1", Some(100)), license("a-2", None), license("a-3", Some(50))],
+            ..AccountDoc::default()
+        };
+        write(&repository, |transaction| transaction.put_account("a", &account));
+        let ids = |repository: &SqliteRepository| -> Vec<String> {
+            repository.expiring_licenses(0, 1_000, 10).unwrap().into_iter().map(|expiry| expiry.license_id).collect()
+        };
+        assert_eq!(ids(&repository), ["a-3", "a-1"]);
+        assert_eq!(
+            ids(&repository),
+            repository.expiring_licenses(10, 100, 10).unwrap().into_iter().map(|expiry| expiry.license_id).collect::<Vec<_>>()
+        );
+        assert!(repository.expiring_licenses(100, 1_000, 10).unwrap().is_empty(), "the window is (after, until]");
+        write(&repository, |transaction| transaction.mark_expiry_notified("a-1", 100));
+        account.licenses[2].cancelled = true;
+        account.users.insert("u".into(), crate::store::UserDoc::default());
+        write(&repository, |transaction| transaction.put_account("a", &account));
+        assert!(ids(&repository).is_empty(), "a-1 notified, a-3 cancelled");
+        account.licenses[0].expires_at = Some(200);
+        write(&repository, |transaction| transaction.put_account("a", &account));
+        assert_eq!(ids(&repository), ["a-1"]);
+    }
 }
