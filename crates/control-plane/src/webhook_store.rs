@@ -65,15 +65,15 @@ INSERT INTO webhook_deliveries (message_id, endpoint_id, status, attempts, next_
     FROM webhook_outbox;
 DROP TABLE webhook_outbox;
 CREATE TABLE license_expiries (
-    license_id TEXT PRIMARY KEY,
     account TEXT NOT NULL,
+    license_id TEXT NOT NULL,
     expires_at INTEGER NOT NULL,
-    notified INTEGER NOT NULL
+    notified INTEGER NOT NULL,
+    PRIMARY KEY (account, license_id)
 );
 CREATE INDEX license_expiries_due ON license_expiries (notified, expires_at);
-CREATE INDEX license_expiries_account ON license_expiries (account);
-INSERT OR IGNORE INTO license_expiries (license_id, account, expires_at, notified)
-    SELECT json_extract(license.value, '$.id'), accounts.id, json_extract(license.value, '$.expires_at'), 0
+INSERT OR IGNORE INTO license_expiries (account, license_id, expires_at, notified)
+    SELECT accounts.id, json_extract(license.value, '$.id'), json_extract(license.value, '$.expires_at'), 0
     FROM accounts, json_each(accounts.doc, '$.licenses') AS license
     WHERE json_extract(license.value, '$.expires_at') IS NOT NULL AND NOT json_extract(license.value, '$.cancelled');
 "#;
@@ -211,7 +211,7 @@ pub trait WebhookTransaction {
     /// notified mark; a moved expiry (a renewal) is a new date to notify about.
     fn index_license_expiries(&mut self, account_id: &str, account: &AccountDoc) -> Result<(), StoreError>;
     /// Marks a license's expiry notified, if it is still the one indexed.
-    fn mark_expiry_notified(&mut self, license_id: &str, expires_at: i64) -> Result<(), StoreError>;
+    fn mark_expiry_notified(&mut self, expiry: &Expiry) -> Result<(), StoreError>;
 }
 
 /// Webhook reads and the deliveries' bookkeeping.
@@ -375,7 +375,9 @@ impl WebhookTransaction for SqliteTransaction<'_> {
             .collect();
         for license_id in indexed.keys() {
             if !wanted.iter().any(|(id, _)| id == license_id) {
-                self.transaction.prepare_cached("DELETE FROM license_expiries WHERE license_id = ?1")?.execute([license_id])?;
+                self.transaction
+                    .prepare_cached("DELETE FROM license_expiries WHERE account = ?1 AND license_id = ?2")?
+                    .execute([account_id, license_id])?;
             }
         }
         for (license_id, expires_at) in wanted {
@@ -384,20 +386,20 @@ impl WebhookTransaction for SqliteTransaction<'_> {
                 _ => {
                     self.transaction
                         .prepare_cached(
-                            "INSERT INTO license_expiries (license_id, account, expires_at, notified) VALUES (?1, ?2, ?3, 0)
-                             ON CONFLICT (license_id) DO UPDATE SET account = excluded.account, expires_at = excluded.expires_at, notified = 0",
+                            "INSERT INTO license_expiries (account, license_id, expires_at, notified) VALUES (?1, ?2, ?3, 0)
+                             ON CONFLICT (account, license_id) DO UPDATE SET expires_at = excluded.expires_at, notified = 0",
                         )?
-                        .execute(params![license_id, account_id, expires_at])?;
+                        .execute(params![account_id, license_id, expires_at])?;
                 }
             }
         }
         Ok(())
     }
 
-    fn mark_expiry_notified(&mut self, license_id: &str, expires_at: i64) -> Result<(), StoreError> {
+    fn mark_expiry_notified(&mut self, expiry: &Expiry) -> Result<(), StoreError> {
         self.transaction
-            .prepare_cached("UPDATE license_expiries SET notified = 1 WHERE license_id = ?1 AND expires_at = ?2")?
-            .execute(params![license_id, expires_at])?;
+            .prepare_cached("UPDATE license_expiries SET notified = 1 WHERE account = ?1 AND license_id = ?2 AND expires_at = ?3")?
+            .execute(params![expiry.account, expiry.license_id, expiry.expires_at])?;
         Ok(())
     }
 }
@@ -486,7 +488,7 @@ impl WebhookRepository for SqliteRepository {
         let connection = self.lock_reader();
         let mut statement = connection.prepare_cached(
             "SELECT license_id, account, expires_at FROM license_expiries
-             WHERE notified = 0 AND expires_at > ?1 AND expires_at <= ?2 ORDER BY expires_at, license_id LIMIT ?3",
+             WHERE notified = 0 AND expires_at > ?1 AND expires_at <= ?2 ORDER BY expires_at, account, license_id LIMIT ?3",
         )?;
         let rows = statement.query_map(params![after, until, limit], |row| {
             Ok(Expiry { license_id: row.get(0)?, account: row.get(1)?, expires_at: row.get(2)? })
@@ -675,7 +677,9 @@ mod tests {
             repository.expiring_licenses(10, 100, 10).unwrap().into_iter().map(|expiry| expiry.license_id).collect::<Vec<_>>()
         );
         assert!(repository.expiring_licenses(100, 1_000, 10).unwrap().is_empty(), "the window is (after, until]");
-        write(&repository, |transaction| transaction.mark_expiry_notified("a-1", 100));
+        write(&repository, |transaction| {
+            transaction.mark_expiry_notified(&Expiry { license_id: "a-1".into(), account: "a".into(), expires_at: 100 })
+        });
         account.licenses[2].cancelled = true;
         account.users.insert("u".into(), crate::store::UserDoc::default());
         write(&repository, |transaction| transaction.put_account("a", &account));

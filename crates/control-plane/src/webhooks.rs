@@ -571,10 +571,10 @@ pub fn scan_license_expiries(control_plane: &ControlPlane, now: i64) -> Result<u
                     "expires_at": format_rfc3339(expiry.expires_at),
                     "days_left": (expiry.expires_at - now + 86_399).div_euclid(86_400),
                 });
-                let key = format!("license.expiring/{}/{}", license.id, expiry.expires_at);
+                let key = format!("license.expiring/{}/{}/{}", expiry.account, license.id, expiry.expires_at);
                 sent = enqueue_once(transaction, EventType::LicenseExpiring, &key, data, now)?;
             }
-            transaction.mark_expiry_notified(&expiry.license_id, expiry.expires_at)?;
+            transaction.mark_expiry_notified(&expiry)?;
             Ok::<_, StoreError>(sent)
         })?;
         enqueued += usize::from(sent.is_some());
