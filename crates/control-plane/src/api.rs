@@ -340,7 +340,7 @@ const fn keyed_route(pattern: &'static str, handlers: &'static [(Verb, Keyed)]) 
 /// The route table: every path, its methods and their endpoints, as `openapi.json` documents
 /// them (`tests/control_plane_openapi.rs` holds the document to this table); metrics label
 /// requests by these patterns. Hand-written rather than a router crate (`matchit` and the like):
-/// 27 static patterns matched segment by segment without allocating are as quick as a radix
+/// A few dozen static patterns matched segment by segment without allocating are as quick as a radix
 /// tree here, this order of checks (the path's route, then the key, then 404 or 405) stays in
 /// plain sight in [`route`], and the API needs no new dependency.
 pub static ROUTES: &[Route] = &[
