@@ -552,13 +552,15 @@ struct ControlPlaneArgs {
     /// How long a client may take to send a request's body, in seconds (408 past it).
     #[arg(long, env = "TOLLGATE_CP_BODY_READ_TIMEOUT_SECS", default_value_t = tollgate_http::DEFAULT_BODY_READ_TIMEOUT.as_secs())]
     body_read_timeout_secs: u64,
-    /// Where usage threshold notifications (80 % and 100 % of a limit) are POSTed, signed with
-    /// HMAC-SHA256: http://HOST:PORT/PATH. Plain HTTP only; for TLS run a local proxy (such as
-    /// an Envoy or nginx sidecar) and point this at it. Without it nothing is enqueued.
+    /// A webhook endpoint that receives every event type, besides those managed through
+    /// `/v1/webhooks/endpoints` (kept there as endpoint `configured`): http://HOST:PORT/PATH,
+    /// signed the Standard Webhooks way. Plain HTTP only; for TLS run a local proxy (such as an
+    /// Envoy or nginx sidecar) and point this at it.
     #[arg(long, env = "TOLLGATE_CP_WEBHOOK_URL", requires = "webhook_secret_file")]
     webhook_url: Option<String>,
-    /// File holding the webhook signing secret (surrounding whitespace is ignored; must not be
-    /// empty). Required with `--webhook-url`.
+    /// File holding the secret of `--webhook-url`: a Standard Webhooks secret `whsec_BASE64`
+    /// (the key is the decoded base64), or any other text, used as the raw HMAC key.
+    /// Surrounding whitespace is ignored; must not be empty. Required with `--webhook-url`.
     #[arg(long, env = "TOLLGATE_CP_WEBHOOK_SECRET_FILE", requires = "webhook_url")]
     webhook_secret_file: Option<PathBuf>,
     /// Enables `POST /v1/integrations/stripe`: a file holding the Stripe endpoint's signing
@@ -581,6 +583,10 @@ struct ControlPlaneArgs {
     /// request as it arrives.
     #[arg(long, env = "TOLLGATE_CP_HUBSPOT_WEBHOOK_URL")]
     hubspot_webhook_url: Option<String>,
+    /// Send `license.expiring` this many days before a license's `expires_at` (once per
+    /// license and expiry; a renewal that moves the expiry sends again); 0 turns it off.
+    #[arg(long, env = "TOLLGATE_CP_LICENSE_EXPIRING_DAYS", default_value_t = tollgate_control_plane::webhooks::DEFAULT_LICENSE_EXPIRING_DAYS)]
+    license_expiring_days: u32,
 }
 
 #[cfg(feature = "control-plane")]
@@ -729,6 +735,7 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
         hubspot,
         header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
         body_read_timeout: Duration::from_secs(args.body_read_timeout_secs),
+        license_expiring_days: args.license_expiring_days,
         ..Default::default()
     };
     let control_plane = tollgate_control_plane::ControlPlane::open_with_config(&data, &policies, key, retired, config)?;

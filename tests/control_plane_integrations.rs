@@ -321,6 +321,17 @@ async fn unmapped_events_are_kept_listed_and_applied_once_mapped() {
     let dir = tempfile::tempdir().unwrap();
     let mut setup = start(dir.path()).await;
 
+    // An endpoint subscribed to unmapped events hears of each one.
+    let endpoint = send_json(
+        &mut setup.client,
+        "POST",
+        "/v1/webhooks/endpoints",
+        &setup.admin,
+        &json!({"url": "http://127.0.0.1:9/hooks", "event_types": ["integration.event_unmapped"]}),
+    )
+    .await;
+    assert_eq!(endpoint.status, 200, "{}", endpoint.text());
+
     // Unknown price, then unknown customer: both answered 200 (so Stripe stops retrying).
     let unknown_price = stripe_send(
         &mut setup,
@@ -347,6 +358,15 @@ async fn unmapped_events_are_kept_listed_and_applied_once_mapped() {
     let listed = get(&mut setup.client, "/v1/integrations/events?status=unmapped&source=stripe", &setup.admin).await.json();
     let ids: Vec<&str> = listed["events"].as_array().unwrap().iter().map(|event| event["event_id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["evt_u1", "evt_u2"]);
+    let deliveries = get(&mut setup.client, "/v1/webhooks/deliveries", &setup.admin).await.json();
+    let told: Vec<String> = deliveries["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|delivery| delivery["type"] == "integration.event_unmapped")
+        .map(|delivery| delivery["message"]["data"]["event_id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(told, ["evt_u1", "evt_u2"], "{deliveries}");
     let metrics = setup.client.get("/metrics").await.text();
     assert!(metrics.contains("tollgate_cp_integration_events_total{source=\"stripe\",outcome=\"unmapped\"} 2"), "{metrics}");
 

@@ -20,8 +20,8 @@ use tokio::sync::watch;
 
 use super::integration_store::{EventQuery, EventStatus};
 use super::store::{AccessStatus, AuditQuery, Scope};
-use super::usage_store::{Delivery, DeliveryStatus};
-use super::{ApiError, Caller, ControlPlane, authenticate, changes, ingest, integrations, reports, tokens};
+use super::webhook_store::DeliveryStatus;
+use super::{ApiError, Caller, ControlPlane, authenticate, changes, ingest, integrations, reports, tokens, webhooks};
 use tollgate_http::{query_param, read_body};
 
 /// The OpenAPI document of this API.
@@ -231,9 +231,23 @@ enum Keyed {
     IntegrationLinks,
     PutIntegrationLink,
     DeleteIntegrationLink,
+    Webhook(Webhook),
 }
 
-/// The usage endpoints: ingestion, reads and exports, analytics and webhook deliveries.
+/// The webhook endpoints and the delivery log (admin keys only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Webhook {
+    ListEndpoints,
+    CreateEndpoint,
+    Endpoint,
+    UpdateEndpoint,
+    DeleteEndpoint,
+    RotateSecret,
+    Deliveries,
+    RetryDelivery,
+}
+
+/// The usage endpoints: ingestion, reads and exports, analytics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Usage {
     Ingest,
@@ -242,7 +256,6 @@ enum Usage {
     Account,
     FeatureAnalytics,
     LimitAnalytics,
-    WebhookDeliveries,
 }
 
 /// What a route's methods lead to. A route is public or keyed as a whole, so whether a key is
@@ -359,7 +372,7 @@ const fn keyed_route(pattern: &'static str, handlers: &'static [(Verb, Keyed)]) 
 /// The route table: every path, its methods and their endpoints, as `openapi.json` documents
 /// them (`tests/control_plane_openapi.rs` holds the document to this table); metrics label
 /// requests by these patterns. Hand-written rather than a router crate (`matchit` and the like):
-/// 27 static patterns matched segment by segment without allocating are as quick as a radix
+/// A few dozen static patterns matched segment by segment without allocating are as quick as a radix
 /// tree here, this order of checks (the path's route, then the key, then 404 or 405) stays in
 /// plain sight in [`route`], and the API needs no new dependency.
 pub static ROUTES: &[Route] = &[
@@ -391,7 +404,21 @@ pub static ROUTES: &[Route] = &[
     keyed_route("/v1/accounts/{id}/usage", &[(Verb::Get, Keyed::Usage(Usage::Account))]),
     keyed_route("/v1/analytics/features", &[(Verb::Get, Keyed::Usage(Usage::FeatureAnalytics))]),
     keyed_route("/v1/analytics/limits", &[(Verb::Get, Keyed::Usage(Usage::LimitAnalytics))]),
-    keyed_route("/v1/webhooks/deliveries", &[(Verb::Get, Keyed::Usage(Usage::WebhookDeliveries))]),
+    keyed_route(
+        "/v1/webhooks/endpoints",
+        &[(Verb::Get, Keyed::Webhook(Webhook::ListEndpoints)), (Verb::Post, Keyed::Webhook(Webhook::CreateEndpoint))],
+    ),
+    keyed_route(
+        "/v1/webhooks/endpoints/{id}",
+        &[
+            (Verb::Get, Keyed::Webhook(Webhook::Endpoint)),
+            (Verb::Put, Keyed::Webhook(Webhook::UpdateEndpoint)),
+            (Verb::Delete, Keyed::Webhook(Webhook::DeleteEndpoint)),
+        ],
+    ),
+    keyed_route("/v1/webhooks/endpoints/{id}/rotate-secret", &[(Verb::Post, Keyed::Webhook(Webhook::RotateSecret))]),
+    keyed_route("/v1/webhooks/deliveries", &[(Verb::Get, Keyed::Webhook(Webhook::Deliveries))]),
+    keyed_route("/v1/webhooks/deliveries/{id}/retry", &[(Verb::Post, Keyed::Webhook(Webhook::RetryDelivery))]),
     signed_route("/v1/integrations/stripe", &[(Verb::Post, Signed::Stripe)]),
     signed_route("/v1/integrations/hubspot", &[(Verb::Post, Signed::HubSpot)]),
     keyed_route("/v1/integrations/events", &[(Verb::Get, Keyed::IntegrationEvents)]),
@@ -790,6 +817,64 @@ async fn keyed_endpoint(server: &Server, keyed: Keyed, caller: Caller, mut param
             .await
         }
         Keyed::Usage(usage) => usage_endpoint(cp, usage, caller, params, request).await,
+        Keyed::Webhook(webhook) => webhook_endpoint(cp, webhook, caller, params, request).await,
+    }
+}
+
+/// Webhook endpoints and deliveries; each handler checks for an admin key.
+async fn webhook_endpoint(
+    control_plane: Arc<ControlPlane>,
+    webhook: Webhook,
+    caller: Caller,
+    mut params: Params,
+    request: Request<Incoming>,
+) -> HttpResponse {
+    let cp = control_plane;
+    let max_body = cp.config().body_limits();
+    match webhook {
+        Webhook::ListEndpoints => respond(blocking(move || webhooks::list_endpoints(&cp, &caller)).await),
+        Webhook::CreateEndpoint => with_body(max_body, request, move |body| webhooks::create_endpoint(&cp, &caller, &body)).await,
+        Webhook::Endpoint => {
+            let id = params.take(0);
+            respond(blocking(move || webhooks::get_endpoint(&cp, &caller, &id)).await)
+        }
+        Webhook::UpdateEndpoint => {
+            let id = params.take(0);
+            with_body(max_body, request, move |body| webhooks::update_endpoint(&cp, &caller, &id, &body)).await
+        }
+        Webhook::DeleteEndpoint => {
+            let id = params.take(0);
+            respond(blocking(move || webhooks::delete_endpoint(&cp, &caller, &id)).await)
+        }
+        Webhook::RotateSecret => {
+            let id = params.take(0);
+            with_body(max_body, request, move |body| webhooks::rotate_secret(&cp, &caller, &id, &body)).await
+        }
+        Webhook::RetryDelivery => {
+            let id = params.take(0);
+            respond(blocking(move || webhooks::retry_delivery(&cp, &caller, &id)).await)
+        }
+        Webhook::Deliveries => {
+            let status = query_param(&request, "status");
+            let after = number_param::<i64>(&request, "after");
+            let limit = number_param::<u32>(&request, "limit");
+            respond(
+                blocking(move || {
+                    caller.require(&[Scope::Admin])?;
+                    let status = status
+                        .map(|text| {
+                            DeliveryStatus::parse(&text).ok_or_else(|| {
+                                ApiError::invalid(format!("query parameter `status` value `{text}` is not pending, delivered or failed"))
+                            })
+                        })
+                        .transpose()?;
+                    let limit = limit?.unwrap_or(100).clamp(1, MAX_AUDIT);
+                    let deliveries = cp.repository.deliveries(status, after?.unwrap_or(0), limit)?;
+                    Ok(serde_json::json!({"deliveries": deliveries.iter().map(webhooks::delivery_json).collect::<Vec<_>>()}))
+                })
+                .await,
+            )
+        }
     }
 }
 
@@ -948,47 +1033,7 @@ async fn usage_endpoint(
                 .await,
             )
         }
-        Usage::WebhookDeliveries => {
-            let status = query_param(&request, "status");
-            let after = number_param::<i64>(&request, "after");
-            let limit = number_param::<u32>(&request, "limit");
-            respond(
-                blocking(move || {
-                    caller.require(&[Scope::Admin])?;
-                    let status = status
-                        .map(|text| {
-                            DeliveryStatus::parse(&text).ok_or_else(|| {
-                                ApiError::invalid(format!("query parameter `status` value `{text}` is not pending, delivered or failed"))
-                            })
-                        })
-                        .transpose()?;
-                    let limit = limit?.unwrap_or(100).clamp(1, MAX_AUDIT);
-                    let deliveries = control_plane.repository.deliveries(status, after?.unwrap_or(0), limit)?;
-                    Ok(serde_json::json!({"deliveries": deliveries.iter().map(delivery_json).collect::<Vec<_>>()}))
-                })
-                .await,
-            )
-        }
     }
-}
-
-fn delivery_json(delivery: &Delivery) -> serde_json::Value {
-    let format = tollgate_core::period::format_rfc3339;
-    let pending = delivery.status == DeliveryStatus::Pending;
-    serde_json::json!({
-        "id": delivery.id,
-        "status": delivery.status.as_str(),
-        "account": delivery.account,
-        "meter": delivery.meter,
-        "period_start": format(delivery.period_start),
-        "threshold": delivery.threshold,
-        "attempts": delivery.attempts,
-        "next_attempt_at": pending.then(|| format(delivery.next_attempt_ms.div_euclid(1000))),
-        "last_error": delivery.last_error,
-        "created_at": format(delivery.created_at),
-        "delivered_at": delivery.delivered_at.map(format),
-        "notification": serde_json::from_str::<serde_json::Value>(&delivery.body).unwrap_or(serde_json::Value::Null),
-    })
 }
 
 fn audit_query(request: &Request<Incoming>) -> Result<AuditQuery, ApiError> {

@@ -1,7 +1,8 @@
 //! The writes of the integration API: orders, users and groups, devices, overrides and the
 //! access-request workflow. Each runs in one repository transaction: load the account, apply
 //! the change, validate the whole account with the policy compiler, store it, append to the
-//! audit log, and reserve the revision that will carry it. An error anywhere writes nothing.
+//! audit log, reserve the revision that will carry it, and enqueue the webhook messages it
+//! causes (`order.applied`, `access_request.*`). An error anywhere writes nothing.
 //! Knows nothing about HTTP beyond the error kinds.
 
 use std::collections::BTreeMap;
@@ -12,6 +13,7 @@ use sha2::{Digest, Sha256};
 use super::store::{
     self, AccessKind, AccessRequest, AccessStatus, AccountDoc, AccountState, LicenseDoc, NewAudit, OrderRecord, Transaction, UserDoc,
 };
+use super::webhooks::{self, EventType};
 use super::{ApiError, Caller, ControlPlane, accounts};
 use tollgate_core::model::SnapshotData;
 use tollgate_core::period::{format_rfc3339, parse_rfc3339};
@@ -326,11 +328,24 @@ pub fn order(control_plane: &ControlPlane, caller: &Caller, body: &[u8]) -> Resu
         let response =
             serde_json::to_string(&result).map_err(|source| store::StoreError::Document { id: order.order_id.clone(), source })?;
         transaction.put_order(&order.order_id, &OrderRecord { body_sha256: body_sha256.clone(), response }, now)?;
+        // Only a first run gets here (a replay answered above), and the dedup key holds
+        // even so: one `order.applied` per order id.
+        let data = serde_json::json!({
+            "order_id": result.order_id,
+            "action": order.action.as_str(),
+            "account": result.account,
+            "license_id": result.license_id,
+            "revision": result.revision,
+            // The order as received, without the fields it left out.
+            "order": canonical.as_object().map(|fields| fields.iter().filter(|(_, value)| !value.is_null()).map(|(key, value)| (key.clone(), value.clone())).collect::<serde_json::Map<_, _>>()),
+        });
+        webhooks::enqueue_once(transaction, EventType::OrderApplied, &format!("order.applied/{}", order.order_id), data, now)?;
         Ok((result, true))
     })
     .map(|(result, changed)| {
         if changed {
             control_plane.publisher.committed(result.revision);
+            control_plane.webhook_wake.notify_one();
         }
         result
     })
@@ -620,8 +635,10 @@ pub fn create_access_request(control_plane: &ControlPlane, caller: &Caller, body
             before: None,
             after: Some(doc_json(&stored)),
         })?;
+        webhooks::enqueue(transaction, EventType::AccessRequestCreated, doc_json(&stored), now)?;
         Ok::<_, ApiError>(stored)
     })?;
+    control_plane.webhook_wake.notify_one();
     Ok(stored)
 }
 
@@ -707,11 +724,14 @@ pub fn decide_access_request(
             before: Some(doc_json(&before)),
             after: Some(doc_json(&request)),
         })?;
+        let event_type = if approve { EventType::AccessRequestApproved } else { EventType::AccessRequestDenied };
+        webhooks::enqueue(transaction, event_type, doc_json(&request), now)?;
         Ok::<_, ApiError>((request, revision))
     })?;
     if let Some(revision) = revision {
         control_plane.publisher.committed(revision);
     }
+    control_plane.webhook_wake.notify_one();
     let mut answer = doc_json(&request);
     if let (Some(object), Some(revision)) = (answer.as_object_mut(), revision) {
         object.insert("revision".into(), revision.into());

@@ -4,15 +4,17 @@
 //! adds to the total of its period, found from the event's own time by `Period::window`; every
 //! changed total is stamped with the next usage sequence number, and the answer carries the
 //! totals changed since the sidecar's cursor, which is how sidecars learn other pods' usage.
-//! With a webhook configured, a total reaching 80 % or 100 % of its limit enqueues one
-//! notification in the same transaction. Knows nothing about HTTP beyond the error kinds.
+//! With an endpoint subscribed to `usage.threshold`, a total reaching one of its meter's
+//! thresholds (the catalog's, default 80 % and 100 %) enqueues one message in the same
+//! transaction, once per (account, meter, period, threshold). Knows nothing about HTTP beyond
+//! the error kinds.
 
 use std::collections::{BTreeMap, HashMap};
 
 use super::limits::{self, MeterLimits};
 use super::metrics::IngestResult;
 use super::store::{self, Transaction};
-use super::usage_store::{NewEvent, NewNotification};
+use super::usage_store::NewEvent;
 use super::{ApiError, ControlPlane, webhooks};
 use tollgate_core::engine::Reason;
 use tollgate_core::model::{Period, SnapshotData};
@@ -192,8 +194,11 @@ fn apply(
         let change = transaction.add_usage(account, meter, period_start, amount, now)?;
         changed.push(Changed { account: account.to_string(), meter_idx, period_start, used: change.after });
     }
-    let enqueued =
-        if control_plane.config.webhook.is_some() { enqueue_thresholds(control_plane, transaction, &accounts, &changed, now)? } else { 0 };
+    let enqueued = if transaction.has_subscribers(webhooks::EventType::UsageThreshold)? {
+        enqueue_thresholds(control_plane, transaction, &accounts, &changed, now)?
+    } else {
+        0
+    };
     for decision in &batch.decisions {
         if !catalog.feature_index.contains_key(&decision.feature) {
             continue;
@@ -236,8 +241,8 @@ fn apply(
     Ok((IngestAnswer { counted, duplicates, rejected, totals, cursor, more }, enqueued))
 }
 
-/// Enqueues a notification for every threshold a changed total has reached and that is not in
-/// the outbox yet; returns how many were added.
+/// Enqueues a `usage.threshold` message for every threshold a changed total has reached that
+/// was not enqueued before; returns how many were added.
 fn enqueue_thresholds(
     control_plane: &ControlPlane,
     transaction: &mut dyn Transaction,
@@ -272,26 +277,18 @@ fn enqueue_thresholds(
         let limit = limits.get(&total.account).and_then(|meters| meters.get(total.meter_idx as usize)).and_then(Option::as_ref);
         let Some((limit, kind)) = limits::effective(limit) else { continue };
         let meter = catalog.meters.get(total.meter_idx as usize).map_or("", |meter| meter.name.as_str());
-        for threshold in webhooks::reached(total.used, limit) {
-            let body = webhooks::notification_body(&webhooks::Threshold {
-                account: &total.account,
-                meter,
-                period_start: total.period_start,
-                threshold,
-                used: total.used,
-                limit,
-                kind,
-                at: now,
+        for threshold in webhooks::reached(total.used, limit, kind, control_plane.integrations.thresholds(meter)) {
+            let data = serde_json::json!({
+                "account": total.account,
+                "meter": meter,
+                "period_start": format_rfc3339(total.period_start),
+                "threshold": threshold,
+                "used": total.used,
+                "limit": limit,
+                "kind": kind.as_str(),
             });
-            let notification = NewNotification {
-                account: &total.account,
-                meter,
-                period_start: total.period_start,
-                threshold,
-                body: &body,
-                created_at: now,
-            };
-            if transaction.enqueue_notification(&notification)? {
+            let key = format!("usage.threshold/{}/{meter}/{}/{threshold}", total.account, total.period_start);
+            if webhooks::enqueue_once(transaction, webhooks::EventType::UsageThreshold, &key, data, now)?.is_some() {
                 enqueued += 1;
             }
         }

@@ -1,9 +1,10 @@
 //! The control plane: the license repository behind a REST integration API with scoped API
 //! keys, order intake, signed license tokens, snapshot publishing to sidecars, and usage
-//! ingestion with reports and threshold webhooks. This module holds the shared state
+//! ingestion with reports, and outbound webhooks. This module holds the shared state
 //! ([`ControlPlane`]), API keys and callers, and the error kinds; the HTTP server is `api`,
 //! the database `store` (usage tables in `usage_store`), writes `changes`, publishing
-//! `publish`, tokens `tokens`, usage `ingest`, `reports`, `limits` and `webhooks`. It never
+//! `publish`, tokens `tokens`, usage `ingest`, `reports` and `limits`, webhooks `webhooks`
+//! (their tables `webhook_store`). It never
 //! decides a request: sidecars do, from the snapshots it publishes.
 
 /// An enum carried in request bodies and stored documents as fixed strings, which stay what
@@ -73,6 +74,7 @@ pub mod reports;
 pub mod store;
 pub mod tokens;
 pub mod usage_store;
+pub mod webhook_store;
 pub mod webhooks;
 
 use std::path::{Path, PathBuf};
@@ -314,8 +316,11 @@ pub struct Config {
     pub body_read_timeout: Duration,
     /// Longest long-poll wait on `/v1/snapshot`.
     pub max_wait: Duration,
-    /// Where threshold notifications go; `None`: none are enqueued.
+    /// The webhook endpoint the flags configure (subscribed to every event type), besides
+    /// those managed through the API; `None`: only those.
     pub webhook: Option<webhooks::WebhookConfig>,
+    /// `license.expiring` goes out this many days before a license's `expires_at`; 0: never.
+    pub license_expiring_days: u32,
     /// Most totals in one `POST /v1/usage` answer.
     pub usage_page: u32,
     /// Stripe webhooks in (`POST /v1/integrations/stripe`); `None`: that route answers 404.
@@ -343,6 +348,7 @@ impl Default for Config {
             body_read_timeout: tollgate_http::DEFAULT_BODY_READ_TIMEOUT,
             max_wait: Duration::from_secs(60),
             webhook: None,
+            license_expiring_days: webhooks::DEFAULT_LICENSE_EXPIRING_DAYS,
             usage_page: ingest::TOTALS_PAGE,
             stripe: None,
             hubspot: None,
@@ -364,9 +370,9 @@ pub struct ControlPlane {
     pub token_keys: Vec<VerifyingKey>,
     pub publisher: Arc<Publisher>,
     pub metrics: Arc<ControlPlaneMetrics>,
-    /// Wakes the webhook task when ingestion enqueued a notification.
+    /// Wakes the webhook task after a commit enqueued a message (or a delivery is retried).
     pub webhook_wake: tokio::sync::Notify,
-    /// Accounts' limits, for threshold notifications.
+    /// Accounts' limits, for `usage.threshold` messages.
     pub limits: limits::LimitCache,
     config: Config,
 }
@@ -388,7 +394,7 @@ pub fn open_repository(data_dir: &Path) -> Result<SqliteRepository, StoreError> 
 impl ControlPlane {
     /// Opens the repository (running migrations), compiles the catalog, and bumps the revision
     /// when the catalog differs from the one last published, so sidecars get the new one.
-    /// Tuned by [`Config::default`]: the system clock, no webhook.
+    /// Tuned by [`Config::default`]: the system clock, no flag-configured webhook endpoint.
     pub fn open(
         data_dir: &Path,
         policies_dir: &Path,
@@ -419,6 +425,7 @@ impl ControlPlane {
             let revision = repository.set_meta(CATALOG_HASH, &catalog_hash, true)?;
             tracing::info!(revision, "catalog changed since the last start; publishing a new revision");
         }
+        webhooks::configure_endpoint(repository.as_ref(), config.webhook.as_ref(), config.clock.now())?;
         let committed = repository.revision()?;
         let mut token_keys = vec![signing_key.verifying_key()];
         token_keys.extend(retired_keys);
@@ -483,7 +490,7 @@ impl ControlPlane {
 }
 
 /// Runs the control plane on `listener`: publishes a snapshot at once and after every commit,
-/// delivers webhook notifications when a webhook is configured, and serves the API until
+/// scans license expiries and delivers webhook messages, and serves the API until
 /// `shutdown` resolves; then drains for at most `drain_timeout`.
 pub async fn run(
     control_plane: Arc<ControlPlane>,

@@ -4,7 +4,8 @@
 //! implementation can follow; [`SqliteRepository`] is the embedded default (WAL mode,
 //! migrations at start). An account is stored as one JSON document: it is the unit of
 //! consistency, validated as a whole by the policy compiler before every commit.
-//! The usage tables (metering, decision counts, the webhook outbox) are in `usage_store`.
+//! The usage tables (metering, decision counts) are in `usage_store`, the webhook tables
+//! (endpoints, messages, deliveries, the license expiry index) in `webhook_store`.
 //! Knows nothing about HTTP.
 
 use std::collections::BTreeMap;
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use super::integration_store::{IntegrationRepository, IntegrationTransaction};
 use super::usage_store::{UsageRepository, UsageTransaction};
+use super::webhook_store::{WebhookRepository, WebhookTransaction};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -29,6 +31,8 @@ pub enum StoreError {
     NotRun,
     #[error("database schema version {0} is newer than this binary knows")]
     SchemaTooNew(i64),
+    #[error("cannot gather randomness for a new id: {0}")]
+    Random(getrandom::Error),
 }
 
 /// What an API key may do.
@@ -225,7 +229,7 @@ pub struct OrderRecord {
 
 /// What one write transaction may read and change. Everything done through it commits
 /// together or not at all.
-pub trait Transaction: UsageTransaction + IntegrationTransaction {
+pub trait Transaction: UsageTransaction + IntegrationTransaction + WebhookTransaction {
     fn account(&mut self, id: &str) -> Result<Option<AccountDoc>, StoreError>;
     fn put_account(&mut self, id: &str, account: &AccountDoc) -> Result<(), StoreError>;
     fn order(&mut self, order_id: &str) -> Result<Option<OrderRecord>, StoreError>;
@@ -262,7 +266,7 @@ pub struct AuditQuery {
 }
 
 /// The license repository's interface.
-pub trait Repository: Send + Sync + UsageRepository + IntegrationRepository {
+pub trait Repository: Send + Sync + UsageRepository + IntegrationRepository + WebhookRepository {
     /// Stores a new key, created at `now` (unix seconds). The repository never reads a clock:
     /// every time it records comes from its caller.
     fn create_key(&self, key: &KeyRecord, now: i64) -> Result<(), StoreError>;
@@ -307,7 +311,7 @@ pub fn write<T, E: From<StoreError>>(
 }
 
 /// Schema migrations, applied in order; the index plus one is the schema version.
-const MIGRATIONS: &[&str] = &[
+pub(super) const MIGRATIONS: &[&str] = &[
     r#"
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE revision (id INTEGER PRIMARY KEY CHECK (id = 1), revision INTEGER NOT NULL);
@@ -354,6 +358,7 @@ CREATE INDEX access_requests_account ON access_requests (account, id);
     super::integration_store::MIGRATION,
     // Revoked keys stay on record (who had access, until when) but authenticate no one.
     "ALTER TABLE api_keys ADD COLUMN revoked_at INTEGER;",
+    super::webhook_store::MIGRATION,
 ];
 
 /// The file name of the database inside the data directory.
@@ -447,6 +452,8 @@ impl Transaction for SqliteTransaction<'_> {
              ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, revision = excluded.revision",
             params![id, doc, revision as i64],
         )?;
+        // Every account write keeps the expiry index `license.expiring` scans in step.
+        self.index_license_expiries(id, account)?;
         Ok(())
     }
 

@@ -1,8 +1,8 @@
 //! The usage tables of the license repository: metering events (the dedup record, kept
 //! forever), usage totals per account, meter and period stamped with one global usage
-//! sequence, the sidecars that sent batches, per-day decision counts and distinct users, and
-//! the webhook outbox. [`UsageTransaction`] is what an ingestion does inside the repository's
-//! one write transaction; [`UsageRepository`] the reads and the outbox bookkeeping. SQLite
+//! sequence, the sidecars that sent batches, and per-day decision counts and distinct users
+//! (the webhook tables are in `webhook_store`). [`UsageTransaction`] is what an ingestion does
+//! inside the repository's one write transaction; [`UsageRepository`] the reads. SQLite
 //! stores integers as i64: counts saturate at `i64::MAX`. Knows nothing about HTTP.
 
 use rusqlite::{OptionalExtension, params};
@@ -11,7 +11,8 @@ use super::store::{AccountDoc, SqliteRepository, SqliteTransaction, StoreError};
 
 /// The second schema migration: everything usage needs. Indexes: totals by sequence (the
 /// sidecars' change feed) and by (meter, period) (near-limit analytics), events by time
-/// (raw export), the outbox by due time.
+/// (raw export), the outbox by due time. Never edited: the third migration (`webhook_store`)
+/// replaces the outbox, so databases at every version upgrade the same way.
 pub(super) const MIGRATION: &str = r#"
 CREATE TABLE usage_sequence (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
 INSERT INTO usage_sequence (id, seq) VALUES (1, 0);
@@ -163,73 +164,6 @@ pub struct SidecarRecord {
     pub events: u64,
 }
 
-/// Where a webhook notification stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeliveryStatus {
-    Pending,
-    Delivered,
-    /// Every attempt failed; kept for inspection, never retried.
-    Failed,
-}
-
-impl DeliveryStatus {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeliveryStatus::Pending => "pending",
-            DeliveryStatus::Delivered => "delivered",
-            DeliveryStatus::Failed => "failed",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<DeliveryStatus> {
-        match text {
-            "pending" => Some(DeliveryStatus::Pending),
-            "delivered" => Some(DeliveryStatus::Delivered),
-            "failed" => Some(DeliveryStatus::Failed),
-            _ => None,
-        }
-    }
-}
-
-/// A notification to put in the outbox; `body` is the exact JSON every attempt sends.
-#[derive(Debug, Clone, Copy)]
-pub struct NewNotification<'a> {
-    pub account: &'a str,
-    pub meter: &'a str,
-    pub period_start: i64,
-    pub threshold: u8,
-    pub body: &'a str,
-    pub created_at: i64,
-}
-
-/// A notification in the outbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
-    pub id: i64,
-    pub account: String,
-    pub meter: String,
-    pub period_start: i64,
-    pub threshold: u8,
-    pub body: String,
-    pub status: DeliveryStatus,
-    pub attempts: u32,
-    /// Unix milliseconds.
-    pub next_attempt_ms: i64,
-    pub last_error: Option<String>,
-    pub created_at: i64,
-    pub delivered_at: Option<i64>,
-}
-
-/// The outcome of one delivery attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeliveryUpdate {
-    pub status: DeliveryStatus,
-    pub attempts: u32,
-    pub next_attempt_ms: i64,
-    pub last_error: Option<String>,
-    pub delivered_at: Option<i64>,
-}
-
 /// What an ingestion does inside the repository's write transaction.
 pub trait UsageTransaction {
     /// The revision an account was last written at; `None` when it does not exist.
@@ -245,12 +179,9 @@ pub trait UsageTransaction {
     fn sidecar_batch(&mut self, sidecar: &str, at: i64, n_events: u64) -> Result<(), StoreError>;
     fn add_decisions(&mut self, day: i64, feature: &str, account: &str, reason: &str, count: u64) -> Result<(), StoreError>;
     fn add_decision_user(&mut self, day: i64, feature: &str, account: &str, user: &str) -> Result<(), StoreError>;
-    /// Puts a notification in the outbox unless one for the same (account, meter, period,
-    /// threshold) is there already; `true` when it was added.
-    fn enqueue_notification(&mut self, notification: &NewNotification<'_>) -> Result<bool, StoreError>;
 }
 
-/// Usage reads and the outbox's bookkeeping.
+/// Usage reads.
 pub trait UsageRepository {
     /// An account with the revision it was last written at.
     fn account_with_revision(&self, id: &str) -> Result<Option<(u64, AccountDoc)>, StoreError>;
@@ -263,13 +194,6 @@ pub trait UsageRepository {
     /// Distinct (account, user) pairs per feature over the days starting in `[from_day, to_day)`.
     fn decision_users(&self, from_day: i64, to_day: i64) -> Result<Vec<(String, u64)>, StoreError>;
     fn usage_sidecars(&self) -> Result<Vec<SidecarRecord>, StoreError>;
-    /// Notifications with an id above `after`, oldest first.
-    fn deliveries(&self, status: Option<DeliveryStatus>, after: i64, limit: u32) -> Result<Vec<Delivery>, StoreError>;
-    /// Pending notifications due at `now_ms`, the longest-due first.
-    fn due_deliveries(&self, now_ms: i64, limit: u32) -> Result<Vec<Delivery>, StoreError>;
-    /// When the next pending notification is due, in unix milliseconds.
-    fn next_delivery_ms(&self) -> Result<Option<i64>, StoreError>;
-    fn update_delivery(&self, id: i64, update: &DeliveryUpdate) -> Result<(), StoreError>;
 }
 
 impl UsageTransaction for SqliteTransaction<'_> {
@@ -369,26 +293,6 @@ impl UsageTransaction for SqliteTransaction<'_> {
             .execute(params![day, feature, account, user])?;
         Ok(())
     }
-
-    fn enqueue_notification(&mut self, notification: &NewNotification<'_>) -> Result<bool, StoreError> {
-        let inserted = self
-            .transaction
-            .prepare_cached(
-                "INSERT OR IGNORE INTO webhook_outbox
-                 (account, meter, period_start, threshold, body, created_at, status, attempts, next_attempt_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'pending', 0, ?7)",
-            )?
-            .execute(params![
-                notification.account,
-                notification.meter,
-                notification.period_start,
-                notification.threshold,
-                notification.body,
-                notification.created_at,
-                notification.created_at.saturating_mul(1000)
-            ])?;
-        Ok(inserted == 1)
-    }
 }
 
 fn total_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TotalRow> {
@@ -400,28 +304,6 @@ fn total_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<TotalRow> {
         seq: to_u64(row.get(4)?),
     })
 }
-
-fn delivery_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Delivery> {
-    let status: String = row.get(6)?;
-    Ok(Delivery {
-        id: row.get(0)?,
-        account: row.get(1)?,
-        meter: row.get(2)?,
-        period_start: row.get(3)?,
-        threshold: row.get(4)?,
-        body: row.get(5)?,
-        // Only this module writes the column, with the three names `parse` knows.
-        status: DeliveryStatus::parse(&status).unwrap_or(DeliveryStatus::Failed),
-        attempts: row.get(7)?,
-        next_attempt_ms: row.get(8)?,
-        last_error: row.get(9)?,
-        created_at: row.get(10)?,
-        delivered_at: row.get(11)?,
-    })
-}
-
-const DELIVERY_COLUMNS: &str =
-    "id, account, meter, period_start, threshold, body, status, attempts, next_attempt_ms, last_error, created_at, delivered_at";
 
 impl UsageRepository for SqliteRepository {
     fn account_with_revision(&self, id: &str) -> Result<Option<(u64, AccountDoc)>, StoreError> {
@@ -509,40 +391,5 @@ impl UsageRepository for SqliteRepository {
             })
         })?;
         Ok(rows.collect::<Result<Vec<_>, _>>()?)
-    }
-
-    fn deliveries(&self, status: Option<DeliveryStatus>, after: i64, limit: u32) -> Result<Vec<Delivery>, StoreError> {
-        let connection = self.lock_reader();
-        let mut statement = connection.prepare_cached(&format!(
-            "SELECT {DELIVERY_COLUMNS} FROM webhook_outbox WHERE (?1 IS NULL OR status = ?1) AND id > ?2 ORDER BY id LIMIT ?3"
-        ))?;
-        let rows = statement.query_map(params![status.map(DeliveryStatus::as_str), after, limit], delivery_row)?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
-    }
-
-    fn due_deliveries(&self, now_ms: i64, limit: u32) -> Result<Vec<Delivery>, StoreError> {
-        let connection = self.lock_reader();
-        let mut statement = connection.prepare_cached(&format!(
-            "SELECT {DELIVERY_COLUMNS} FROM webhook_outbox WHERE status = 'pending' AND next_attempt_ms <= ?1
-             ORDER BY next_attempt_ms, id LIMIT ?2"
-        ))?;
-        let rows = statement.query_map(params![now_ms, limit], delivery_row)?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
-    }
-
-    fn next_delivery_ms(&self) -> Result<Option<i64>, StoreError> {
-        Ok(self
-            .lock_reader()
-            .prepare_cached("SELECT MIN(next_attempt_ms) FROM webhook_outbox WHERE status = 'pending'")?
-            .query_row([], |row| row.get(0))?)
-    }
-
-    fn update_delivery(&self, id: i64, update: &DeliveryUpdate) -> Result<(), StoreError> {
-        self.lock()
-            .prepare_cached(
-                "UPDATE webhook_outbox SET status = ?2, attempts = ?3, next_attempt_ms = ?4, last_error = ?5, delivered_at = ?6 WHERE id = ?1",
-            )?
-            .execute(params![id, update.status.as_str(), update.attempts, update.next_attempt_ms, update.last_error, update.delivered_at])?;
-        Ok(())
     }
 }

@@ -217,6 +217,21 @@ fn apply(
                     if let Some((object_id, state)) = object {
                         transaction.put_integration_object(inbound.system.as_str(), &object_id, &state)?;
                     }
+                    let data = serde_json::json!({
+                        "order_id": order_id,
+                        "action": inbound.system.as_str(),
+                        "account": account,
+                        "license_id": result.license_id,
+                        "revision": revision,
+                        "order": {"source": inbound.system.as_str(), "event_id": inbound.event_id, "type": inbound.event_type},
+                    });
+                    super::webhooks::enqueue_once(
+                        transaction,
+                        super::webhooks::EventType::OrderApplied,
+                        &format!("order.applied/{order_id}"),
+                        data,
+                        received_at,
+                    )?;
                     event.revision = Some(revision);
                 }
             }
@@ -243,6 +258,18 @@ fn apply(
                 transaction.put_integration_object(inbound.system.as_str(), &object_id, &state)?;
             }
         }
+    }
+    if event.status == EventStatus::Unmapped {
+        let data = serde_json::json!({
+            "source": event.source,
+            "event_id": event.event_id,
+            "type": event.event_type,
+            "object_id": event.object_id,
+            "account": event.account,
+            "reason": event.reason,
+        });
+        let dedup_key = format!("integration.event_unmapped/{}/{}", event.source, event.event_id);
+        super::webhooks::enqueue_once(transaction, super::webhooks::EventType::IntegrationEventUnmapped, &dedup_key, data, received_at)?;
     }
     transaction.put_integration_event(&event)?;
     Ok(event)
@@ -273,8 +300,10 @@ fn finish(control_plane: &ControlPlane, system: System, received: &Received, rev
     control_plane.metrics.integration_event(system.as_str(), outcome);
     if let Some(revision) = revision {
         control_plane.publisher.committed(revision);
+        control_plane.webhook_wake.notify_one();
     }
     if !received.duplicate && received.status == EventStatus::Unmapped {
+        control_plane.webhook_wake.notify_one();
         tracing::warn!(
             source = system.as_str(),
             event = received.event_id,
