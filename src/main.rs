@@ -105,7 +105,7 @@ enum Command {
         seed: u64,
     },
     /// Serve the decision API on localhost.
-    Sidecar(SidecarArgs),
+    Sidecar(Box<SidecarArgs>),
     #[cfg(feature = "control-plane")]
     /// Run the control plane (license repository, integration API, tokens, snapshot
     /// publishing), or manage its API keys.
@@ -381,7 +381,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {accounts} accounts to {}", out.display());
             Ok(())
         }
-        Command::Sidecar(args) => run_sidecar(args),
+        Command::Sidecar(args) => run_sidecar(*args),
         #[cfg(feature = "control-plane")]
         Command::ControlPlane(args) => run_control_plane(args),
         #[cfg(feature = "control-plane")]
