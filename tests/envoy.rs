@@ -239,6 +239,12 @@ fn envoy_ext_authz_end_to_end() {
         let rejected = http(listen_port, "GET", escaped, &hooli_asks_for_reports, "");
         assert_eq!(rejected.status, 400, "{escaped}: {}", rejected.body);
     }
+    // Envoy turns a `\` into `/` (so the route decides); a `%` escape it leaves alone but that
+    // servers read differently (`%u0073`, IIS's `s`) Tollgate refuses itself.
+    let backslash = http(listen_port, "GET", "/settings\\sso", &hooli_asks_for_reports, "");
+    assert_eq!((backslash.status, backslash.headers["x-tollgate-feature"].as_str()), (403, "sso"), "{}", backslash.body);
+    let malformed = http(listen_port, "GET", "/settings/%u0073so", &hooli_asks_for_reports, "");
+    assert_eq!((malformed.status, malformed.headers["x-tollgate-reason"].as_str()), (403, "invalid_path"), "{}", malformed.body);
     assert_eq!(hits.load(Ordering::SeqCst), before, "a denied or rejected request must not reach the app");
     // What Tollgate matched is what the app gets: acme has sso, and the app sees the same
     // normalised path.
@@ -246,6 +252,15 @@ fn envoy_ext_authz_end_to_end() {
     assert_eq!(respelled.status, 200, "{}", respelled.body);
     assert_eq!(respelled.headers["x-app-saw-x-tollgate-feature"], "sso");
     assert_eq!(respelled.headers["x-app-saw-path"], "/settings/sso");
+    // Paths that normalise to something outside `/settings/sso` are not it, for Tollgate or the
+    // app: Envoy removes dot segments before merging slashes, and decodes `%2573` once (to a
+    // literal `%73` the app does not read as `s`). No route matches, so the header decides.
+    for (path, app_saw) in [("/settings/x//../sso", "/settings/x/sso"), ("/settings/%2573so", "/settings/%2573so")] {
+        let unrouted = http(listen_port, "GET", path, &hooli_asks_for_reports, "");
+        assert_eq!(unrouted.status, 200, "{path}: {}", unrouted.body);
+        assert_eq!(unrouted.headers["x-app-saw-x-tollgate-feature"], "reports", "{path}");
+        assert_eq!(unrouted.headers["x-app-saw-path"], app_saw, "{path}");
+    }
 
     // Quota: the API is metered; the app sees what is left until the hard limit is used up.
     let metered = http(listen_port, "POST", "/api/items", &[("x-tollgate-account", "hooli")], "{}");

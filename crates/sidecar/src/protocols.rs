@@ -81,7 +81,7 @@ pub fn route_feature<'s>(snapshot: &'s ArchivedSnapshotData, path: &str) -> Opti
 /// The feature comes from the catalog's route map when the normalised original path matches a
 /// route, and from the feature header otherwise: a matching route wins, so a client that can
 /// set headers cannot pick a feature it has for a path that needs another, however it spells
-/// the path. A path Tollgate will not guess at (an encoded `/`, a `\\`, `..` above the root;
+/// the path. A path Tollgate will not guess at (an encoded `/`, a `\`, `..` above the root;
 /// see [`route_path::InvalidPath`]) is denied with `invalid_path`.
 pub fn ext_authz(sidecar: &Sidecar, request: &Request<Incoming>) -> HttpResponse {
     let names = &sidecar.ext_authz;

@@ -37,8 +37,8 @@ pub enum InvalidPath {
 ///
 /// 1. the query (`?...`) and fragment (`#...`) are dropped: they are not part of the path;
 /// 2. percent-encoded unreserved characters (`ALPHA DIGIT - . _ ~`, hex in either case) are
-///    decoded, once: `%2573` becomes `%2573`, never `s`; other escapes keep their byte, with
-///    uppercase hex;
+///    decoded, once: `%73` is `s`, `%2573` stays `%2573` (an app decoding it gets `%73`, not
+///    `s`); other escapes keep their byte, with uppercase hex;
 /// 3. dot segments are removed (RFC 3986 5.2.4);
 /// 4. runs of `/` are merged into one.
 ///
@@ -46,11 +46,11 @@ pub enum InvalidPath {
 /// character raw or encoded, a `%` without two hex digits after it (`%u0073` is an IIS
 /// spelling of `s`), `..` climbing above the root (Envoy clamps it, an app may not), and `..`
 /// removing an empty segment: Envoy makes `/a/b//../c` `/a/b/c` (dots first, then slashes),
-/// a server that merges slashes first makes it `/a/c`. Behind Envoy none of these reach the
-/// sidecar (Envoy rejects or rewrites them first); refusing them matters when the sidecar is
-/// called some other way. An
-/// empty path stays empty. Borrows unless the path holds a `%`, a `//` or a dot segment, so the
-/// common case allocates nothing.
+/// a server that merges slashes first makes it `/a/c`. Behind the shipped Envoy config most
+/// of these never arrive (Envoy rejects `%2F` and `%5C`, turns `\` into `/` and resolves
+/// `..`); refusing them matters when the sidecar is called some other way, and for what Envoy
+/// passes on (`%u0073`). An empty path stays empty. Borrows unless the path holds a `%`, a
+/// `//` or a dot segment, so the common case allocates nothing.
 pub fn normalize(path: &str) -> Result<Cow<'_, str>, InvalidPath> {
     // `split` yields at least one item, so the default is never used.
     let path = path.split(['?', '#']).next().unwrap_or_default();
