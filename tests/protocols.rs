@@ -53,6 +53,89 @@ async fn ext_authz_takes_the_feature_from_the_route_map_and_a_route_wins_over_th
     server.stop().await;
 }
 
+/// One request written to the socket byte for byte, as `curl --path-as-is` sends it: the
+/// status line and the headers of the answer.
+async fn raw_request(addr: std::net::SocketAddr, target: &str, headers: &[(&str, &str)]) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut request = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).await.unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let head = text.split_once("\r\n\r\n").map_or(text.as_str(), |(head, _)| head).to_ascii_lowercase();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, head)
+}
+
+#[tokio::test]
+async fn ext_authz_matches_routes_on_the_normalised_path_so_no_respelling_falls_back_to_the_header() {
+    let server = example_server().await;
+    // The report's exact case, on the wire as `curl --path-as-is` sends it: hooli has reports
+    // but not sso, and `/settings//sso` is `/settings/sso` to the app.
+    let hooli_asks_for_reports = [("x-tollgate-account", "hooli"), ("x-tollgate-feature", "reports")];
+    let (status, head) = raw_request(server.addr, "/ext_authz/settings//sso", &hooli_asks_for_reports).await;
+    assert_eq!(status, 403, "{head}");
+    assert!(head.contains("x-tollgate-feature: sso\r\n"), "{head}");
+    assert!(head.contains("x-tollgate-reason: not_entitled\r\n"), "{head}");
+
+    // hyper's client sends the path as given (it does not normalise), so the rest go through it.
+    let mut client = server.client().await;
+    for respelling in [
+        "/ext_authz/settings/sso",
+        "/ext_authz/settings//sso",
+        "/ext_authz//settings/sso",
+        "/ext_authz/settings/%73so",
+        "/ext_authz/settings/%73%73%6F",
+        "/ext_authz/settings/%73%73%6f/saml",
+        "/ext_authz/settings/./sso",
+        "/ext_authz/settings/x/../sso",
+        "/ext_authz/settings/x/%2e%2E/sso",
+        "/ext_authz/settings/sso?x-tollgate-feature=reports",
+    ] {
+        let denied = client.send("GET", respelling, "", &hooli_asks_for_reports).await;
+        assert_eq!(denied.status, 403, "{respelling}");
+        assert_eq!(denied.headers["x-tollgate-feature"], "sso", "{respelling}");
+        assert_eq!(denied.headers["x-tollgate-reason"], "not_entitled", "{respelling}");
+    }
+    // acme has sso: the respellings reach the route and are allowed, not just refused.
+    let allowed = client.send("GET", "/ext_authz/settings/x/..//%73so", "", &[("x-tollgate-account", "acme")]).await;
+    assert_eq!(allowed.status, 200);
+    assert_eq!(allowed.headers["x-tollgate-feature"], "sso");
+
+    // Decoded once, `%2573` is `%73`, a name no route has: the path is not under `/settings/sso`
+    // and the header decides, as for any unrouted path.
+    let double_encoded = client.send("GET", "/ext_authz/settings/%2573so", "", &hooli_asks_for_reports).await;
+    assert_eq!(double_encoded.status, 200);
+    assert_eq!(double_encoded.headers["x-tollgate-feature"], "reports");
+
+    // Spellings Tollgate will not guess at are denied, whatever the headers say.
+    for ambiguous in [
+        "/ext_authz/settings%2Fsso",
+        "/ext_authz/settings%2fsso",
+        "/ext_authz/settings%5Csso",
+        "/ext_authz/settings\\sso",
+        "/ext_authz/settings/sso%00",
+        "/ext_authz/settings/%u0073so",
+        "/ext_authz/../settings/sso",
+        "/ext_authz/settings/../../settings/sso",
+        "/ext_authz/settings/x//../sso",
+    ] {
+        let refused = client.send("GET", ambiguous, "", &hooli_asks_for_reports).await;
+        assert_eq!(refused.status, 403, "{ambiguous}");
+        assert_eq!(refused.headers["x-tollgate-reason"], "invalid_path", "{ambiguous}");
+        assert_eq!(refused.json()["error"]["code"], "invalid_path", "{ambiguous}");
+    }
+    let (status, head) = raw_request(server.addr, "/ext_authz/settings/%2e%2e/%2e%2e/settings/sso", &hooli_asks_for_reports).await;
+    assert_eq!(status, 403, "{head}");
+    assert!(head.contains("x-tollgate-reason: invalid_path\r\n"), "{head}");
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn ext_authz_header_names_are_configurable() {
     let snapshot = common::signed_test(&common::example_data(), 42);

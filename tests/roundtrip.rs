@@ -1,5 +1,6 @@
-//! Property tests: compile → archive → verify → access round-trips exactly, and decisions
-//! keep their invariants over generated policies of random shape.
+//! Property tests: compile → archive → verify → access round-trips exactly, decisions keep
+//! their invariants over generated policies of random shape, and normalising an ext_authz path
+//! twice changes nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 mod common;
@@ -71,6 +72,29 @@ proptest! {
                     }
                 }
             }
+        }
+    }
+}
+
+/// Pieces paths are made of in the normalisation property: separators, dot segments, escapes
+/// of unreserved and reserved characters, double encoding, and what is refused.
+const PATH_PIECES: &[&str] =
+    &["/", "//", ".", "..", "a", "s", "~", "%2e", "%2E", "%73", "%7e", "%2573", "%25", "%20", "%2F", "%5c", "%", "\\", "?", "#", "x/../"];
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    /// Whatever Envoy forwards after normalising, the sidecar leaves as it is, and a normalised
+    /// path has nothing left that another spelling could differ in.
+    #[test]
+    fn path_normalisation_is_idempotent(pieces in proptest::collection::vec(proptest::sample::select(PATH_PIECES), 0..14)) {
+        let path = format!("/{}", pieces.concat());
+        if let Ok(normalized) = tollgate_sidecar::route_path::normalize(&path) {
+            let again = tollgate_sidecar::route_path::normalize(&normalized);
+            prop_assert_eq!(again.as_deref(), Ok(normalized.as_ref()), "{}", path);
+            prop_assert!(!normalized.contains("//"), "{path} -> {normalized}");
+            prop_assert!(!normalized.split('/').any(|segment| segment == "." || segment == ".."), "{path} -> {normalized}");
+            prop_assert!(!normalized.contains(['?', '#', '\\']), "{path} -> {normalized}");
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod config;
 pub mod container;
 pub mod ofrep;
 pub mod protocols;
+pub mod route_path;
 pub mod ship;
 pub mod source;
 pub mod store;

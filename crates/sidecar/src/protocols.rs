@@ -10,6 +10,7 @@ use hyper::{Request, StatusCode};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::route_path;
 use super::{HttpResponse, Sidecar, decide_timed, error_response, json_response, not_ready, unix_now};
 use tollgate_core::model::ArchivedSnapshotData;
 use tollgate_protocol::{CheckBody, DecisionJson, json_error};
@@ -63,7 +64,8 @@ fn header<'r>(request: &'r Request<Incoming>, name: &HeaderName) -> Option<&'r s
 }
 
 /// The feature of the catalog's `[routes]` map whose prefix matches `path` (the original
-/// request path, without the `/ext_authz` prefix), most specific first. A prefix matches
+/// request path, without the `/ext_authz` prefix, normalised by [`route_path::normalize`]:
+/// a raw path is matched byte for byte), most specific first. A prefix matches
 /// whole path segments only: `/reports` matches `/reports` and `/reports/1`, not `/reportsx`.
 pub fn route_feature<'s>(snapshot: &'s ArchivedSnapshotData, path: &str) -> Option<&'s str> {
     let rule = snapshot.routes.iter().find(|rule| {
@@ -76,15 +78,27 @@ pub fn route_feature<'s>(snapshot: &'s ArchivedSnapshotData, path: &str) -> Opti
 /// Envoy ext_authz: 200 allows (with quota headers for the upstream), 403 denies with a JSON
 /// reason. A request missing its identity is denied, never answered with a 5xx.
 ///
-/// The feature comes from the catalog's route map when the original path matches a route, and
-/// from the feature header otherwise: a matching route wins, so a client that can set headers
-/// cannot pick a feature it has for a path that needs another.
+/// The feature comes from the catalog's route map when the normalised original path matches a
+/// route, and from the feature header otherwise: a matching route wins, so a client that can
+/// set headers cannot pick a feature it has for a path that needs another, however it spells
+/// the path. A path Tollgate will not guess at (an encoded `/`, a `\`, `..` above the root;
+/// see [`route_path::InvalidPath`]) is denied with `invalid_path`.
 pub fn ext_authz(sidecar: &Sidecar, request: &Request<Incoming>) -> HttpResponse {
     let names = &sidecar.ext_authz;
     let guard = sidecar.store.load();
     let Some(snapshot) = guard.as_ref() else { return not_ready() };
     let original_path = request.uri().path().strip_prefix(EXT_AUTHZ_PREFIX).unwrap_or_default();
-    let feature = route_feature(snapshot.data(), original_path).or_else(|| header(request, &names.feature));
+    // Routes are matched against the path as the app will see it (Envoy normalises the same
+    // way), so no respelling of a routed path can miss its route and fall back to the header.
+    let path = match route_path::normalize(original_path) {
+        Ok(path) => path,
+        Err(error) => {
+            let mut response = error_response(StatusCode::FORBIDDEN, "invalid_path", format!("path `{original_path}` {error}"));
+            response.headers_mut().insert("x-tollgate-reason", HeaderValue::from_static("invalid_path"));
+            return response;
+        }
+    };
+    let feature = route_feature(snapshot.data(), &path).or_else(|| header(request, &names.feature));
     let (Some(account), Some(feature)) = (header(request, &names.account), feature) else {
         let mut response = error_response(
             StatusCode::FORBIDDEN,
