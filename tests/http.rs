@@ -223,6 +223,20 @@ async fn bad_input_gets_named_errors() {
     let zero = client.post_raw("/v1/meter", r#"{"account": "acme", "meter": "api_calls", "amount": 0, "id": "x"}"#).await;
     assert_eq!(zero.status, 400);
     assert!(zero.json()["error"]["message"].as_str().unwrap().contains("`amount`"));
+    // The control plane's record rules hold at this edge: what it would refuse is refused here.
+    let huge = client.post_raw("/v1/meter", r#"{"account": "acme", "meter": "api_calls", "amount": 9223372036854775808, "id": "x"}"#).await;
+    assert_eq!(huge.status, 400);
+    assert!(huge.json()["error"]["message"].as_str().unwrap().contains("must be from 1 to 9007199254740992"), "{}", huge.text());
+    for user in [String::new(), "u".repeat(300)] {
+        let check = client.post("/v1/check", &json!({"account": "acme", "feature": "reports", "user": user})).await;
+        assert_eq!(check.status, 400, "{}", check.text());
+        assert!(check.json()["error"]["message"].as_str().unwrap().contains("`user` must be 1 to 256 bytes"));
+    }
+    let batch = client
+        .post("/v1/check/batch", &json!({"checks": [{"account": "acme", "feature": "reports"}, {"account": "acme", "feature": "reports", "user": ""}]}))
+        .await;
+    assert_eq!(batch.status, 400);
+    assert!(batch.json()["error"]["message"].as_str().unwrap().contains("`checks[1].user`"), "{}", batch.text());
     let unknown_meter = client.post_raw("/v1/meter", r#"{"account": "acme", "meter": "nope", "amount": 1, "id": "x"}"#).await;
     assert_eq!(unknown_meter.json()["error"]["code"], "unknown_meter");
 

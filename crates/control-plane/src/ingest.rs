@@ -1,5 +1,6 @@
 //! Usage ingestion, `POST /v1/usage`: a sidecar's batch of metering events and decision
-//! counts, validated as a whole (a bad envelope writes nothing) and applied in one repository
+//! counts: the envelope is validated as a whole (a bad one writes nothing), each record on its
+//! own (a bad one is reported and left out), and the batch is applied in one repository
 //! transaction. Events are deduplicated forever on (account, meter, event id); each new one
 //! adds to the total of its period, found from the event's own time by `Period::window`; every
 //! changed total is stamped with the next usage sequence number, and the answer carries the
@@ -22,29 +23,55 @@ use tollgate_core::period::{format_rfc3339, parse_rfc3339};
 
 /// Most totals in one answer; `more` says when others remain.
 pub const TOTALS_PAGE: u32 = 10_000;
-/// How far in the future an event's `at` may be, in seconds (clock skew between pods).
-pub const MAX_FUTURE_SECS: i64 = 300;
-
 pub use tollgate_protocol::usage::{
-    DecisionRow as DecisionCount, MAX_EVENT_ID, MAX_EVENTS, MAX_SIDECAR_ID, MAX_USER, MAX_USERS, RejectedEvent,
-    UsageAnswer as IngestAnswer, UsageBatch, UsageEvent, UsageTotal as TotalJson,
+    DecisionRow as DecisionCount, MAX_EVENT_ID, MAX_EVENTS, MAX_FUTURE_SECS, MAX_SIDECAR_ID, MAX_USER, MAX_USERS, RejectedDecision,
+    RejectedEvent, UsageAnswer as IngestAnswer, UsageBatch, UsageEvent, UsageTotal as TotalJson, rules,
 };
 
 fn sidecar_id_ok(id: &str) -> bool {
     (1..=MAX_SIDECAR_ID).contains(&id.len()) && id.bytes().all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_'))
 }
 
-/// A batch whose envelope passed validation, with its times parsed.
+/// A batch whose envelope passed validation, with each record's own verdict.
 #[derive(Debug)]
 struct Checked {
     batch: UsageBatch,
-    /// `at` of each event, unix seconds.
-    event_times: Vec<i64>,
+    /// Each event's `at` in unix seconds, or what is wrong with the event.
+    event_times: Vec<Result<i64, String>>,
+    /// What is wrong with each decision row, if anything.
+    decision_errors: Vec<Option<String>>,
     /// Start of the UTC day the decision counts belong to.
     decision_day: i64,
 }
 
-/// Everything a retry could fix, or a sender bug: refused as a whole, with the field named.
+/// One event's verdict under the shared record rules: its time, or what is wrong.
+fn check_event(idx: usize, event: &UsageEvent, now: i64) -> Result<i64, String> {
+    rules::amount(event.amount).map_err(|error| format!("`events[{idx}].amount` {error}"))?;
+    rules::event_id(&event.id).map_err(|error| format!("`events[{idx}].id` {error}"))?;
+    let at = parse_rfc3339(&event.at).ok_or_else(|| format!("`events[{idx}].at` value `{}` is not an RFC 3339 timestamp", event.at))?;
+    rules::event_time(at, now).map_err(|error| format!("`events[{idx}].at` value `{}` {error}", event.at))?;
+    Ok(at)
+}
+
+/// One decision row's verdict under the shared record rules.
+fn check_decision(idx: usize, decision: &DecisionCount) -> Result<(), String> {
+    if Reason::parse(&decision.reason).is_none() {
+        return Err(format!("`decisions[{idx}].reason` value `{}` is not a reason code", decision.reason));
+    }
+    rules::decision_count(decision.count).map_err(|error| format!("`decisions[{idx}].count` {error}"))?;
+    if decision.users.len() > MAX_USERS {
+        return Err(format!("`decisions[{idx}].users` holds {} names; at most {MAX_USERS}", decision.users.len()));
+    }
+    if let Some((user, error)) = decision.users.iter().find_map(|user| rules::user(user).err().map(|error| (user, error))) {
+        let shown: String = user.chars().take(40).collect();
+        return Err(format!("`decisions[{idx}].users` name `{shown}` {error}"));
+    }
+    Ok(())
+}
+
+/// The envelope: what only the sender can get wrong as a whole (its id, the batch's size),
+/// refused with the field named. Each record is judged on its own: a bad one is reported and
+/// left out, and the rest of the batch counts, so one bad record never blocks the others.
 fn check(batch: UsageBatch, now: i64) -> Result<Checked, ApiError> {
     if !sidecar_id_ok(&batch.sidecar) {
         return Err(ApiError::invalid(format!(
@@ -55,46 +82,15 @@ fn check(batch: UsageBatch, now: i64) -> Result<Checked, ApiError> {
     if batch.events.len() > MAX_EVENTS {
         return Err(ApiError::invalid(format!("`events` holds {} events; at most {MAX_EVENTS} per batch", batch.events.len())));
     }
-    let mut event_times = Vec::with_capacity(batch.events.len());
-    for (idx, event) in batch.events.iter().enumerate() {
-        if event.amount == 0 {
-            return Err(ApiError::invalid(format!("`events[{idx}].amount` must be greater than 0")));
-        }
-        if i64::try_from(event.amount).is_err() {
-            return Err(ApiError::invalid(format!("`events[{idx}].amount` value `{}` is larger than {}", event.amount, i64::MAX)));
-        }
-        if !(1..=MAX_EVENT_ID).contains(&event.id.len()) {
-            return Err(ApiError::invalid(format!("`events[{idx}].id` must be 1 to {MAX_EVENT_ID} bytes")));
-        }
-        let at = parse_rfc3339(&event.at)
-            .ok_or_else(|| ApiError::invalid(format!("`events[{idx}].at` value `{}` is not an RFC 3339 timestamp", event.at)))?;
-        if at > now.saturating_add(MAX_FUTURE_SECS) {
-            return Err(ApiError::invalid(format!(
-                "`events[{idx}].at` value `{}` is more than {} minutes in the future",
-                event.at,
-                MAX_FUTURE_SECS / 60
-            )));
-        }
-        event_times.push(at);
-    }
-    for (idx, decision) in batch.decisions.iter().enumerate() {
-        if Reason::parse(&decision.reason).is_none() {
-            return Err(ApiError::invalid(format!("`decisions[{idx}].reason` value `{}` is not a reason code", decision.reason)));
-        }
-        if decision.users.len() > MAX_USERS {
-            return Err(ApiError::invalid(format!("`decisions[{idx}].users` holds {} names; at most {MAX_USERS}", decision.users.len())));
-        }
-        if let Some(user) = decision.users.iter().find(|user| !(1..=MAX_USER).contains(&user.len())) {
-            return Err(ApiError::invalid(format!("`decisions[{idx}].users` name `{user}` must be 1 to {MAX_USER} bytes")));
-        }
-    }
+    let event_times = batch.events.iter().enumerate().map(|(idx, event)| check_event(idx, event, now)).collect();
+    let decision_errors = batch.decisions.iter().enumerate().map(|(idx, decision)| check_decision(idx, decision).err()).collect();
     let decisions_at = match &batch.decisions_at {
         Some(text) => {
             parse_rfc3339(text).ok_or_else(|| ApiError::invalid(format!("`decisions_at` value `{text}` is not an RFC 3339 timestamp")))?
         }
         None => now,
     };
-    Ok(Checked { batch, event_times, decision_day: Period::Day.window(decisions_at).start })
+    Ok(Checked { batch, event_times, decision_errors, decision_day: Period::Day.window(decisions_at).start })
 }
 
 /// Whether a total's period is the one in force at `now` (always, for period `never`).
@@ -151,6 +147,13 @@ fn apply(
     for (event, at) in batch.events.iter().zip(&checked.event_times) {
         let reject =
             |error: String| RejectedEvent { id: event.id.clone(), account: event.account.clone(), meter: event.meter.clone(), error };
+        let at = match at {
+            Ok(at) => at,
+            Err(error) => {
+                rejected.push(reject(error.clone()));
+                continue;
+            }
+        };
         let Some((meter_idx, meter)) =
             catalog.meter_index.get(&event.meter).and_then(|meter_idx| Some((*meter_idx, catalog.meters.get(*meter_idx as usize)?)))
         else {
@@ -199,7 +202,17 @@ fn apply(
     } else {
         0
     };
-    for decision in &batch.decisions {
+    let mut rejected_decisions = Vec::new();
+    for (decision, error) in batch.decisions.iter().zip(&checked.decision_errors) {
+        if let Some(error) = error {
+            rejected_decisions.push(RejectedDecision {
+                account: decision.account.clone(),
+                feature: decision.feature.clone(),
+                reason: decision.reason.clone(),
+                error: error.clone(),
+            });
+            continue;
+        }
         if !catalog.feature_index.contains_key(&decision.feature) {
             continue;
         }
@@ -238,7 +251,7 @@ fn apply(
         .filter(|row| is_current(catalog, &row.meter, row.period_start, now))
         .map(|row| TotalJson { account: row.account, meter: row.meter, period_start: format_rfc3339(row.period_start), used: row.used })
         .collect();
-    Ok((IngestAnswer { counted, duplicates, rejected, totals, cursor, more }, enqueued))
+    Ok((IngestAnswer { counted, duplicates, rejected, rejected_decisions, totals, cursor, more }, enqueued))
 }
 
 /// Enqueues a `usage.threshold` message for every threshold a changed total has reached that

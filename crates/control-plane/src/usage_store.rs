@@ -358,7 +358,9 @@ impl UsageRepository for SqliteRepository {
     fn decision_totals(&self, from_day: i64, to_day: i64) -> Result<Vec<DecisionTotal>, StoreError> {
         let connection = self.lock_reader();
         let mut statement = connection.prepare_cached(
-            "SELECT feature, reason, SUM(count), COUNT(DISTINCT account) FROM decision_counts
+            // TOTAL, a float sum, never fails on overflow as SUM does; it is exact below 2^53 and
+            // the cast saturates above i64::MAX, so huge stored counts cannot break a report.
+            "SELECT feature, reason, CAST(MIN(TOTAL(count), 9.2233720368547758e18) AS INTEGER), COUNT(DISTINCT account) FROM decision_counts
              WHERE day >= ?1 AND day < ?2 AND count > 0 GROUP BY feature, reason ORDER BY feature, reason",
         )?;
         let rows = statement.query_map(params![from_day, to_day], |row| {

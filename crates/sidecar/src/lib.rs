@@ -39,6 +39,7 @@ use store::SnapshotStore;
 use tollgate_core::clock::{Clock, Stopwatch};
 use tollgate_core::engine::{Decision, decide};
 use tollgate_http::{query_param, read_body};
+use tollgate_protocol::usage::rules;
 use tollgate_protocol::{BatchBody, BatchJson, CheckBody, DecisionJson, MeterBody, MeterJson, json_error};
 use tollgate_snapshot::{Snapshot, TrustedKeys};
 
@@ -47,8 +48,6 @@ use tollgate_snapshot::{Snapshot, TrustedKeys};
 pub const DEFAULT_MAX_BODY: usize = 1024 * 1024;
 /// Most checks in one batch.
 pub const MAX_BATCH: usize = 10_000;
-/// Longest metering event id.
-const MAX_EVENT_ID: usize = 256;
 
 /// Everything a request handler needs, shared by all connections. Built only by
 /// [`app::App::build`] from a [`config::Config`].
@@ -311,11 +310,20 @@ fn tally(sidecar: &Sidecar, body: &CheckBody<'_>, decision: &Decision) {
     }
 }
 
+/// A user name the control plane would not take: refused at the edge.
+fn bad_user(field: &str, check: &CheckBody<'_>) -> Option<HttpResponse> {
+    let user = check.user.as_deref()?;
+    rules::user(user).err().map(|error| error_response(StatusCode::BAD_REQUEST, "invalid_request", format!("`{field}` {error}")))
+}
+
 fn check(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
     let check: CheckBody<'_> = match serde_json::from_slice(body) {
         Ok(check) => check,
         Err(error) => return json_response(StatusCode::BAD_REQUEST, &json_error(&error)),
     };
+    if let Some(refused) = bad_user("user", &check) {
+        return refused;
+    }
     let guard = sidecar.store.load();
     let Some(snapshot) = guard.as_ref() else { return not_ready() };
     let decision = decide_timed(sidecar, snapshot, &check, unix_now(sidecar));
@@ -335,6 +343,9 @@ pub fn check_batch(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
             "too_many_checks",
             format!("`checks` holds {} checks; at most {MAX_BATCH} are allowed", batch.checks.len()),
         );
+    }
+    if let Some(refused) = batch.checks.iter().enumerate().find_map(|(idx, check)| bad_user(&format!("checks[{idx}].user"), check)) {
+        return refused;
     }
     let guard = sidecar.store.load();
     let Some(snapshot) = guard.as_ref() else { return not_ready() };
@@ -408,6 +419,7 @@ fn event_time(sidecar: &Sidecar, timestamp: Option<&str>, now: i64) -> Result<i6
     if at > now + FUTURE_SKEW_SECS {
         return Err(bad(format!("`timestamp` `{text}` is more than {FUTURE_SKEW_SECS} s in the future")));
     }
+    rules::event_time(at, now).map_err(|error| bad(format!("`timestamp` `{text}` {error}")))?;
     Ok(at)
 }
 
@@ -416,11 +428,12 @@ async fn meter(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
         Ok(event) => event,
         Err(error) => return json_response(StatusCode::BAD_REQUEST, &json_error(&error)),
     };
-    if event.amount == 0 {
-        return error_response(StatusCode::BAD_REQUEST, "invalid_request", "`amount` must be greater than 0");
+    // The control plane's record rules, applied here so that nothing accepted is refused there.
+    if let Err(error) = rules::amount(event.amount) {
+        return error_response(StatusCode::BAD_REQUEST, "invalid_request", format!("`amount` {error}"));
     }
-    if event.id.is_empty() || event.id.len() > MAX_EVENT_ID {
-        return error_response(StatusCode::BAD_REQUEST, "invalid_request", format!("`id` must be 1 to {MAX_EVENT_ID} bytes"));
+    if let Err(error) = rules::event_id(&event.id) {
+        return error_response(StatusCode::BAD_REQUEST, "invalid_request", format!("`id` {error}"));
     }
     let now = unix_now(sidecar);
     let at = match event_time(sidecar, event.timestamp.as_deref(), now) {
@@ -540,7 +553,7 @@ async fn make_durable(
             Err(error) => Err(error.to_string()),
         };
         return match synced {
-            Ok(()) if sidecar.usage.has_event(event.account, event.event_id) => Ok(()),
+            Ok(()) if sidecar.usage.has_event(event.account, event.meter, event.event_id) => Ok(()),
             Ok(()) => Err(unavailable("its first delivery was not recorded; send it again".into())),
             Err(message) => Err(unavailable(message)),
         };

@@ -92,12 +92,20 @@ pub struct Shipped<'a> {
     pub amount: u64,
 }
 
+/// What identifies a metering event: an id is unique per account and meter, the same rule the
+/// control plane applies, so the same id on two meters is two events everywhere.
+type EventKey = (Box<str>, Box<str>, Box<str>);
+
+fn event_key(account: &str, meter: &str, event_id: &str) -> EventKey {
+    (account.into(), meter.into(), event_id.into())
+}
+
 #[derive(Debug, Default)]
 pub struct UsageStore {
     /// account → meter → count in the current period.
     counts: DashMap<Box<str>, Vec<(Box<str>, MeterCount)>>,
-    /// (account, event id) → first outcome.
-    events: DashMap<(Box<str>, Box<str>), EventRecord>,
+    /// (account, meter, event id) → first outcome: the control plane's dedup key too.
+    events: DashMap<EventKey, EventRecord>,
 }
 
 impl UsageStore {
@@ -105,13 +113,13 @@ impl UsageStore {
         UsageStore::default()
     }
 
-    /// Records an event once: a repeated event id for the same account returns the first
+    /// Records an event once: a repeated event id for the same account and meter returns the first
     /// outcome marked as a duplicate and counts nothing. `on_new` runs for a new event while
     /// its id is still locked, so whatever it starts (the durable log append) is ordered
     /// before any duplicate of the same id can be answered.
     pub fn record(&self, event: &MeterEvent<'_>, on_new: impl FnOnce(&MeterOutcome)) -> Recorded {
         // Lock order is always events, then counts.
-        let entry = self.events.entry((event.account.into(), event.event_id.into()));
+        let entry = self.events.entry(event_key(event.account, event.meter, event.event_id));
         let vacant = match entry {
             Entry::Occupied(occupied) => return Recorded::Outcome(MeterOutcome { duplicate: true, ..occupied.get().outcome }),
             Entry::Vacant(vacant) => vacant,
@@ -125,7 +133,7 @@ impl UsageStore {
     /// Takes back an accepted event that could not be made durable, so that a retry of the
     /// same id is judged afresh.
     pub fn unrecord(&self, event: &MeterEvent<'_>) {
-        let removed = self.events.remove(&(Box::<str>::from(event.account), Box::<str>::from(event.event_id)));
+        let removed = self.events.remove(&event_key(event.account, event.meter, event.event_id));
         if removed.is_some_and(|(_, record)| record.outcome.accepted)
             && let Some(mut meters) = self.counts.get_mut(event.account)
             && let Some((_, count)) = meters.iter_mut().find(|(meter, _)| &**meter == event.meter)
@@ -135,9 +143,10 @@ impl UsageStore {
         }
     }
 
-    /// Whether an event id is known (accepted, refused or replayed from the log).
-    pub fn has_event(&self, account: &str, event_id: &str) -> bool {
-        self.events.contains_key(&(Box::<str>::from(account), Box::<str>::from(event_id)))
+    /// Whether an event id is known for this account and meter (accepted, refused or replayed
+    /// from the log).
+    pub fn has_event(&self, account: &str, meter: &str, event_id: &str) -> bool {
+        self.events.contains_key(&event_key(account, meter, event_id))
     }
 
     fn add(&self, event: &MeterEvent<'_>) -> Recorded {
@@ -161,7 +170,7 @@ impl UsageStore {
     /// Replays an event read back from the durable log at start: its id is remembered, and
     /// unless the control plane has already counted it (`shipped`), it is local usage again.
     pub fn replay(&self, event: &MeterEvent<'_>, shipped: bool) {
-        let key = (Box::<str>::from(event.account), Box::<str>::from(event.event_id));
+        let key = event_key(event.account, event.meter, event.event_id);
         if self.events.contains_key(&key) {
             return;
         }
@@ -328,7 +337,9 @@ impl DecisionTally {
         if matches!(reason, Reason::UnknownAccount | Reason::UnknownFeature) {
             return;
         }
-        let user = user.filter(|_| reason != Reason::UnknownUser);
+        // A user name the control plane would refuse is not tallied, whichever protocol brought
+        // it (an ext_authz header, an AuthZEN subject).
+        let user = user.filter(|user| reason != Reason::UnknownUser && tollgate_protocol::usage::rules::user(user).is_ok());
         // Fast path: a pair seen before, under the shard's read lock.
         if let Some(features) = self.accounts.get(account)
             && let Some((_, tally)) = features.iter().find(|(name, _)| &**name == feature)
@@ -437,6 +448,19 @@ mod tests {
         }
     }
 
+    /// The same event id on two meters is two events, as the control plane counts it.
+    #[test]
+    fn an_event_id_is_unique_per_account_and_meter() {
+        let store = UsageStore::new();
+        let calls = event("req-1", 2, 0);
+        let exports = MeterEvent { meter: "exports", ..event("req-1", 3, 0) };
+        assert!(!record(&store, &calls).duplicate);
+        assert!(!record(&store, &exports).duplicate);
+        assert!(record(&store, &exports).duplicate);
+        assert!(store.has_event("acme", "api_calls", "req-1") && store.has_event("acme", "exports", "req-1"));
+        assert!(!store.has_event("acme", "storage_gb", "req-1"));
+    }
+
     fn record(store: &UsageStore, event: &MeterEvent<'_>) -> MeterOutcome {
         match store.record(event, |_| {}) {
             Recorded::Outcome(outcome) => outcome,
@@ -482,7 +506,7 @@ mod tests {
         assert!(matches!(store.record(&capped("a"), |_| {}), Recorded::Outcome(_)));
         assert!(matches!(store.record(&capped("b"), |_| {}), Recorded::Outcome(_)));
         assert_eq!(store.record(&capped("c"), |_| {}), Recorded::NeedsSync);
-        assert!(!store.has_event("acme", "c"), "nothing is recorded for an event that needs a sync");
+        assert!(!store.has_event("acme", "api_calls", "c"), "nothing is recorded for an event that needs a sync");
         let shipped = [Shipped { account: "acme", meter: "api_calls", period_start: 100, amount: 4 }];
         store.apply_sync(&shipped, &[GlobalTotal { account: "acme".into(), meter: "api_calls".into(), period_start: 100, used: 4 }]);
         assert!(matches!(store.record(&capped("c"), |_| {}), Recorded::Outcome(MeterOutcome { accepted: true, used: 6, .. })));
@@ -503,7 +527,7 @@ mod tests {
         let first = event("a", 4, 100);
         record(&store, &first);
         store.unrecord(&first);
-        assert!(!store.has_event("acme", "a"));
+        assert!(!store.has_event("acme", "api_calls", "a"));
         assert_eq!(store.used("acme", "api_calls", 100), 0);
         assert!(!record(&store, &first).duplicate, "a retry is judged afresh");
     }
