@@ -589,7 +589,13 @@ async fn bad_records_are_reported_one_by_one_and_the_rest_counts() {
     }
     let refused: Vec<&str> = answer["rejected_decisions"].as_array().unwrap().iter().map(|item| item["error"].as_str().unwrap()).collect();
     assert_eq!(refused.len(), 5, "{answer}");
-    for (error, want) in refused.iter().zip(["reason` value `maybe`", "`decisions[2].users` name ``", "`decisions[3].users` name", "at most 1000", "`decisions[5].count` must be at most"]) {
+    for (error, want) in refused.iter().zip([
+        "reason` value `maybe`",
+        "`decisions[2].users` name ``",
+        "`decisions[3].users` name",
+        "at most 1000",
+        "`decisions[5].count` must be at most",
+    ]) {
         assert!(error.contains(want), "{error} (wanted {want})");
     }
     assert_eq!(meter_row(&get(&mut client, "/v1/accounts/acme/usage", &admin).await.json(), "api_calls")["used"], 5);

@@ -233,7 +233,10 @@ async fn bad_input_gets_named_errors() {
         assert!(check.json()["error"]["message"].as_str().unwrap().contains("`user` must be 1 to 256 bytes"));
     }
     let batch = client
-        .post("/v1/check/batch", &json!({"checks": [{"account": "acme", "feature": "reports"}, {"account": "acme", "feature": "reports", "user": ""}]}))
+        .post(
+            "/v1/check/batch",
+            &json!({"checks": [{"account": "acme", "feature": "reports"}, {"account": "acme", "feature": "reports", "user": ""}]}),
+        )
         .await;
     assert_eq!(batch.status, 400);
     assert!(batch.json()["error"]["message"].as_str().unwrap().contains("`checks[1].user`"), "{}", batch.text());
