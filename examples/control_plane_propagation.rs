@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{Client, Processes, free_port, futures_join_all, percentile, wait_ready};
+use support::{Client, Processes, free_port, percentile, start_sidecars, wait_for_revision, wait_ready};
 
 #[tokio::main]
 async fn main() {
@@ -62,24 +62,7 @@ async fn main() {
     };
     assert_eq!(cp.send("POST", "/v1/orders", order("seed".into(), "new", "acme", "team"), Some(&integration)).await.0, 200);
 
-    let mut sidecars = Vec::new();
-    for n in 0..n_sidecars {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let data_dir = dir.path().join(format!("sidecar-{n}"));
-        processes.0.push(
-            Command::new(&binary)
-                .args(["sidecar", "--control-plane", &format!("http://{cp_addr}"), "--api-key-file", key_file.to_str().unwrap()])
-                .args(["--trust-key", keys.join("tollgate.pub").to_str().unwrap(), "--data-dir", data_dir.to_str().unwrap()])
-                .args(["--listen", &addr.to_string(), "--workers", "1"])
-                .env("TOLLGATE_LOG", "warn")
-                .spawn()
-                .unwrap(),
-        );
-        sidecars.push(addr);
-    }
-    for addr in &sidecars {
-        wait_ready(*addr, "/readyz").await;
-    }
+    let sidecars = start_sidecars(&binary, &mut processes, n_sidecars, cp_addr, &key_file, &keys.join("tollgate.pub"), dir.path()).await;
 
     // Propagation: alternate upgrade and downgrade; after each order, poll every sidecar
     // until it answers with the order's revision.
@@ -95,20 +78,7 @@ async fn main() {
         let accepted = Instant::now();
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
         let revision = serde_json::from_slice::<serde_json::Value>(&body).unwrap()["revision"].as_u64().unwrap();
-        let waits = pollers.iter_mut().map(|poller| {
-            let check = check.clone();
-            async move {
-                loop {
-                    let (_, answer) = poller.send("POST", "/v1/check", check.clone(), None).await;
-                    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
-                    if answer["revision"].as_u64().unwrap_or(0) >= revision {
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_micros(500)).await;
-                }
-            }
-        });
-        futures_join_all(waits).await;
+        wait_for_revision(&mut pollers, &check, revision).await;
         latencies_ms.push(accepted.elapsed().as_secs_f64() * 1e3);
     }
     latencies_ms.sort_by(f64::total_cmp);

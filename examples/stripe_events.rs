@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 mod support;
 
-use support::{Client, Processes, free_port, futures_join_all, percentile, wait_ready};
+use support::{Client, Processes, free_port, percentile, start_sidecars, wait_for_revision, wait_ready};
 use tollgate_control_plane::integrations::stripe;
 
 const SECRET: &str = "whsec_example_measurement";
@@ -100,24 +100,7 @@ async fn main() {
     let base = unix_now();
     deliver(&mut cp, stripe_event("evt_seed", "customer.subscription.created", base, "sub_acme", "acme", "price_team_monthly")).await;
 
-    let mut sidecars = Vec::new();
-    for n in 0..n_sidecars {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let data_dir = dir.path().join(format!("sidecar-{n}"));
-        processes.0.push(
-            Command::new(&binary)
-                .args(["sidecar", "--control-plane", &format!("http://{cp_addr}"), "--api-key-file", key_file.to_str().unwrap()])
-                .args(["--trust-key", keys.join("tollgate.pub").to_str().unwrap(), "--data-dir", data_dir.to_str().unwrap()])
-                .args(["--listen", &addr.to_string(), "--workers", "1"])
-                .env("TOLLGATE_LOG", "warn")
-                .spawn()
-                .unwrap(),
-        );
-        sidecars.push(addr);
-    }
-    for addr in &sidecars {
-        wait_ready(*addr, "/readyz").await;
-    }
+    let sidecars = start_sidecars(&binary, &mut processes, n_sidecars, cp_addr, &key_file, &keys.join("tollgate.pub"), dir.path()).await;
 
     // Event -> decision: alternate the business and team prices; after each event, poll every
     // sidecar until `sso` (business only) is allowed or denied as the event says.
@@ -134,21 +117,9 @@ async fn main() {
         let answer = deliver(&mut cp, event).await;
         let acknowledged = Instant::now();
         let revision = answer["revision"].as_u64().unwrap();
-        let waits = pollers.iter_mut().map(|poller| {
-            let check = check.clone();
-            async move {
-                loop {
-                    let (_, answer) = poller.send("POST", "/v1/check", check.clone(), None).await;
-                    let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
-                    if answer["revision"].as_u64().unwrap_or(0) >= revision {
-                        assert_eq!(answer["allow"], upgrade, "{answer}");
-                        return;
-                    }
-                    tokio::time::sleep(Duration::from_micros(500)).await;
-                }
-            }
-        });
-        futures_join_all(waits).await;
+        for answer in wait_for_revision(&mut pollers, &check, revision).await {
+            assert_eq!(answer["allow"], upgrade, "{answer}");
+        }
         latencies_ms.push(acknowledged.elapsed().as_secs_f64() * 1e3);
     }
     latencies_ms.sort_by(f64::total_cmp);

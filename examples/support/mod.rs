@@ -5,7 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::net::SocketAddr;
-use std::process::Child;
+use std::path::Path;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -89,10 +90,55 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-/// Awaits every future (a tiny join_all, to keep the futures crate out).
-pub async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
-    let handles: Vec<_> = futures.map(Box::pin).collect();
-    for handle in handles {
-        handle.await;
+/// Starts `n` `tollgate sidecar` processes subscribed to the control plane at `control_plane`
+/// (with the API key in `key_file`, trusting `public_key`), each with its own data directory
+/// under `dir`, and waits until every one is ready. Returns their addresses.
+pub async fn start_sidecars(
+    binary: &str,
+    processes: &mut Processes,
+    n: usize,
+    control_plane: SocketAddr,
+    key_file: &Path,
+    public_key: &Path,
+    dir: &Path,
+) -> Vec<SocketAddr> {
+    let mut sidecars = Vec::new();
+    for idx in 0..n {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let data_dir = dir.join(format!("sidecar-{idx}"));
+        processes.0.push(
+            Command::new(binary)
+                .args(["sidecar", "--control-plane", &format!("http://{control_plane}"), "--api-key-file", key_file.to_str().unwrap()])
+                .args(["--trust-key", public_key.to_str().unwrap(), "--data-dir", data_dir.to_str().unwrap()])
+                .args(["--listen", &addr.to_string(), "--workers", "1"])
+                .env("TOLLGATE_LOG", "warn")
+                .spawn()
+                .unwrap(),
+        );
+        sidecars.push(addr);
     }
+    for addr in &sidecars {
+        wait_ready(*addr, "/readyz").await;
+    }
+    sidecars
+}
+
+/// Polls every sidecar with the `/v1/check` body `check` until each answers from `revision` or
+/// a newer one; returns those answers, one per sidecar.
+pub async fn wait_for_revision(pollers: &mut [Client], check: &[u8], revision: u64) -> Vec<serde_json::Value> {
+    let waits = pollers.iter_mut().map(|poller| async move {
+        loop {
+            let (_, answer) = poller.send("POST", "/v1/check", check.to_vec(), None).await;
+            let answer: serde_json::Value = serde_json::from_slice(&answer).unwrap();
+            if answer["revision"].as_u64().unwrap_or(0) >= revision {
+                return answer;
+            }
+            tokio::time::sleep(Duration::from_micros(500)).await;
+        }
+    });
+    let mut answers = Vec::new();
+    for wait in waits.map(Box::pin).collect::<Vec<_>>() {
+        answers.push(wait.await);
+    }
+    answers
 }
