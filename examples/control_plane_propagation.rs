@@ -12,13 +12,11 @@
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 mod support;
 
-use support::{Client, Processes, free_port, percentile, start_sidecars, wait_for_revision, wait_ready};
+use support::{Client, Planned, Processes, free_port, latency_summary, start_sidecars, throughput, wait_for_revision, wait_ready};
 
 #[tokio::main]
 async fn main() {
@@ -81,44 +79,18 @@ async fn main() {
         wait_for_revision(&mut pollers, &check, revision).await;
         latencies_ms.push(accepted.elapsed().as_secs_f64() * 1e3);
     }
-    latencies_ms.sort_by(f64::total_cmp);
-
     // Throughput: concurrent clients posting new orders for distinct accounts.
-    let done = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for worker in 0..n_clients {
-        let (done, integration) = (Arc::clone(&done), integration.clone());
-        workers.push(tokio::spawn(async move {
-            let mut client = Client::connect(cp_addr).await;
-            let mut n = 0u64;
-            while Instant::now() < deadline {
-                let id = format!("t-{worker}-{n}");
-                let body =
-                    serde_json::to_vec(&serde_json::json!({"order_id": id, "action": "new", "account": id, "plan": "team"})).unwrap();
-                let (status, _) = client.send("POST", "/v1/orders", body, Some(&integration)).await;
-                assert_eq!(status, 200);
-                done.fetch_add(1, Ordering::Relaxed);
-                n += 1;
-            }
-        }));
-    }
-    for worker in workers {
-        worker.await.unwrap();
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let n_done = done.load(Ordering::Relaxed);
+    let (n_done, elapsed) = throughput(cp_addr, n_clients, seconds, move |worker, n| {
+        let id = format!("t-{worker}-{n}");
+        let body = serde_json::to_vec(&serde_json::json!({"order_id": id, "action": "new", "account": id, "plan": "team"})).unwrap();
+        Planned { path: "/v1/orders", body, key: Some(integration.clone()), headers: Vec::new() }
+    })
+    .await;
 
     let report = serde_json::json!({
         "sidecars": n_sidecars,
         "orders_measured": n_orders,
-        "order_to_every_sidecar_ms": {
-            "p50": percentile(&latencies_ms, 0.50),
-            "p90": percentile(&latencies_ms, 0.90),
-            "p99": percentile(&latencies_ms, 0.99),
-            "max": latencies_ms.last().copied().unwrap_or(0.0),
-        },
+        "order_to_every_sidecar_ms": latency_summary(&mut latencies_ms),
         "orders_per_second": n_done as f64 / elapsed,
         "throughput_clients": n_clients,
         "throughput_seconds": elapsed,

@@ -14,13 +14,11 @@
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 mod support;
 
-use support::{Client, Processes, free_port, percentile, start_sidecars, wait_for_revision, wait_ready};
+use support::{Client, Planned, Processes, free_port, latency_summary, start_sidecars, throughput, wait_for_revision, wait_ready};
 use tollgate_control_plane::integrations::stripe;
 
 const SECRET: &str = "whsec_example_measurement";
@@ -122,49 +120,19 @@ async fn main() {
         }
         latencies_ms.push(acknowledged.elapsed().as_secs_f64() * 1e3);
     }
-    latencies_ms.sort_by(f64::total_cmp);
-
     // Throughput: concurrent senders, each event a new subscription of a new account.
-    let done = Arc::new(AtomicU64::new(0));
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let mut workers = Vec::new();
-    for worker in 0..n_clients {
-        let done = Arc::clone(&done);
-        workers.push(tokio::spawn(async move {
-            let mut client = Client::connect(cp_addr).await;
-            let mut n = 0u64;
-            while Instant::now() < deadline {
-                let id = format!("w{worker}-{n}");
-                let event = stripe_event(
-                    &format!("evt_{id}"),
-                    "customer.subscription.created",
-                    base,
-                    &format!("sub_{id}"),
-                    &id,
-                    "price_team_monthly",
-                );
-                deliver(&mut client, event).await;
-                done.fetch_add(1, Ordering::Relaxed);
-                n += 1;
-            }
-        }));
-    }
-    for worker in workers {
-        worker.await.unwrap();
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    let n_done = done.load(Ordering::Relaxed);
+    let (n_done, elapsed) = throughput(cp_addr, n_clients, seconds, move |worker, n| {
+        let id = format!("w{worker}-{n}");
+        let (body, signature) =
+            stripe_event(&format!("evt_{id}"), "customer.subscription.created", base, &format!("sub_{id}"), &id, "price_team_monthly");
+        Planned { path: "/v1/integrations/stripe", body, key: None, headers: vec![("stripe-signature", signature)] }
+    })
+    .await;
 
     let report = serde_json::json!({
         "sidecars": n_sidecars,
         "events_measured": n_events,
-        "event_to_every_sidecar_decision_ms": {
-            "p50": percentile(&latencies_ms, 0.50),
-            "p90": percentile(&latencies_ms, 0.90),
-            "p99": percentile(&latencies_ms, 0.99),
-            "max": latencies_ms.last().copied().unwrap_or(0.0),
-        },
+        "event_to_every_sidecar_decision_ms": latency_summary(&mut latencies_ms),
         "events_applied_per_second": n_done as f64 / elapsed,
         "accounts_at_end": n_done + 1,
         "throughput_clients": n_clients,

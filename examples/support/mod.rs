@@ -7,6 +7,8 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -141,4 +143,57 @@ pub async fn wait_for_revision(pollers: &mut [Client], check: &[u8], revision: u
         answers.push(wait.await);
     }
     answers
+}
+
+/// One request of a throughput run: method, path, body, API key and extra headers.
+pub struct Planned {
+    pub path: &'static str,
+    pub body: Vec<u8>,
+    pub key: Option<String>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// `clients` concurrent connections to `addr` POST what `plan(client, n)` makes, for `seconds`,
+/// each answer a 200; returns how many were answered and the seconds it took.
+pub async fn throughput(
+    addr: SocketAddr,
+    clients: usize,
+    seconds: u64,
+    plan: impl Fn(usize, u64) -> Planned + Send + Sync + 'static,
+) -> (u64, f64) {
+    let plan = Arc::new(plan);
+    let done = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for worker in 0..clients {
+        let (done, plan) = (Arc::clone(&done), Arc::clone(&plan));
+        workers.push(tokio::spawn(async move {
+            let mut client = Client::connect(addr).await;
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                let request = plan(worker, n);
+                let headers: Vec<(&str, &str)> = request.headers.iter().map(|(name, value)| (*name, value.as_str())).collect();
+                let (status, answer) = client.send_with("POST", request.path, request.body, request.key.as_deref(), &headers).await;
+                assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+                done.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    (done.load(Ordering::Relaxed), started.elapsed().as_secs_f64())
+}
+
+/// p50, p90, p99 and max of latencies in milliseconds, sorted here.
+pub fn latency_summary(latencies_ms: &mut [f64]) -> serde_json::Value {
+    latencies_ms.sort_by(f64::total_cmp);
+    serde_json::json!({
+        "p50": percentile(latencies_ms, 0.50),
+        "p90": percentile(latencies_ms, 0.90),
+        "p99": percentile(latencies_ms, 0.99),
+        "max": latencies_ms.last().copied().unwrap_or(0.0),
+    })
 }
