@@ -10,13 +10,11 @@
 #![allow(clippy::disallowed_methods, reason = "waits on real processes and sockets use wall-clock deadlines")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 mod support;
 
-use support::{Client, Planned, Processes, free_port, latency_summary, start_sidecars, throughput, wait_for_revision, wait_ready};
+use support::{Client, Planned, Setup, latency_summary, throughput, wait_for_revision};
 
 #[tokio::main]
 async fn main() {
@@ -27,40 +25,16 @@ async fn main() {
     let seconds: u64 = args.get(4).map_or(10, |n| n.parse().unwrap());
     let n_clients: usize = args.get(5).map_or(8, |n| n.parse().unwrap());
 
-    let dir = tempfile::tempdir().unwrap();
-    let run = |arguments: &[&str]| Command::new(&binary).args(arguments).stdout(Stdio::piped()).stderr(Stdio::null()).output().unwrap();
-    let keys = dir.path().join("keys");
-    assert!(run(&["keygen", "--out", keys.to_str().unwrap()]).status.success());
-    let data = dir.path().join("cp");
-    let key_of = |scope: &str| {
-        let output = run(&["control-plane", "keys", "create", "--data", data.to_str().unwrap(), "--scope", scope]);
-        assert!(output.status.success());
-        String::from_utf8(output.stdout).unwrap().trim().to_string()
-    };
-    let integration = key_of("integration");
-    let sidecar_key = key_of("sidecar");
-    let key_file = dir.path().join("sidecar.key");
-    std::fs::write(&key_file, &sidecar_key).unwrap();
-
-    let cp_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let policies = std::env::current_dir().unwrap().join("policies");
-    let mut processes = Processes(Vec::new());
-    processes.0.push(
-        Command::new(&binary)
-            .args(["control-plane", "--data", data.to_str().unwrap(), "--policies", policies.to_str().unwrap()])
-            .args(["--signing-key", keys.join("tollgate.key").to_str().unwrap(), "--listen", &cp_addr.to_string()])
-            .env("TOLLGATE_LOG", "warn")
-            .spawn()
-            .unwrap(),
-    );
-    wait_ready(cp_addr, "/healthz").await;
+    let mut setup = Setup::start(binary, |_| Vec::new()).await;
+    let cp_addr = setup.control_plane;
+    let integration = setup.key("integration");
     let mut cp = Client::connect(cp_addr).await;
     let order = |id: String, action: &str, account: &str, plan: &str| {
         serde_json::to_vec(&serde_json::json!({"order_id": id, "action": action, "account": account, "plan": plan})).unwrap()
     };
     assert_eq!(cp.send("POST", "/v1/orders", order("seed".into(), "new", "acme", "team"), Some(&integration)).await.0, 200);
 
-    let sidecars = start_sidecars(&binary, &mut processes, n_sidecars, cp_addr, &key_file, &keys.join("tollgate.pub"), dir.path()).await;
+    let sidecars = setup.sidecars(n_sidecars).await;
 
     // Propagation: alternate upgrade and downgrade; after each order, poll every sidecar
     // until it answers with the order's revision.

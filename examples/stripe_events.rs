@@ -12,13 +12,11 @@
 #![allow(clippy::disallowed_methods, reason = "waits on real processes and sockets use wall-clock deadlines")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
-use std::net::SocketAddr;
-use std::process::{Command, Stdio};
 use std::time::Instant;
 
 mod support;
 
-use support::{Client, Planned, Processes, free_port, latency_summary, start_sidecars, throughput, wait_for_revision, wait_ready};
+use support::{Client, Planned, Setup, latency_summary, throughput, wait_for_revision};
 use tollgate_control_plane::integrations::stripe;
 
 const SECRET: &str = "whsec_example_measurement";
@@ -69,36 +67,18 @@ async fn main() {
     let seconds: u64 = args.get(4).map_or(10, |n| n.parse().unwrap());
     let n_clients: usize = args.get(5).map_or(8, |n| n.parse().unwrap());
 
-    let dir = tempfile::tempdir().unwrap();
-    let run = |arguments: &[&str]| Command::new(&binary).args(arguments).stdout(Stdio::piped()).stderr(Stdio::null()).output().unwrap();
-    let keys = dir.path().join("keys");
-    assert!(run(&["keygen", "--out", keys.to_str().unwrap()]).status.success());
-    let data = dir.path().join("cp");
-    let output = run(&["control-plane", "keys", "create", "--data", data.to_str().unwrap(), "--scope", "sidecar"]);
-    assert!(output.status.success());
-    let key_file = dir.path().join("sidecar.key");
-    std::fs::write(&key_file, String::from_utf8(output.stdout).unwrap().trim()).unwrap();
-    let secret_file = dir.path().join("stripe.secret");
-    std::fs::write(&secret_file, SECRET).unwrap();
-
-    let cp_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let policies = std::env::current_dir().unwrap().join("policies");
-    let mut processes = Processes(Vec::new());
-    processes.0.push(
-        Command::new(&binary)
-            .args(["control-plane", "--data", data.to_str().unwrap(), "--policies", policies.to_str().unwrap()])
-            .args(["--signing-key", keys.join("tollgate.key").to_str().unwrap(), "--listen", &cp_addr.to_string()])
-            .args(["--stripe-webhook-secret-file", secret_file.to_str().unwrap()])
-            .env("TOLLGATE_LOG", "warn")
-            .spawn()
-            .unwrap(),
-    );
-    wait_ready(cp_addr, "/healthz").await;
+    let mut setup = Setup::start(binary, |dir| {
+        let secret_file = dir.join("stripe.secret");
+        std::fs::write(&secret_file, SECRET).unwrap();
+        vec!["--stripe-webhook-secret-file".into(), secret_file.display().to_string()]
+    })
+    .await;
+    let cp_addr = setup.control_plane;
     let mut cp = Client::connect(cp_addr).await;
     let base = unix_now();
     deliver(&mut cp, stripe_event("evt_seed", "customer.subscription.created", base, "sub_acme", "acme", "price_team_monthly")).await;
 
-    let sidecars = start_sidecars(&binary, &mut processes, n_sidecars, cp_addr, &key_file, &keys.join("tollgate.pub"), dir.path()).await;
+    let sidecars = setup.sidecars(n_sidecars).await;
 
     // Event -> decision: alternate the business and team prices; after each event, poll every
     // sidecar until `sso` (business only) is allowed or denied as the event says.

@@ -5,8 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::{Child, Command};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -196,4 +196,61 @@ pub fn latency_summary(latencies_ms: &mut [f64]) -> serde_json::Value {
         "p99": percentile(latencies_ms, 0.99),
         "max": latencies_ms.last().copied().unwrap_or(0.0),
     })
+}
+
+/// A control plane process over the example policies with a fresh key pair, in a temporary
+/// directory, and the processes started around it (stopped on drop).
+pub struct Setup {
+    pub binary: String,
+    pub dir: tempfile::TempDir,
+    pub keys: PathBuf,
+    pub data: PathBuf,
+    pub processes: Processes,
+    pub control_plane: SocketAddr,
+}
+
+impl Setup {
+    /// Writes a key pair and starts `tollgate control-plane` with the flags `extra` gives for the
+    /// temporary directory (files it writes there first), then waits until it answers.
+    pub async fn start(binary: String, extra: impl FnOnce(&Path) -> Vec<String>) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let keys = dir.path().join("keys");
+        let output = Command::new(&binary).args(["keygen", "--out", keys.to_str().unwrap()]).stderr(Stdio::null()).output().unwrap();
+        assert!(output.status.success());
+        let data = dir.path().join("cp");
+        let control_plane: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let policies = std::env::current_dir().unwrap().join("policies");
+        let mut processes = Processes(Vec::new());
+        processes.0.push(
+            Command::new(&binary)
+                .args(["control-plane", "--data", data.to_str().unwrap(), "--policies", policies.to_str().unwrap()])
+                .args(["--signing-key", keys.join("tollgate.key").to_str().unwrap(), "--listen", &control_plane.to_string()])
+                .args(extra(dir.path()))
+                .env("TOLLGATE_LOG", "warn")
+                .spawn()
+                .unwrap(),
+        );
+        wait_ready(control_plane, "/healthz").await;
+        Setup { binary, dir, keys, data, processes, control_plane }
+    }
+
+    /// A new API key of `scope`, made with `tollgate control-plane keys create`.
+    pub fn key(&self, scope: &str) -> String {
+        let output = Command::new(&self.binary)
+            .args(["control-plane", "keys", "create", "--data", self.data.to_str().unwrap(), "--scope", scope])
+            .stderr(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(output.status.success());
+        String::from_utf8(output.stdout).unwrap().trim().to_string()
+    }
+
+    /// Starts `n` sidecars subscribed to the control plane with a new sidecar key, ready.
+    pub async fn sidecars(&mut self, n: usize) -> Vec<SocketAddr> {
+        let key_file = self.dir.path().join("sidecar.key");
+        std::fs::write(&key_file, self.key("sidecar")).unwrap();
+        let public_key = self.keys.join("tollgate.pub");
+        let dir = self.dir.path().to_path_buf();
+        start_sidecars(&self.binary, &mut self.processes, n, self.control_plane, &key_file, &public_key, &dir).await
+    }
 }
