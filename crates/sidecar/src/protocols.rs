@@ -199,9 +199,9 @@ fn property<'e>(entity: Option<&'e Entity>, name: &str) -> Option<&'e str> {
 /// specification's first example, or the subject itself when its type is `account`); the user
 /// is the subject's id otherwise; the feature is the resource's id when its type is `feature`,
 /// else the action's name; region, device and amount come from the context.
-fn to_check(evaluation: &Evaluation) -> Result<CheckBody<'static>, String> {
-    let subject = evaluation.subject.as_ref();
-    let resource = evaluation.resource.as_ref();
+fn to_check(evaluation: Merged<'_>) -> Result<CheckBody<'static>, String> {
+    let subject = evaluation.subject;
+    let resource = evaluation.resource;
     let subject_is_account = subject.and_then(|subject| subject.kind.as_deref()) == Some("account");
     let resource_account =
         resource.filter(|resource| resource.kind.as_deref() == Some("account")).and_then(|resource| resource.id.as_deref());
@@ -214,9 +214,9 @@ fn to_check(evaluation: &Evaluation) -> Result<CheckBody<'static>, String> {
     let feature = resource
         .filter(|resource| resource.kind.as_deref() == Some("feature"))
         .and_then(|resource| resource.id.clone())
-        .or_else(|| evaluation.action.as_ref().and_then(|action| action.name.clone()))
+        .or_else(|| evaluation.action.and_then(|action| action.name.clone()))
         .ok_or("no feature: use a resource of type `feature` or an action name")?;
-    let context = evaluation.context.as_ref();
+    let context = evaluation.context;
     let context_str =
         |name: &str| context.and_then(|context| context.get(name)).and_then(Value::as_str).map(|value| Cow::Owned(value.to_string()));
     Ok(CheckBody {
@@ -229,12 +229,33 @@ fn to_check(evaluation: &Evaluation) -> Result<CheckBody<'static>, String> {
     })
 }
 
-fn merge(defaults: &Evaluation, item: &Evaluation) -> Evaluation {
-    Evaluation {
-        subject: item.subject.clone().or_else(|| defaults.subject.clone()),
-        action: item.action.clone().or_else(|| defaults.action.clone()),
-        resource: item.resource.clone().or_else(|| defaults.resource.clone()),
-        context: item.context.clone().or_else(|| defaults.context.clone()),
+/// An evaluation with each part taken from the item, else from the request's defaults: borrowed,
+/// so a large default context costs nothing per item and a batch costs what its body holds.
+#[derive(Debug, Clone, Copy)]
+struct Merged<'e> {
+    subject: Option<&'e Entity>,
+    action: Option<&'e Action>,
+    resource: Option<&'e Entity>,
+    context: Option<&'e serde_json::Map<String, Value>>,
+}
+
+impl<'e> Merged<'e> {
+    fn of(evaluation: &'e Evaluation) -> Merged<'e> {
+        Merged {
+            subject: evaluation.subject.as_ref(),
+            action: evaluation.action.as_ref(),
+            resource: evaluation.resource.as_ref(),
+            context: evaluation.context.as_ref(),
+        }
+    }
+}
+
+fn merge<'e>(defaults: &'e Evaluation, item: &'e Evaluation) -> Merged<'e> {
+    Merged {
+        subject: item.subject.as_ref().or(defaults.subject.as_ref()),
+        action: item.action.as_ref().or(defaults.action.as_ref()),
+        resource: item.resource.as_ref().or(defaults.resource.as_ref()),
+        context: item.context.as_ref().or(defaults.context.as_ref()),
     }
 }
 
@@ -248,7 +269,7 @@ pub fn authzen(sidecar: &Sidecar, path: &str, body: &[u8]) -> HttpResponse {
     let now = unix_now(sidecar);
     // Read once, like `now`: every evaluation of one request says the same.
     let stale = sidecar.store.is_stale();
-    let evaluate = |evaluation: &Evaluation| -> Result<(bool, Value), String> {
+    let evaluate = |evaluation: Merged<'_>| -> Result<(bool, Value), String> {
         let check = to_check(evaluation)?;
         let decision = decide_timed(sidecar, snapshot, &check, now);
         let body = DecisionJson::new(snapshot.data(), &check.account, snapshot.revision(), &decision, stale);
@@ -259,7 +280,7 @@ pub fn authzen(sidecar: &Sidecar, path: &str, body: &[u8]) -> HttpResponse {
     // 7.1). A request the specification allows but that names no Tollgate account or feature
     // is answered with a deny and the reason in the context, like a batch item, so that a
     // client written for the standard gets a decision; only a malformed body is a 400.
-    let single = |evaluation: &Evaluation| match evaluate(evaluation) {
+    let single = |evaluation: &Evaluation| match evaluate(Merged::of(evaluation)) {
         Ok((decision, context)) => json_response(StatusCode::OK, &json!({"decision": decision, "context": context})),
         Err(message) => json_response(StatusCode::OK, &unmappable(message)),
     };
@@ -284,7 +305,7 @@ pub fn authzen(sidecar: &Sidecar, path: &str, body: &[u8]) -> HttpResponse {
     };
     let mut results = Vec::with_capacity(items.len());
     for item in items {
-        match evaluate(&merge(&parsed.defaults, item)) {
+        match evaluate(merge(&parsed.defaults, item)) {
             Ok((decision, context)) => {
                 results.push(json!({"decision": decision, "context": context}));
                 if stop_on == Some(decision) {
