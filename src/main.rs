@@ -199,6 +199,10 @@ struct SidecarArgs {
     /// refused unread. A million accounts take about 160 MB.
     #[arg(long, env = "TOLLGATE_MAX_SNAPSHOT_BYTES", default_value_t = tollgate_snapshot::DEFAULT_MAX_FILE_BYTES)]
     max_snapshot_bytes: u64,
+    /// Requests with bodies of 64 KiB or more (large batches) served at a time; more are answered
+    /// 503 with `Retry-After: 1`. Bounds the memory and CPU that big requests can take.
+    #[arg(long, env = "TOLLGATE_MAX_HEAVY_REQUESTS", default_value_t = 4)]
+    max_heavy_requests: usize,
     /// Where apps reach this sidecar (e.g. http://localhost:8181), as discovery documents such
     /// as /.well-known/authzen-configuration announce it; default http:// plus `--listen`.
     #[arg(long, env = "TOLLGATE_PUBLIC_URL")]
@@ -460,6 +464,7 @@ fn sidecar_config(args: SidecarArgs) -> Result<Config> {
     config.allow_rollback = args.allow_rollback;
     config.header_read_timeout = Duration::from_secs(args.header_read_timeout_secs);
     config.public_url = args.public_url.clone();
+    config.max_heavy_requests = args.max_heavy_requests;
     config.body_read_timeout = Duration::from_secs(args.body_read_timeout_secs);
     config.drain_timeout = Duration::from_secs(args.drain_timeout_secs);
     config.workers = args.workers;

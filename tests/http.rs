@@ -390,3 +390,58 @@ async fn slow_clients_are_cut_off_by_the_read_timeouts() {
     assert_eq!(client.post("/v1/check", &serde_json::json!({"account": "acme", "feature": "reports"})).await.status, 200);
     server.stop().await;
 }
+
+/// Large requests are served a bounded number at a time (`--max-heavy-requests`): past it the
+/// answer is 503 with `Retry-After`, and small requests are served all along. The heavy request
+/// holding the only permit here is one whose body never finishes arriving.
+#[tokio::test]
+async fn heavy_requests_past_the_limit_are_told_to_retry_and_light_ones_go_on() {
+    use tokio::io::AsyncWriteExt;
+    let server = TestServer::start_with(Some(common::signed_test(&common::example_data(), 1)), |config| {
+        config.max_heavy_requests = 1;
+    })
+    .await;
+    let checks: Vec<_> = (0..2_000).map(|_| json!({"account": "acme", "feature": "reports"})).collect();
+    let big = json!({"checks": checks});
+    assert!(big.to_string().len() > 64 * 1024);
+
+    let mut stalled = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    stalled
+        .write_all(
+            b"POST /v1/check/batch HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 200000\r\n\r\n{\"checks\": [",
+        )
+        .await
+        .unwrap();
+    let mut client = server.client().await;
+    #[expect(clippy::disallowed_methods, reason = "a deadline for the stalled request to take its permit")]
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let refused = loop {
+        let reply = client.post("/v1/check/batch", &big).await;
+        if reply.status == 503 {
+            break reply;
+        }
+        #[expect(clippy::disallowed_methods, reason = "see the deadline")]
+        let late = std::time::Instant::now() > deadline;
+        assert!(!late, "a second heavy request was never refused: {}", reply.status);
+        client = server.client().await;
+    };
+    assert_eq!(refused.json()["error"]["code"], "busy");
+    assert_eq!(refused.headers.get("retry-after").map(|value| value.to_str().unwrap()), Some("1"));
+    let light = server.client().await.post("/v1/check", &json!({"account": "acme", "feature": "reports"})).await;
+    assert_eq!(light.status, 200);
+
+    // Once the stalled request is gone, its permit is free again.
+    drop(stalled);
+    let answer = loop {
+        let mut client = server.client().await;
+        let reply = client.post("/v1/check/batch", &big).await;
+        if reply.status == 200 {
+            break reply;
+        }
+        #[expect(clippy::disallowed_methods, reason = "see the deadline")]
+        let late = std::time::Instant::now() > deadline + std::time::Duration::from_secs(20);
+        assert!(!late, "the permit was never given back: {}", reply.status);
+    };
+    assert_eq!(answer.json()["results"].as_array().unwrap().len(), 2_000);
+    server.stop().await;
+}

@@ -32,6 +32,9 @@ pub struct Config {
     pub ext_authz: ExtAuthzHeaders,
     /// Largest request body in bytes (`--max-body`).
     pub max_body: usize,
+    /// Requests with large or unsized bodies (64 KiB or more: big batches) served at a time;
+    /// more are answered 503 with `Retry-After` (`--max-heavy-requests`).
+    pub max_heavy_requests: usize,
     /// Where apps reach the sidecar (`--public-url`), for discovery documents such as the
     /// AuthZEN configuration; `http://` + `listen` when unset.
     pub public_url: Option<String>,
@@ -116,6 +119,8 @@ pub struct Staleness {
 pub enum ConfigError {
     #[error("`--max-body` must be greater than 0")]
     MaxBody,
+    #[error("`--max-heavy-requests` must be greater than 0")]
+    MaxHeavyRequests,
     #[error("`--public-url` value `{0}` must be an http:// or https:// URL")]
     PublicUrl(String),
     #[error("`--header-read-timeout-secs` must be greater than 0")]
@@ -153,6 +158,7 @@ impl Config {
             ext_authz: ExtAuthzHeaders::default(),
             max_body: crate::DEFAULT_MAX_BODY,
             public_url: None,
+            max_heavy_requests: 4,
             header_read_timeout: tollgate_http::DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: tollgate_http::DEFAULT_BODY_READ_TIMEOUT,
             max_snapshot_bytes: tollgate_snapshot::DEFAULT_MAX_FILE_BYTES,
@@ -173,6 +179,9 @@ impl Config {
             && (!(url.starts_with("http://") || url.starts_with("https://")) || url.chars().any(|c| c.is_whitespace() || c.is_control()))
         {
             return Err(ConfigError::PublicUrl(url.clone()));
+        }
+        if self.max_heavy_requests == 0 {
+            return Err(ConfigError::MaxHeavyRequests);
         }
         if self.header_read_timeout.is_zero() {
             return Err(ConfigError::HeaderReadTimeout);

@@ -61,6 +61,9 @@ pub struct Sidecar {
     pub(crate) body: tollgate_http::BodyLimits,
     /// How long a client may take to send a request head.
     pub(crate) header_read_timeout: Duration,
+    /// Permits for heavy requests (large or unsized bodies) at a time (`--max-heavy-requests`).
+    pub(crate) heavy: Arc<tokio::sync::Semaphore>,
+    pub(crate) max_heavy: usize,
     /// Where apps reach this sidecar, for discovery documents (`--public-url`).
     pub(crate) public_url: String,
     /// Where `/ext_authz` reads identity and feature from.
@@ -138,6 +141,8 @@ impl Sidecar {
             body: tollgate_http::BodyLimits { max_bytes: config.max_body, timeout: config.body_read_timeout },
             header_read_timeout: config.header_read_timeout,
             public_url: config.public_url(),
+            heavy: Arc::new(tokio::sync::Semaphore::new(config.max_heavy_requests)),
+            max_heavy: config.max_heavy_requests,
             ext_authz: config.ext_authz.clone(),
             metering,
             settings: config.metering,
@@ -234,7 +239,53 @@ async fn handle(sidecar: Arc<Sidecar>, scope: Scope, request: Request<Incoming>)
     Ok(response)
 }
 
-async fn route(sidecar: &Sidecar, request: Request<Incoming>) -> (Route, HttpResponse) {
+/// Bodies from this size on (or of unknown size) are heavy: read under a permit and decided on
+/// the blocking pool, so that large batches neither hold the async workers light requests need
+/// nor pile up in memory past `--max-heavy-requests` at a time.
+const HEAVY_BODY: u64 = 64 * 1024;
+
+/// Reads a POST body and runs `work` on it: inline for small bodies; for heavy ones under one of
+/// the sidecar's heavy-request permits (503 with `Retry-After` when none is free) and on the
+/// blocking pool.
+async fn with_body(
+    sidecar: &Arc<Sidecar>,
+    request: Request<Incoming>,
+    work: impl FnOnce(&Sidecar, &[u8]) -> HttpResponse + Send + 'static,
+) -> HttpResponse {
+    let declared = request.headers().get(hyper::header::CONTENT_LENGTH).and_then(|value| value.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|declared| declared < HEAVY_BODY) {
+        return match read_body(request, sidecar.body).await {
+            Ok(body) => work(sidecar, &body),
+            Err(response) => response,
+        };
+    }
+    let Ok(permit) = Arc::clone(&sidecar.heavy).try_acquire_owned() else {
+        sidecar.metrics.heavy_refused();
+        let mut response = error_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!("{} large requests are being served; retry shortly (see --max-heavy-requests)", sidecar.max_heavy),
+        );
+        response.headers_mut().insert(hyper::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return response;
+    };
+    let body = match read_body(request, sidecar.body).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let sidecar = Arc::clone(sidecar);
+    let answered = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        work(&sidecar, &body)
+    })
+    .await;
+    answered.unwrap_or_else(|error| {
+        tracing::error!(%error, "a heavy request failed");
+        error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "the request could not be completed")
+    })
+}
+
+async fn route(sidecar: &Arc<Sidecar>, request: Request<Incoming>) -> (Route, HttpResponse) {
     let path = request.uri().path().to_string();
     let method = request.method().clone();
     // AuthZEN 1.0: a PDP answers with the request identifier the PEP sent.
@@ -269,16 +320,15 @@ async fn route(sidecar: &Sidecar, request: Request<Incoming>) -> (Route, HttpRes
         return (route, response);
     }
     let response = match route {
-        Route::Check | Route::CheckBatch | Route::Meter | Route::AuthZen if expected == Method::POST => {
-            match read_body(request, sidecar.body).await {
-                Ok(body) => match route {
-                    Route::Check => check(sidecar, &body),
-                    Route::CheckBatch => check_batch(sidecar, &body),
-                    Route::Meter => meter(sidecar, &body).await,
-                    _ => protocols::authzen(sidecar, &path, &body),
-                },
-                Err(response) => response,
-            }
+        Route::Meter => match read_body(request, sidecar.body).await {
+            Ok(body) => meter(sidecar, &body).await,
+            Err(response) => response,
+        },
+        Route::Check => with_body(sidecar, request, check).await,
+        Route::CheckBatch => with_body(sidecar, request, check_batch).await,
+        Route::AuthZen if expected == Method::POST => {
+            let path = path.clone();
+            with_body(sidecar, request, move |sidecar, body| protocols::authzen(sidecar, &path, body)).await
         }
         Route::AuthZen => protocols::authzen_configuration(&sidecar.public_url),
         Route::Entitlements => entitlements(sidecar, &request),

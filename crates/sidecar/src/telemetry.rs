@@ -120,6 +120,7 @@ pub struct Metrics {
     usage_ship_failures: Counter,
     usage_pending: Gauge,
     usage_log_failures: Counter,
+    heavy_refused: Counter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -167,6 +168,7 @@ impl Metrics {
         describe("tollgate_usage_ship_failures_total", None, "Usage shipments that failed and will be retried.");
         describe("tollgate_usage_pending_events", None, "Durable usage events not yet counted by the control plane.");
         describe("tollgate_usage_log_failures_total", None, "Metering events refused because the durable log could not take them.");
+        describe("tollgate_heavy_requests_refused_total", None, "Large requests answered 503 because --max-heavy-requests were in flight.");
 
         let decisions = Reason::ALL.map(|reason| {
             let result = if reason == Reason::Ok { "allow" } else { "deny" };
@@ -199,6 +201,7 @@ impl Metrics {
             usage_ship_failures: counter(&recorder, "tollgate_usage_ship_failures_total", Vec::new()),
             usage_pending: gauge(&recorder, "tollgate_usage_pending_events"),
             usage_log_failures: counter(&recorder, "tollgate_usage_log_failures_total", Vec::new()),
+            heavy_refused: counter(&recorder, "tollgate_heavy_requests_refused_total", Vec::new()),
         }
     }
 
@@ -263,6 +266,11 @@ impl Metrics {
 
     pub fn usage_log_failed(&self) {
         self.usage_log_failures.increment(1);
+    }
+
+    /// A large request was refused because the heavy-request permits were all taken.
+    pub fn heavy_refused(&self) {
+        self.heavy_refused.increment(1);
     }
 
     /// Prometheus text exposition; `snapshot_age_seconds` is brought up to date first.
