@@ -382,3 +382,39 @@ fn an_older_signed_snapshot_is_refused_across_a_restart() {
     let error = App::build(config, Arc::new(ManualClock::new(common::PINNED_NOW_MS)) as Arc<dyn Clock>).unwrap_err();
     assert!(error.to_string().contains("highest-revision") && error.to_string().contains("garbage"), "{error}");
 }
+
+/// A change made between the first load and the watcher's first look is still picked up: the
+/// watcher starts from what the first load saw, not from what is there when it starts.
+#[tokio::test]
+async fn a_change_right_after_the_first_load_is_not_missed() {
+    use tollgate_core::clock::{Clock, ManualClock};
+    use tollgate_sidecar::app::{App, Listeners};
+    use tollgate_sidecar::config::{Config, SourceConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("snapshot.tgs");
+    std::fs::write(&file, common::signed_test(&common::example_data(), 1)).unwrap();
+    let mut config = Config::new(SourceConfig::File(file.clone()), trusted());
+    config.watch_interval = std::time::Duration::from_millis(20);
+    let app = App::build(config, Arc::new(ManualClock::new(common::PINNED_NOW_MS)) as Arc<dyn Clock>).unwrap();
+    let sidecar = Arc::clone(app.sidecar());
+    assert_eq!(sidecar.store().revision(), Some(1));
+    // Replaced after the load and before anything watches.
+    let staged = dir.path().join("snapshot.new");
+    std::fs::write(&staged, common::signed_test(&common::example_data(), 2)).unwrap();
+    std::fs::rename(&staged, &file).unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(app.run(Listeners { api: listener, metrics: None }, async move {
+        let _ = stopped.await;
+    }));
+    #[expect(clippy::disallowed_methods, reason = "a deadline for a real file watcher")]
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while sidecar.store().revision() != Some(2) {
+        #[expect(clippy::disallowed_methods, reason = "see the deadline")]
+        let late = std::time::Instant::now() > deadline;
+        assert!(!late, "the change made before the watcher started was never installed");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let _ = stop.send(());
+    task.await.unwrap();
+}

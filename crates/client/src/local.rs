@@ -38,13 +38,15 @@ impl Local {
     pub(crate) async fn start(source: SnapshotSource, trusted: TrustedKeys, clock: Arc<dyn Clock>) -> Result<Local, ClientError> {
         let store = Arc::new(SnapshotStore::new(Arc::new(Metrics::new()), Arc::clone(&clock)));
         let trusted = Arc::new(trusted);
-        let (source, poll, first_wait) = match source {
+        let (source, seen, poll, first_wait) = match source {
             SnapshotSource::File { path, poll } => {
                 // The first load is read here, so a bad file is an error of the constructor
                 // rather than a client that denies everything.
+                let source = Source::File(path.clone());
+                let seen = source.fingerprint();
                 let snapshot = Snapshot::read_file(&path, &trusted)?;
                 install_first(&store, snapshot);
-                (Source::File(path), poll, Duration::ZERO)
+                (source, seen, poll, Duration::ZERO)
             }
             SnapshotSource::ControlPlane { url, api_key_file, data_dir, first_wait } => {
                 let subscription = Subscription::new(&url, &api_key_file, data_dir)?;
@@ -52,11 +54,11 @@ impl Local {
                 if let Ok(snapshot) = Snapshot::read_file(&subscription.cache_path(), &trusted) {
                     install_first(&store, snapshot);
                 }
-                (Source::ControlPlane(Arc::new(subscription)), Duration::from_secs(1), first_wait)
+                (Source::ControlPlane(Arc::new(subscription)), Vec::new(), Duration::from_secs(1), first_wait)
             }
         };
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(source::watch(Arc::new(source), trusted, Arc::clone(&store), poll, async move {
+        tokio::spawn(source::watch(Arc::new(source), trusted, Arc::clone(&store), poll, seen, async move {
             let _ = stopped.await;
         }));
         let mut waited = Duration::ZERO;

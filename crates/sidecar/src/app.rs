@@ -48,6 +48,8 @@ pub enum AppError {
 pub struct App {
     sidecar: Arc<Sidecar>,
     source: Arc<Source>,
+    /// The source's files as they were just before the first load.
+    seen: source::Fingerprint,
     config: Config,
 }
 
@@ -119,6 +121,7 @@ impl App {
         // The first load happens before serving. A policies directory with mistakes is bad
         // configuration and stops here; a snapshot file may legitimately arrive later (a
         // volume being filled), so the sidecar starts unready and keeps watching.
+        let seen = source.fingerprint();
         match (source::reload(&source, &sidecar.trusted, &sidecar.store), &source) {
             (Ok(revision), _) => tracing::info!(revision, source = %source.describe(), "serving snapshot"),
             (Err(ReloadError::Load(error)), Source::Policies { .. }) => return Err(AppError::Policies(error)),
@@ -128,7 +131,7 @@ impl App {
             }
             (Err(error), _) => tracing::warn!(%error, "no valid snapshot yet; not ready until one arrives"),
         }
-        Ok(App { sidecar: Arc::new(sidecar), source: Arc::new(source), config })
+        Ok(App { sidecar: Arc::new(sidecar), source: Arc::new(source), seen, config })
     }
 
     /// The shared state every handler sees (tests reach the store and the usage through it).
@@ -144,7 +147,7 @@ impl App {
     /// at most the drain timeout, stops the background tasks, ships what usage it can within
     /// the flush timeout (the rest stays in the log for the next start) and closes the log.
     pub async fn run(self, listeners: Listeners, shutdown: impl Future<Output = ()>) {
-        let App { sidecar, source, config } = self;
+        let App { sidecar, source, seen, config } = self;
         let (stop_sender, stop_receiver) = tokio::sync::watch::channel(false);
         let stopped = |mut receiver: tokio::sync::watch::Receiver<bool>| async move {
             let _ = receiver.wait_for(|stop| *stop).await;
@@ -154,6 +157,7 @@ impl App {
             Arc::clone(&sidecar.trusted),
             Arc::clone(&sidecar.store),
             config.watch_interval,
+            seen,
             stopped(stop_receiver.clone()),
         ));
         let housekeeping = {

@@ -61,7 +61,7 @@ impl LoadError {
 
 /// What changes when a watched file changes: size, modification time and inode (a rename
 /// brings a new inode even when size and time match).
-type Fingerprint = Vec<(PathBuf, u64, i64, i64, u64)>;
+pub type Fingerprint = Vec<(PathBuf, u64, i64, i64, u64)>;
 
 fn file_fingerprint(path: &Path) -> Option<(PathBuf, u64, i64, i64, u64)> {
     let metadata = std::fs::metadata(path).ok()?;
@@ -77,7 +77,9 @@ impl Source {
         }
     }
 
-    fn fingerprint(&self) -> Fingerprint {
+    /// What the source's files look like now. Taken before a load, it is what that load saw
+    /// (or older), so a watcher that starts from it cannot miss a change made meanwhile.
+    pub fn fingerprint(&self) -> Fingerprint {
         match self {
             Source::File(path) => file_fingerprint(path).into_iter().collect(),
             Source::ControlPlane(subscription) => file_fingerprint(&subscription.cache_path()).into_iter().collect(),
@@ -204,8 +206,9 @@ fn finish(
     }
 }
 
-/// Polls the source every `interval` and reloads it when its files change, until
-/// `shutdown` resolves; a control-plane source is followed by `subscribe::run` instead.
+/// Polls the source every `interval` and reloads it when its files differ from `seen` (the
+/// fingerprint taken before the first load), until `shutdown` resolves; a control-plane source
+/// is followed by `subscribe::run` instead.
 /// Looking at file metadata is cheap and runs on the blocking pool; loading and verifying run
 /// on the low-priority loader thread (`background`), off the request path, within a deadline.
 pub async fn watch(
@@ -213,6 +216,7 @@ pub async fn watch(
     trusted: Arc<TrustedKeys>,
     store: Arc<SnapshotStore>,
     interval: Duration,
+    seen: Fingerprint,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     if let Source::ControlPlane(subscription) = source.as_ref() {
@@ -223,7 +227,7 @@ pub async fn watch(
         let source = Arc::clone(source);
         async move { tokio::task::spawn_blocking(move || source.fingerprint()).await.unwrap_or_default() }
     };
-    let mut last = fingerprint(&source).await;
+    let mut last = seen;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
