@@ -48,9 +48,9 @@ enum Command {
         #[arg(long, env = "TOLLGATE_COMPILE_REVISION")]
         revision: Option<u64>,
     },
-    /// Print a snapshot's header and whether its signature verifies.
+    /// Print a base or delta snapshot's header and whether its signature verifies.
     Inspect {
-        /// The snapshot file.
+        /// The snapshot file (a base, or a delta from a control plane).
         file: PathBuf,
         /// Public key to verify against.
         #[arg(long, env = "TOLLGATE_INSPECT_TRUST_KEY")]
@@ -311,27 +311,50 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Inspect { file, trust_key } => {
             let bytes = std::fs::read(&file).with_context(|| format!("cannot read `{}`", file.display()))?;
-            let header = Snapshot::read_header(&bytes)?;
+            let described = snapshot::describe(&bytes)?;
             let verified = if trust_key.is_empty() {
                 serde_json::Value::Null
             } else {
                 let trusted = read_trusted(&trust_key)?;
-                match Snapshot::verify(&bytes, &trusted) {
-                    Ok(_) => serde_json::json!({"ok": true}),
+                let outcome = match described {
+                    snapshot::Described::Base(_) => Snapshot::verify(&bytes, &trusted).map(drop),
+                    snapshot::Described::Delta(_) => snapshot::Delta::verify(&bytes, &trusted).map(drop),
+                };
+                match outcome {
+                    Ok(()) => serde_json::json!({"ok": true}),
                     Err(error) => serde_json::json!({"ok": false, "error": error.to_string()}),
                 }
             };
-            let report = serde_json::json!({
-                "file": file.display().to_string(),
-                "size_bytes": bytes.len(),
-                "format": header.format,
-                "revision": header.revision,
-                "key_id": header.key_id,
-                "created_at": tollgate_core::period::format_rfc3339(header.created_at_ms.div_euclid(1000)),
-                "payload_bytes": header.payload_len,
-                "counts": header.counts,
-                "signature": verified,
-            });
+            let created_at = |ms: i64| tollgate_core::period::format_rfc3339(ms.div_euclid(1000));
+            let report = match described {
+                snapshot::Described::Base(header) => serde_json::json!({
+                    "file": file.display().to_string(),
+                    "kind": "base",
+                    "size_bytes": bytes.len(),
+                    "format": header.format,
+                    "revision": header.revision,
+                    "key_id": header.key_id,
+                    "created_at": created_at(header.created_at_ms),
+                    "payload_bytes": header.payload_len,
+                    "counts": header.counts,
+                    "signature": verified,
+                }),
+                snapshot::Described::Delta(header) => serde_json::json!({
+                    "file": file.display().to_string(),
+                    "kind": "delta",
+                    "size_bytes": bytes.len(),
+                    "format": header.format,
+                    "base_revision": header.base_revision,
+                    "follows": header.follows,
+                    "revision": header.revision,
+                    "key_id": header.key_id,
+                    "created_at": created_at(header.created_at_ms),
+                    "payload_bytes": header.payload_len,
+                    "accounts": header.accounts,
+                    "removed": header.removed,
+                    "signature": verified,
+                }),
+            };
             println!("{}", serde_json::to_string_pretty(&report)?);
             if verified.get("ok") == Some(&serde_json::Value::Bool(false)) {
                 bail!("signature does not verify");
@@ -592,6 +615,10 @@ struct ControlPlaneArgs {
     /// license and expiry; a renewal that moves the expiry sends again); 0 turns it off.
     #[arg(long, env = "TOLLGATE_CP_LICENSE_EXPIRING_DAYS", default_value_t = tollgate_control_plane::webhooks::DEFAULT_LICENSE_EXPIRING_DAYS)]
     license_expiring_days: u32,
+    /// Compile a new base snapshot once this many accounts changed since the published one
+    /// (or this many deltas were published on it); until then changes go out as deltas.
+    #[arg(long, env = "TOLLGATE_CP_COMPACT_AFTER", default_value_t = tollgate_control_plane::publish::DEFAULT_COMPACT_AFTER as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    compact_after: u64,
 }
 
 #[cfg(feature = "control-plane")]
@@ -741,6 +768,7 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
         header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
         body_read_timeout: Duration::from_secs(args.body_read_timeout_secs),
         license_expiring_days: args.license_expiring_days,
+        compact_after: usize::try_from(args.compact_after).unwrap_or(usize::MAX),
         ..Default::default()
     };
     let control_plane = tollgate_control_plane::ControlPlane::open_with_config(&data, &policies, key, retired, config)?;

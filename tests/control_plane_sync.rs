@@ -16,7 +16,7 @@ use serde_json::json;
 use control_plane_support::{TestControlPlane, TestSidecar, get, post, signing_key, trusting};
 use tollgate_core::clock::ManualClock;
 use tollgate_sidecar::config::Staleness;
-use tollgate_snapshot::Snapshot;
+use tollgate_snapshot::{Delta, ServingView, Snapshot};
 
 fn new_order(id: &str, account: &str, plan: &str) -> serde_json::Value {
     json!({"order_id": id, "action": "new", "account": account, "plan": plan})
@@ -87,9 +87,15 @@ async fn a_burst_of_orders_ends_in_a_snapshot_holding_every_account() {
             .unwrap()
             .clone()
             .unwrap();
-    // The last snapshot holds every account, whatever revisions were skipped on the way.
-    let snapshot = Snapshot::verify(&published.bytes, &trusting(&signing_key(7))).unwrap();
-    assert_eq!(snapshot.header().counts.accounts, 50);
+    // The base and the deltas on it hold every account, whatever revisions were skipped (or
+    // coalesced into one delta) on the way.
+    let trusted = trusting(&signing_key(7));
+    let mut view = ServingView::new(Snapshot::verify(&published.base.bytes, &trusted).unwrap());
+    for delta in &published.deltas {
+        view = view.apply(Delta::verify(&delta.bytes, &trusted).unwrap()).unwrap();
+    }
+    assert_eq!(view.revision(), published.revision);
+    assert_eq!(view.account_count(), 50);
     server.stop().await;
 }
 

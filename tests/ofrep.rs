@@ -103,7 +103,7 @@ async fn bulk_evaluation_answers_every_feature_with_an_etag_and_304_when_unchang
     let first = client.post("/ofrep/v1/evaluate/flags", &body).await;
     assert_eq!(first.status, 200);
     let flags = first.json()["flags"].as_array().unwrap().clone();
-    let n_features = server.sidecar.store().load().as_ref().unwrap().data().features.len();
+    let n_features = server.sidecar.store().load().as_ref().unwrap().base().data().features.len();
     assert_eq!(flags.len(), n_features);
     let sso = flags.iter().find(|flag| flag["key"] == "sso").unwrap();
     assert_eq!(sso["value"], false);

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tollgate_core::clock::Clock;
-use tollgate_core::engine::{self, decide};
+use tollgate_core::engine::{self, View, decide};
 use tollgate_core::period::{Rfc3339, format_rfc3339};
 use tollgate_protocol::{CheckBody, DecisionJson, UpgradeJson};
 use tollgate_sidecar::source::{self, Source};
@@ -52,7 +52,13 @@ impl Local {
                 let subscription = Subscription::new(&url, &api_key_file, data_dir)?;
                 // A cached snapshot from an earlier run serves at once, as in the sidecar.
                 if let Ok(snapshot) = Snapshot::read_file(&subscription.cache_path(), &trusted) {
-                    install_first(&store, snapshot);
+                    let deltas = tollgate_sidecar::subscribe::cached_deltas(
+                        &subscription,
+                        &trusted,
+                        snapshot.revision(),
+                        store.max_snapshot_bytes(),
+                    );
+                    let _ = store.install_chain(Some(snapshot), deltas);
                 }
                 (Source::ControlPlane(Arc::new(subscription)), Vec::new(), Duration::from_secs(1), first_wait)
             }
@@ -76,8 +82,8 @@ impl Local {
         let guard = self.store.load();
         let snapshot = guard.as_ref().ok_or(ClientError::NotReady { waited: Duration::ZERO })?;
         let body = check_body(request);
-        let decision = decide(snapshot.data(), &body.request(), self.clock.now(), &self.usage);
-        let answer = DecisionJson::new(snapshot.data(), &request.account, snapshot.revision(), &decision, self.store.is_stale());
+        let decision = decide(snapshot.as_ref(), &body.request(), self.clock.now(), &self.usage);
+        let answer = DecisionJson::new(snapshot.catalog(), &request.account, snapshot.revision(), &decision, self.store.is_stale());
         Ok(Decision {
             allow: answer.allow,
             reason: Reason::Engine(decision.reason),
@@ -107,8 +113,8 @@ impl Local {
         }
         let guard = self.store.load();
         let snapshot = guard.as_ref().ok_or(ClientError::NotReady { waited: Duration::ZERO })?;
-        let data = snapshot.data();
-        if data.accounts.get(request.account.as_str()).is_none() {
+        let data = snapshot.catalog();
+        if snapshot.account(request.account.as_str()).is_none() {
             return Err(invalid("unknown_account", format!("`account` names unknown account `{}`", request.account)));
         }
         let Some((meter_idx, meter)) = data.meter_index.get(request.meter.as_str()).and_then(|meter_idx| {
@@ -119,7 +125,7 @@ impl Local {
         };
         let now = self.clock.now();
         let window = meter.period.to_native().window(now);
-        let limit = engine::meter_limit(data, &request.account, meter_idx, now);
+        let limit = engine::meter_limit(snapshot.as_ref(), &request.account, meter_idx, now);
         let hard_limit = limit.and_then(|limit| limit.hard);
         let shown_limit = hard_limit.or(limit.and_then(|limit| limit.soft));
         let id = request.id.clone().unwrap_or_default();
@@ -157,13 +163,15 @@ impl Local {
     pub(crate) fn entitlements(&self, account: &str, user: Option<&str>, region: Option<&str>) -> Result<Entitlements, ClientError> {
         let guard = self.store.load();
         let snapshot = guard.as_ref().ok_or(ClientError::NotReady { waited: Duration::ZERO })?;
-        let data = snapshot.data();
+        let data = snapshot.catalog();
         let stale = self.store.is_stale();
-        let view = engine::entitlements(data, account, user, region, self.clock.now(), &self.usage).ok_or_else(|| ClientError::Api {
-            path: "in-process entitlements".into(),
-            status: 404,
-            code: "unknown_account".into(),
-            message: format!("account `{account}` is not in the snapshot"),
+        let view = engine::entitlements(snapshot.as_ref(), account, user, region, self.clock.now(), &self.usage).ok_or_else(|| {
+            ClientError::Api {
+                path: "in-process entitlements".into(),
+                status: 404,
+                code: "unknown_account".into(),
+                message: format!("account `{account}` is not in the snapshot"),
+            }
         })?;
         let time = |at: Option<i64>| at.map(format_rfc3339);
         Ok(Entitlements {

@@ -78,7 +78,12 @@ impl CompileError {
 /// Compiles the catalog with every stored account into snapshot data.
 pub fn compile_all(catalog: &Source, accounts: &[(String, AccountDoc)]) -> Result<SnapshotData, CompileError> {
     let catalog = tollgate_policy::compile_catalog(catalog)?;
-    Ok(tollgate_policy::compile_accounts(&catalog, accounts.iter().map(|(id, account)| (id.clone(), account_spec(account))))?)
+    compile_with(&catalog, accounts)
+}
+
+/// Compiles stored accounts against an already compiled catalog.
+pub fn compile_with(catalog: &tollgate_policy::Catalog, accounts: &[(String, AccountDoc)]) -> Result<SnapshotData, CompileError> {
+    Ok(tollgate_policy::compile_accounts(catalog, accounts.iter().map(|(id, account)| (id.clone(), account_spec(account))))?)
 }
 
 /// Validates one account against the catalog the way the compiler would, returning its

@@ -28,7 +28,7 @@ use tollgate_http::{query_param, read_body};
 pub const OPENAPI: &str = include_str!("openapi.json");
 
 pub use tollgate_protocol::feed::REVISION_HEADER;
-use tollgate_protocol::feed::{AFTER_PARAM, SNAPSHOT_PATH, USAGE_PATH, WAIT_PARAM};
+use tollgate_protocol::feed::{AFTER_PARAM, BASE_PARAM, BASE_REVISION_HEADER, FEED_CONTENT_TYPE, SNAPSHOT_PATH, USAGE_PATH, WAIT_PARAM};
 /// Default long-poll wait on `/v1/snapshot`, in seconds.
 const DEFAULT_WAIT_SECS: u64 = 30;
 /// Most audit entries in one answer.
@@ -1044,8 +1044,10 @@ fn audit_query(request: &Request<Incoming>) -> Result<AuditQuery, ApiError> {
     })
 }
 
-/// `GET /v1/snapshot?after=REV&wait=SECONDS`: a signed snapshot newer than `after` at once,
-/// or when one is published within the wait; otherwise 304 with the current revision.
+/// `GET /v1/snapshot?after=REV&base=BASE&wait=SECONDS`: what brings a sidecar serving `after`
+/// on base `base` to the newest revision (the deltas after `after` when `base` is the current
+/// base, else the current base and the deltas on it), at once or when it is published within
+/// the wait; otherwise 304 with the current revision.
 async fn snapshot(server: &Server, caller: &Caller, request: &Request<Incoming>) -> HttpResponse {
     let checked = caller.require(&[Scope::Sidecar, Scope::Admin]).and_then(|()| caller.require_unbound());
     if let Err(error) = checked {
@@ -1053,6 +1055,10 @@ async fn snapshot(server: &Server, caller: &Caller, request: &Request<Incoming>)
     }
     let after = match number_param::<u64>(request, AFTER_PARAM) {
         Ok(after) => after.unwrap_or(0),
+        Err(error) => return api_error(&error),
+    };
+    let base = match number_param::<u64>(request, BASE_PARAM) {
+        Ok(base) => base,
         Err(error) => return api_error(&error),
     };
     let wait = match number_param::<u64>(request, WAIT_PARAM) {
@@ -1084,10 +1090,11 @@ async fn snapshot(server: &Server, caller: &Caller, request: &Request<Incoming>)
                 format!("this control plane's newest revision {} is older than `after` {after}", published.revision),
             );
         }
-        if let Some(published) = current.filter(|published| published.revision > after) {
-            let mut response = Response::new(Full::new(published.bytes.clone()));
+        if let Some(published) = current.filter(|published| published.is_news_for(after, base)) {
+            let mut response = Response::new(Full::new(published.answer_for(after, base)));
             let headers = response.headers_mut();
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+            headers.insert(CONTENT_TYPE, HeaderValue::from_static(FEED_CONTENT_TYPE));
+            headers.insert(BASE_REVISION_HEADER, HeaderValue::from(published.base.revision));
             if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", published.revision)) {
                 headers.insert(ETAG, etag);
             }

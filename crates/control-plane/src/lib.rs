@@ -316,6 +316,9 @@ pub struct Config {
     pub body_read_timeout: Duration,
     /// Longest long-poll wait on `/v1/snapshot`.
     pub max_wait: Duration,
+    /// A new base is compiled once this many accounts changed since the published one (or
+    /// this many deltas were published on it).
+    pub compact_after: usize,
     /// The webhook endpoint the flags configure (subscribed to every event type), besides
     /// those managed through the API; `None`: only those.
     pub webhook: Option<webhooks::WebhookConfig>,
@@ -347,6 +350,7 @@ impl Default for Config {
             header_read_timeout: tollgate_http::DEFAULT_HEADER_READ_TIMEOUT,
             body_read_timeout: tollgate_http::DEFAULT_BODY_READ_TIMEOUT,
             max_wait: Duration::from_secs(60),
+            compact_after: publish::DEFAULT_COMPACT_AFTER,
             webhook: None,
             license_expiring_days: webhooks::DEFAULT_LICENSE_EXPIRING_DAYS,
             usage_page: ingest::TOTALS_PAGE,
@@ -521,6 +525,7 @@ pub async fn run_with_sync(
         Arc::clone(&control_plane.catalog),
         Arc::clone(&control_plane.signing_key),
         Arc::clone(&control_plane.config.clock),
+        control_plane.config.compact_after,
         async move {
             let _ = stop_receiver.wait_for(|stop| *stop).await;
         },

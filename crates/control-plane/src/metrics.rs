@@ -30,6 +30,8 @@ pub struct ControlPlaneMetrics {
     revision_committed: Gauge,
     revision_published: Gauge,
     publish_failures: Counter,
+    overlay_accounts: Gauge,
+    overlay_deltas: Gauge,
     long_polls_waiting: Gauge,
     usage_events: [Counter; 3],
     usage_batches: Counter,
@@ -64,6 +66,8 @@ impl ControlPlaneMetrics {
         describe("tollgate_cp_revision_committed", None, "Newest committed repository revision.");
         describe("tollgate_cp_revision_published", None, "Revision of the newest signed snapshot offered to sidecars.");
         describe("tollgate_cp_publish_failures_total", None, "Snapshot builds that failed (retried).");
+        describe("tollgate_cp_overlay_accounts", None, "Accounts changed since the published base (compaction starts at --compact-after).");
+        describe("tollgate_cp_overlay_deltas", None, "Deltas published on the current base.");
         describe("tollgate_cp_snapshot_long_polls", None, "Sidecar long-polls waiting on /v1/snapshot.");
         describe("tollgate_cp_usage_events_total", None, "Usage events received from sidecars by result.");
         describe("tollgate_cp_usage_batches_total", None, "Usage batches received from sidecars.");
@@ -88,6 +92,8 @@ impl ControlPlaneMetrics {
             revision_committed: gauge(&recorder, "tollgate_cp_revision_committed"),
             revision_published: gauge(&recorder, "tollgate_cp_revision_published"),
             publish_failures: counter(&recorder, "tollgate_cp_publish_failures_total", Vec::new()),
+            overlay_accounts: gauge(&recorder, "tollgate_cp_overlay_accounts"),
+            overlay_deltas: gauge(&recorder, "tollgate_cp_overlay_deltas"),
             long_polls_waiting: gauge(&recorder, "tollgate_cp_snapshot_long_polls"),
             usage_events,
             usage_batches: counter(&recorder, "tollgate_cp_usage_batches_total", Vec::new()),
@@ -114,6 +120,12 @@ impl ControlPlaneMetrics {
 
     pub fn published(&self, revision: u64) {
         self.revision_published.set(revision as f64);
+    }
+
+    /// Accounts changed since the published base, and deltas on it.
+    pub fn overlay(&self, accounts: usize, deltas: usize) {
+        self.overlay_accounts.set(accounts as f64);
+        self.overlay_deltas.set(deltas as f64);
     }
 
     pub fn publish_failed(&self) {

@@ -283,6 +283,9 @@ pub trait Repository: Send + Sync + UsageRepository + IntegrationRepository + We
     fn account(&self, id: &str) -> Result<Option<AccountDoc>, StoreError>;
     /// Every account and the revision they are at, read consistently.
     fn all_accounts(&self) -> Result<(u64, Vec<(String, AccountDoc)>), StoreError>;
+    /// The accounts changed by commits after revision `after`, sorted by id, and the revision
+    /// they are at, read consistently.
+    fn accounts_changed_since(&self, after: u64) -> Result<(u64, Vec<(String, AccountDoc)>), StoreError>;
     fn revision(&self) -> Result<u64, StoreError>;
     fn audit_log(&self, query: &AuditQuery) -> Result<Vec<AuditEntry>, StoreError>;
     fn access_requests(&self, account: Option<&str>, status: Option<AccessStatus>) -> Result<Vec<AccessRequest>, StoreError>;
@@ -359,6 +362,8 @@ CREATE INDEX access_requests_account ON access_requests (account, id);
     // Revoked keys stay on record (who had access, until when) but authenticate no one.
     "ALTER TABLE api_keys ADD COLUMN revoked_at INTEGER;",
     super::webhook_store::MIGRATION,
+    // Incremental publishing reads the accounts changed after a revision.
+    "CREATE INDEX accounts_revision ON accounts (revision);",
 ];
 
 /// The file name of the database inside the data directory.
@@ -620,6 +625,25 @@ impl Repository for SqliteRepository {
         {
             let mut statement = transaction.prepare("SELECT id, doc FROM accounts ORDER BY id")?;
             let mut rows = statement.query([])?;
+            while let Some(row) = rows.next()? {
+                let id: String = row.get(0)?;
+                let text: String = row.get(1)?;
+                let doc = parse_doc(&id, &text)?;
+                accounts.push((id, doc));
+            }
+        }
+        transaction.commit()?;
+        Ok((revision, accounts))
+    }
+
+    fn accounts_changed_since(&self, after: u64) -> Result<(u64, Vec<(String, AccountDoc)>), StoreError> {
+        let mut connection = self.lock_reader();
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let revision = read_revision(&transaction)?;
+        let mut accounts = Vec::new();
+        {
+            let mut statement = transaction.prepare_cached("SELECT id, doc FROM accounts WHERE revision > ?1 ORDER BY id")?;
+            let mut rows = statement.query(params![after as i64])?;
             while let Some(row) = rows.next()? {
                 let id: String = row.get(0)?;
                 let text: String = row.get(1)?;

@@ -1,7 +1,7 @@
-//! The decision engine: `decide(snapshot, request, now, usage) -> Decision`, a pure function
-//! over a borrowed archived snapshot. It never does I/O, never locks, never logs, never
-//! allocates and never panics; usage counts come in through [`UsageLookup`], which the
-//! caller implements.
+//! The decision engine: `decide(view, request, now, usage) -> Decision`, a pure function over
+//! a borrowed [`View`]: an archived snapshot, or a base with an overlay of changed accounts.
+//! It never does I/O, never locks, never logs, never allocates and never panics; usage counts
+//! come in through [`UsageLookup`], which the caller implements.
 
 use rkyv::option::ArchivedOption;
 use rkyv::rend::{u32_le, u64_le};
@@ -159,16 +159,52 @@ fn expires_at(license: &ArchivedLicense) -> Option<i64> {
     (expires_at != NEVER_EXPIRES).then_some(expires_at)
 }
 
-fn feature_set<'s>(snapshot: &'s ArchivedSnapshotData, set_idx: &u32_le) -> &'s [u64_le] {
-    snapshot.feature_sets.get(set_idx.to_native() as usize).map_or(&[], |set| set.as_slice())
+/// The feature and limit set tables an account's licenses point into: the base snapshot's, or
+/// those of the delta that carried the account.
+#[derive(Clone, Copy)]
+pub struct Sets<'s> {
+    pub features: &'s ArchivedVec<ArchivedVec<u64_le>>,
+    pub limits: &'s ArchivedVec<ArchivedVec<ArchivedLimit>>,
 }
 
-fn limit_set<'s>(snapshot: &'s ArchivedSnapshotData, license: &ArchivedLicense) -> &'s [ArchivedLimit] {
-    snapshot.limit_sets.get(license.limits.to_native() as usize).map_or(&[], |set| set.as_slice())
+/// An account as a [`View`] finds it: its id, its data, and the set tables it points into.
+#[derive(Clone, Copy)]
+pub struct Found<'s> {
+    pub id: &'s str,
+    pub account: &'s ArchivedAccount,
+    pub sets: Sets<'s>,
 }
 
-fn grants(snapshot: &ArchivedSnapshotData, license: &ArchivedLicense, feature_idx: u32) -> bool {
-    bits::contains_le(feature_set(snapshot, &license.features), feature_idx)
+/// What decisions read: a catalog, and accounts by id. A base snapshot on its own is a view;
+/// so is the sidecar's serving view, a base plus an overlay of the accounts deltas changed.
+/// Every index other than a set index is the catalog's, so both agree on them.
+pub trait View {
+    fn catalog(&self) -> &ArchivedSnapshotData;
+    /// The account `id`; must not allocate, lock or block (it is on every decision's path).
+    fn account(&self, id: &str) -> Option<Found<'_>>;
+}
+
+impl View for ArchivedSnapshotData {
+    fn catalog(&self) -> &ArchivedSnapshotData {
+        self
+    }
+
+    fn account(&self, id: &str) -> Option<Found<'_>> {
+        let (key, account) = self.accounts.get_key_value(id)?;
+        Some(Found { id: key.as_str(), account, sets: Sets { features: &self.feature_sets, limits: &self.limit_sets } })
+    }
+}
+
+fn feature_set<'s>(sets: Sets<'s>, set_idx: &u32_le) -> &'s [u64_le] {
+    sets.features.get(set_idx.to_native() as usize).map_or(&[], |set| set.as_slice())
+}
+
+fn limit_set<'s>(sets: Sets<'s>, license: &ArchivedLicense) -> &'s [ArchivedLimit] {
+    sets.limits.get(license.limits.to_native() as usize).map_or(&[], |set| set.as_slice())
+}
+
+fn grants(sets: Sets<'_>, license: &ArchivedLicense, feature_idx: u32) -> bool {
+    bits::contains_le(feature_set(sets, &license.features), feature_idx)
 }
 
 /// The preferred license in force at `now` for which `accept` holds (`rules::preferred`).
@@ -208,8 +244,8 @@ fn find_limit(limits: &[ArchivedLimit], meter_idx: u32) -> Option<&ArchivedLimit
 }
 
 /// A license's resolved limit on a meter, `None` when it sets none.
-fn license_limit(snapshot: &ArchivedSnapshotData, license: &ArchivedLicense, meter_idx: u32) -> Option<Limit> {
-    find_limit(limit_set(snapshot, license), meter_idx).map(rules::native_limit)
+fn license_limit(sets: Sets<'_>, license: &ArchivedLicense, meter_idx: u32) -> Option<Limit> {
+    find_limit(limit_set(sets, license), meter_idx).map(rules::native_limit)
 }
 
 /// The rollout bucket (0..100) of an account for a feature whose seed is `seed`.
@@ -243,8 +279,9 @@ fn resting_on(license_idx: u32, license: &ArchivedLicense, validity: Validity) -
 /// region → with room on the meter); the first step that leaves none gives the reason, and an
 /// allow rests on the preferred survivor. Each step is one pass over the account's few
 /// licenses with the shared preference rule, never an allocation.
-pub fn decide(snapshot: &ArchivedSnapshotData, request: &Request<'_>, now: i64, usage: &impl UsageLookup) -> Decision {
-    let Some(account) = snapshot.accounts.get(request.account) else {
+pub fn decide<V: View + ?Sized>(view: &V, request: &Request<'_>, now: i64, usage: &impl UsageLookup) -> Decision {
+    let snapshot = view.catalog();
+    let Some(Found { account, sets, .. }) = view.account(request.account) else {
         return Decision::deny(Reason::UnknownAccount);
     };
     if account.status != ArchivedAccountStatus::Active {
@@ -266,18 +303,18 @@ pub fn decide(snapshot: &ArchivedSnapshotData, request: &Request<'_>, now: i64, 
             && fence_allows(&license.regions, region_idx)
             && snapshot.plans.get(license.plan.to_native() as usize).is_none_or(|plan| fence_allows(&plan.regions, region_idx))
     };
-    let granting_in_region = best_license(account, now, |license| grants(snapshot, license, feature_idx) && in_region(license));
+    let granting_in_region = best_license(account, now, |license| grants(sets, license, feature_idx) && in_region(license));
     let (license_idx, license, validity) = match granting_in_region {
         Some(found) => found,
         None => {
             let Some((granting_idx, granting, granting_validity)) =
-                best_license(account, now, |license| grants(snapshot, license, feature_idx))
+                best_license(account, now, |license| grants(sets, license, feature_idx))
             else {
                 if best_license(account, now, |_| true).is_none() {
                     return Decision::deny(Reason::LicenseExpired);
                 }
                 let mut decision = Decision::deny(Reason::NotEntitled);
-                decision.upgrade = upgrade_for_feature(snapshot, account, now, feature_idx);
+                decision.upgrade = upgrade_for_feature(snapshot, sets, account, now, feature_idx);
                 return decision;
             };
             let mut decision = resting_on(granting_idx, granting, granting_validity);
@@ -325,13 +362,13 @@ pub fn decide(snapshot: &ArchivedSnapshotData, request: &Request<'_>, now: i64, 
         let amount = request.amount.unwrap_or(1);
         // The last step: among the licenses still in the running, those with room. Usually
         // the preferred one has room and is the answer.
-        let with_room = if rules::has_room(license_limit(snapshot, license, meter_idx).as_ref(), used, amount) {
+        let with_room = if rules::has_room(license_limit(sets, license, meter_idx).as_ref(), used, amount) {
             Some((license_idx, license, validity))
         } else {
             best_license(account, now, |candidate| {
-                grants(snapshot, candidate, feature_idx)
+                grants(sets, candidate, feature_idx)
                     && in_region(candidate)
-                    && rules::has_room(license_limit(snapshot, candidate, meter_idx).as_ref(), used, amount)
+                    && rules::has_room(license_limit(sets, candidate, meter_idx).as_ref(), used, amount)
             })
         };
         let (quota_license, exceeded) = match with_room {
@@ -341,7 +378,7 @@ pub fn decide(snapshot: &ArchivedSnapshotData, request: &Request<'_>, now: i64, 
             }
             None => (license, true),
         };
-        let limit = license_limit(snapshot, quota_license, meter_idx);
+        let limit = license_limit(sets, quota_license, meter_idx);
         let shown = rules::shown_limit(limit.as_ref());
         let soft = limit.and_then(|limit| limit.soft);
         decision.quota = Some(Quota {
@@ -384,10 +421,16 @@ fn cheaper(snapshot: &ArchivedSnapshotData, plan: Option<u32>, addon: Option<u32
     }
 }
 
-fn upgrade_for_feature(snapshot: &ArchivedSnapshotData, account: &ArchivedAccount, now: i64, feature_idx: u32) -> Option<Upgrade> {
+fn upgrade_for_feature(
+    snapshot: &ArchivedSnapshotData,
+    sets: Sets<'_>,
+    account: &ArchivedAccount,
+    now: i64,
+    feature_idx: u32,
+) -> Option<Upgrade> {
     let current = best_license(account, now, |_| true);
     // A feature an override took away was taken on purpose; no purchase brings it back.
-    if current.is_some_and(|(_, license, _)| bits::contains_le(feature_set(snapshot, &license.removed), feature_idx)) {
+    if current.is_some_and(|(_, license, _)| bits::contains_le(feature_set(sets, &license.removed), feature_idx)) {
         return None;
     }
     let first_plan = current.map_or(0, |(_, license, _)| license.plan.to_native() as usize + 1);
@@ -508,15 +551,16 @@ pub struct MeterView<'s> {
 
 /// Everything an app needs to draw an account's UI: licenses, every catalog feature with its
 /// decision (for `user` and `region` when given), and each meter's limit and usage.
-pub fn entitlements<'s>(
-    snapshot: &'s ArchivedSnapshotData,
+pub fn entitlements<'s, V: View + ?Sized>(
+    view: &'s V,
     account_id: &'s str,
     user: Option<&str>,
     region: Option<&str>,
     now: i64,
     usage: &impl UsageLookup,
 ) -> Option<Entitlements<'s>> {
-    let (account_key, account) = snapshot.accounts.get_key_value(account_id)?;
+    let snapshot = view.catalog();
+    let Found { id: account_key, account, sets } = view.account(account_id)?;
     let licenses = account
         .licenses
         .iter()
@@ -544,7 +588,7 @@ pub fn entitlements<'s>(
         .iter()
         .map(|feature| {
             let request = Request { account: account_id, feature: feature.name.as_str(), user, region, device: None, amount: Some(0) };
-            FeatureView { feature: feature.name.as_str(), decision: decide(snapshot, &request, now, usage) }
+            FeatureView { feature: feature.name.as_str(), decision: decide(view, &request, now, usage) }
         })
         .collect();
     let primary = best_license(account, now, |_| true).map(|(_, license, _)| license);
@@ -555,7 +599,7 @@ pub fn entitlements<'s>(
         .map(|(meter_idx, meter)| {
             let window = meter.period.to_native().window(now);
             // The limit `/v1/meter` enforces, so the UI shows what metering will do.
-            let limit = account_meter_limit(snapshot, account, meter_idx as u32, now);
+            let limit = account_meter_limit(snapshot, sets, account, meter_idx as u32, now);
             let soft_limit = limit.and_then(|limit| limit.soft);
             let hard_limit = limit.and_then(|limit| limit.hard);
             let used = usage.used(account_id, meter.name.as_str(), window.start);
@@ -578,7 +622,7 @@ pub fn entitlements<'s>(
         account.licenses.iter().filter_map(|license| license.max_devices.as_ref().map(|max| max.to_native())).max()
     };
     Some(Entitlements {
-        account: account_key.as_str(),
+        account: account_key,
         active: account.status == ArchivedAccountStatus::Active,
         licenses,
         features,
@@ -590,22 +634,29 @@ pub fn entitlements<'s>(
     })
 }
 
-fn account_meter_limit(snapshot: &ArchivedSnapshotData, account: &ArchivedAccount, meter_idx: u32, now: i64) -> Option<Limit> {
+fn account_meter_limit(
+    snapshot: &ArchivedSnapshotData,
+    sets: Sets<'_>,
+    account: &ArchivedAccount,
+    meter_idx: u32,
+    now: i64,
+) -> Option<Limit> {
     let consumers = snapshot.meters.get(meter_idx as usize).map_or(&[][..], |meter| meter.features.as_slice());
     rules::meter_limit(
         account.licenses.as_slice(),
         now,
         |license| {
-            let granted = feature_set(snapshot, &license.features);
+            let granted = feature_set(sets, &license.features);
             granted.iter().zip(consumers).any(|(granted, consumer)| granted.to_native() & consumer.to_native() != 0)
         },
-        |license| license_limit(snapshot, license, meter_idx),
+        |license| license_limit(sets, license, meter_idx),
     )
 }
 
 /// The effective limit of an account on a meter at `now`, the one `/v1/meter` enforces and
 /// `/v1/entitlements` reports: the most generous limit among the licenses in force that
 /// grant a feature consuming the meter (see `rules::meter_limit`). `None` is unlimited.
-pub fn meter_limit(snapshot: &ArchivedSnapshotData, account: &str, meter_idx: u32, now: i64) -> Option<Limit> {
-    account_meter_limit(snapshot, snapshot.accounts.get(account)?, meter_idx, now)
+pub fn meter_limit<V: View + ?Sized>(view: &V, account: &str, meter_idx: u32, now: i64) -> Option<Limit> {
+    let found = view.account(account)?;
+    account_meter_limit(view.catalog(), found.sets, found.account, meter_idx, now)
 }

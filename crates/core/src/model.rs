@@ -36,6 +36,27 @@ pub struct SnapshotData {
     pub routes: Vec<RouteRule>,
 }
 
+/// The payload of a delta snapshot: the accounts one or more commits added, replaced or removed,
+/// on top of a base compiled from the same catalog. Feature and limit set indices in these
+/// accounts point into the delta's own `feature_sets` and `limit_sets`; every other index
+/// (features, meters, plans, add-ons, roles, regions) is the base's, which a base and the deltas
+/// on it share because a catalog change makes a new base.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Default)]
+pub struct DeltaData {
+    pub feature_sets: Vec<Vec<u64>>,
+    pub limit_sets: Vec<Vec<Limit>>,
+    /// Added or replaced accounts, sorted by id.
+    pub accounts: Vec<DeltaAccount>,
+    /// Ids of removed accounts, sorted.
+    pub removed: Vec<String>,
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct DeltaAccount {
+    pub id: String,
+    pub account: Account,
+}
+
 /// Requests whose path starts with `prefix` use feature `feature` (an index into `features`)
 /// when no feature header names one.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq)]

@@ -37,11 +37,12 @@ use crate::usage::{DecisionTally, MeterEvent, MeterOutcome, Recorded, UsageStore
 use crate::usage_log::UsageLog;
 use store::SnapshotStore;
 use tollgate_core::clock::{Clock, Stopwatch};
+use tollgate_core::engine::View;
 use tollgate_core::engine::{Decision, decide};
 use tollgate_http::{query_param, read_body};
 use tollgate_protocol::usage::rules;
 use tollgate_protocol::{BatchBody, BatchJson, CheckBody, DecisionJson, MeterBody, MeterJson, json_error};
-use tollgate_snapshot::{Snapshot, TrustedKeys};
+use tollgate_snapshot::{ServingView, TrustedKeys};
 
 /// Largest request body accepted by default (1 MiB): room for a batch of about ten
 /// thousand checks.
@@ -345,9 +346,9 @@ async fn route(sidecar: &Arc<Sidecar>, request: Request<Incoming>) -> (Route, Ht
 }
 
 /// Decides one request against `snapshot`, timing the engine for the metrics.
-fn decide_timed(sidecar: &Sidecar, snapshot: &Snapshot, body: &CheckBody<'_>, now: i64) -> Decision {
+fn decide_timed(sidecar: &Sidecar, snapshot: &ServingView, body: &CheckBody<'_>, now: i64) -> Decision {
     let started = Stopwatch::start();
-    let decision = decide(snapshot.data(), &body.request(), now, &sidecar.usage);
+    let decision = decide(snapshot, &body.request(), now, &sidecar.usage);
     sidecar.metrics.decision(decision.reason, started.elapsed_secs());
     tally(sidecar, body, &decision);
     decision
@@ -378,7 +379,7 @@ fn check(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
     let Some(snapshot) = guard.as_ref() else { return not_ready() };
     let decision = decide_timed(sidecar, snapshot, &check, unix_now(sidecar));
     let stale = sidecar.store.is_stale();
-    json_response(StatusCode::OK, &DecisionJson::new(snapshot.data(), &check.account, snapshot.revision(), &decision, stale))
+    json_response(StatusCode::OK, &DecisionJson::new(snapshot.catalog(), &check.account, snapshot.revision(), &decision, stale))
 }
 
 /// Answers a `/v1/check/batch` body; public so the benches can measure it without a socket.
@@ -403,7 +404,7 @@ pub fn check_batch(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
     let stale = sidecar.store.is_stale();
     let started = Stopwatch::start();
     let decisions: Vec<Decision> =
-        batch.checks.iter().map(|check| decide(snapshot.data(), &check.request(), now, &sidecar.usage)).collect();
+        batch.checks.iter().map(|check| decide(snapshot.as_ref(), &check.request(), now, &sidecar.usage)).collect();
     let per_decision = started.elapsed_secs() / decisions.len().max(1) as f64;
     let results = batch
         .checks
@@ -412,7 +413,7 @@ pub fn check_batch(sidecar: &Sidecar, body: &[u8]) -> HttpResponse {
         .map(|(check, decision)| {
             sidecar.metrics.decision(decision.reason, per_decision);
             tally(sidecar, check, decision);
-            DecisionJson::new(snapshot.data(), &check.account, snapshot.revision(), decision, stale)
+            DecisionJson::new(snapshot.catalog(), &check.account, snapshot.revision(), decision, stale)
         })
         .collect();
     json_response_sized(StatusCode::OK, &BatchJson { results }, 16 + 192 * decisions.len())
@@ -432,8 +433,8 @@ struct MeterContext {
 fn meter_context(sidecar: &Sidecar, account: &str, meter_name: &str, at: i64, now: i64) -> Result<MeterContext, HttpResponse> {
     let guard = sidecar.store.load();
     let Some(snapshot) = guard.as_ref() else { return Err(not_ready()) };
-    let data = snapshot.data();
-    if data.accounts.get(account).is_none() {
+    let data = snapshot.catalog();
+    if snapshot.account(account).is_none() {
         return Err(error_response(StatusCode::BAD_REQUEST, "unknown_account", format!("`account` names unknown account `{account}`")));
     }
     let Some((meter_idx, meter)) = data
@@ -444,7 +445,7 @@ fn meter_context(sidecar: &Sidecar, account: &str, meter_name: &str, at: i64, no
         return Err(error_response(StatusCode::BAD_REQUEST, "unknown_meter", format!("`meter` names unknown meter `{meter_name}`")));
     };
     let period = meter.period.to_native();
-    let limit = tollgate_core::engine::meter_limit(data, account, meter_idx, now);
+    let limit = tollgate_core::engine::meter_limit(snapshot.as_ref(), account, meter_idx, now);
     let hard_limit = limit.and_then(|limit| limit.hard);
     Ok(MeterContext {
         revision: snapshot.revision(),
@@ -631,10 +632,15 @@ fn entitlements(sidecar: &Sidecar, request: &Request<Incoming>) -> HttpResponse 
     let region = query_param(request, "region");
     let guard = sidecar.store.load();
     let Some(snapshot) = guard.as_ref() else { return not_ready() };
-    let data = snapshot.data();
-    let Some(view) =
-        tollgate_core::engine::entitlements(data, &account, user.as_deref(), region.as_deref(), unix_now(sidecar), &sidecar.usage)
-    else {
+    let data = snapshot.catalog();
+    let Some(view) = tollgate_core::engine::entitlements(
+        snapshot.as_ref(),
+        &account,
+        user.as_deref(),
+        region.as_deref(),
+        unix_now(sidecar),
+        &sidecar.usage,
+    ) else {
         return error_response(StatusCode::NOT_FOUND, "unknown_account", format!("account `{account}` is not in the snapshot"));
     };
     let format_time = |value: Option<i64>| value.map(tollgate_core::period::format_rfc3339);
@@ -686,15 +692,20 @@ fn status(sidecar: &Sidecar) -> HttpResponse {
     let guard = sidecar.store.load();
     let update = sidecar.store.status();
     let now_ms = unix_now_ms(sidecar);
-    let snapshot = guard.as_ref().map(|snapshot| {
-        let header = snapshot.header();
+    let snapshot = guard.as_ref().map(|view| {
+        let header = view.base().header();
+        let mut counts = header.counts;
+        counts.accounts = view.account_count();
         serde_json::json!({
-            "revision": header.revision,
+            "revision": view.revision(),
+            "base_revision": view.base_revision(),
+            "overlay_accounts": view.overlay_len(),
+            "deltas": view.deltas(),
             "key_id": header.key_id,
-            "created_at": tollgate_core::period::format_rfc3339(header.created_at_ms.div_euclid(1000)),
-            "age_seconds": (now_ms - header.created_at_ms) as f64 / 1000.0,
-            "size_bytes": snapshot.size(),
-            "counts": header.counts,
+            "created_at": tollgate_core::period::format_rfc3339(view.created_at_ms().div_euclid(1000)),
+            "age_seconds": (now_ms - view.created_at_ms()) as f64 / 1000.0,
+            "size_bytes": view.base().size(),
+            "counts": counts,
         })
     });
     let body = serde_json::json!({
@@ -762,7 +773,7 @@ fn readyz(sidecar: &Sidecar) -> HttpResponse {
 }
 
 fn metrics(sidecar: &Sidecar) -> HttpResponse {
-    let age = sidecar.store.load().as_ref().map(|snapshot| (unix_now_ms(sidecar) - snapshot.header().created_at_ms) as f64 / 1000.0);
+    let age = sidecar.store.load().as_ref().map(|snapshot| (unix_now_ms(sidecar) - snapshot.created_at_ms()) as f64 / 1000.0);
     let mut text = sidecar.metrics.render(age);
     // Freshness lives in the store (it is about the serving snapshot), so it is rendered here.
     let now_ms = unix_now_ms(sidecar);

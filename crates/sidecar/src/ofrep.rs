@@ -19,8 +19,9 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{HttpResponse, Sidecar, decide_timed, json_response, unix_now};
+use tollgate_core::engine::View;
 use tollgate_protocol::{CheckBody, DecisionJson};
-use tollgate_snapshot::Snapshot;
+use tollgate_snapshot::ServingView;
 
 /// The path prefix of every OFREP endpoint.
 pub const PREFIX: &str = "/ofrep/v1/";
@@ -135,9 +136,9 @@ fn to_check<'c>(context: &'c Map<String, Value>, feature: &'c str) -> Result<Che
 }
 
 /// One flag's evaluation as OFREP's success object.
-fn evaluate(sidecar: &Sidecar, snapshot: &Snapshot, check: &CheckBody<'_>, now: i64, stale: bool) -> Value {
+fn evaluate(sidecar: &Sidecar, snapshot: &ServingView, check: &CheckBody<'_>, now: i64, stale: bool) -> Value {
     let decision = decide_timed(sidecar, snapshot, check, now);
-    let answer = DecisionJson::new(snapshot.data(), &check.account, snapshot.revision(), &decision, stale);
+    let answer = DecisionJson::new(snapshot.catalog(), &check.account, snapshot.revision(), &decision, stale);
     json!({
         "key": check.feature,
         "value": answer.allow,
@@ -170,7 +171,7 @@ fn metadata(answer: &DecisionJson<'_>) -> Value {
 fn single(sidecar: &Sidecar, key: &str, context: &Map<String, Value>) -> HttpResponse {
     let guard = sidecar.store.load();
     let Some(snapshot) = guard.as_ref() else { return not_ready(Some(key)) };
-    if snapshot.data().feature_index.get(key).is_none() {
+    if snapshot.catalog().feature_index.get(key).is_none() {
         return ofrep_error(StatusCode::NOT_FOUND, Some(key), "FLAG_NOT_FOUND", format!("`{key}` is not a feature of the catalog"));
     }
     let check = match to_check(context, key) {
@@ -189,7 +190,7 @@ fn bulk(sidecar: &Sidecar, context: &Map<String, Value>, if_none_match: Option<&
     let Some(snapshot) = guard.as_ref() else { return not_ready(None) };
     let now = unix_now(sidecar);
     let stale = sidecar.store.is_stale();
-    let data = snapshot.data();
+    let data = snapshot.catalog();
     let mut flags = Vec::with_capacity(data.features.len());
     for feature in data.features.iter() {
         let check = match to_check(context, feature.name.as_str()) {

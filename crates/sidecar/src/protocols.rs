@@ -12,6 +12,7 @@ use serde_json::{Value, json};
 
 use super::route_path;
 use super::{HttpResponse, Sidecar, decide_timed, error_response, json_response, not_ready, unix_now};
+use tollgate_core::engine::View;
 use tollgate_core::model::ArchivedSnapshotData;
 use tollgate_protocol::{CheckBody, DecisionJson, json_error};
 
@@ -98,7 +99,7 @@ pub fn ext_authz(sidecar: &Sidecar, request: &Request<Incoming>) -> HttpResponse
             return response;
         }
     };
-    let feature = route_feature(snapshot.data(), &path).or_else(|| header(request, &names.feature));
+    let feature = route_feature(snapshot.catalog(), &path).or_else(|| header(request, &names.feature));
     let (Some(account), Some(feature)) = (header(request, &names.account), feature) else {
         let mut response = error_response(
             StatusCode::FORBIDDEN,
@@ -117,7 +118,7 @@ pub fn ext_authz(sidecar: &Sidecar, request: &Request<Incoming>) -> HttpResponse
         amount: None,
     };
     let decision = decide_timed(sidecar, snapshot, &check, unix_now(sidecar));
-    let body = DecisionJson::new(snapshot.data(), account, snapshot.revision(), &decision, sidecar.store.is_stale());
+    let body = DecisionJson::new(snapshot.catalog(), account, snapshot.revision(), &decision, sidecar.store.is_stale());
     let status = if body.allow { StatusCode::OK } else { StatusCode::FORBIDDEN };
     let mut response = json_response(status, &body);
     let headers = response.headers_mut();
@@ -272,7 +273,7 @@ pub fn authzen(sidecar: &Sidecar, path: &str, body: &[u8]) -> HttpResponse {
     let evaluate = |evaluation: Merged<'_>| -> Result<(bool, Value), String> {
         let check = to_check(evaluation)?;
         let decision = decide_timed(sidecar, snapshot, &check, now);
-        let body = DecisionJson::new(snapshot.data(), &check.account, snapshot.revision(), &decision, stale);
+        let body = DecisionJson::new(snapshot.catalog(), &check.account, snapshot.revision(), &decision, stale);
         let context = serde_json::to_value(&body).unwrap_or(Value::Null);
         Ok((body.allow, context))
     };

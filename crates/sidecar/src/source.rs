@@ -152,7 +152,7 @@ pub fn reload(source: &Source, trusted: &TrustedKeys, store: &SnapshotStore) -> 
     }
     let started = Stopwatch::start();
     let loaded = source.load(trusted, store.revision(), store.take_spare(), store.clock().now_ms(), store.max_snapshot_bytes());
-    finish(source, store, Some(loaded), started)
+    finish(source, trusted, store, Some(loaded), started)
 }
 
 /// Like [`reload`], with loading and verifying on the low-priority loader thread, escalated to
@@ -172,11 +172,12 @@ pub async fn reload_in_background(
         super::background::DEADLINE,
     )
     .await;
-    finish(source, store, loaded, started)
+    finish(source, trusted, store, loaded, started)
 }
 
 fn finish(
     source: &Source,
+    trusted: &TrustedKeys,
     store: &SnapshotStore,
     loaded: Option<Result<Snapshot, LoadError>>,
     started: Stopwatch,
@@ -184,7 +185,15 @@ fn finish(
     match loaded {
         Some(Ok(snapshot)) => {
             let loaded = started.elapsed();
-            let revision = store.install(snapshot)?;
+            // A subscription's cache holds the deltas on that base too: installed with it, as
+            // one step (the base alone may be older than the highest revision installed).
+            let revision = match source {
+                Source::ControlPlane(subscription) => {
+                    let deltas = subscribe::cached_deltas(subscription, trusted, snapshot.revision(), store.max_snapshot_bytes());
+                    store.install_chain(Some(snapshot), deltas)?
+                }
+                _ => store.install(snapshot)?,
+            };
             tracing::info!(
                 revision,
                 load_verify_ms = loaded.as_secs_f64() * 1e3,

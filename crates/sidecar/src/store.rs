@@ -1,6 +1,8 @@
-//! The serving snapshot: an arc-swap cell that readers load without blocking, the install
-//! path that only ever replaces it with a verified, newer snapshot, and the readiness latch.
-//! Old snapshots are dropped on a reaper thread, never on a request.
+//! The serving view: an arc-swap cell that readers load without blocking, holding a verified
+//! base snapshot plus an overlay of the accounts that verified deltas changed; the install
+//! path that only ever replaces it with a newer view (a new base, deltas on the serving base,
+//! or both); and the readiness latch. A replaced base is dropped on a reaper thread, never on a
+//! request.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,7 +15,7 @@ use arc_swap::Guard;
 
 use crate::telemetry::{Metrics, RejectCause};
 use tollgate_core::clock::{Clock, Stopwatch};
-use tollgate_snapshot::Snapshot;
+use tollgate_snapshot::{ApplyError, Delta, ServingView, Snapshot};
 
 /// Why an offered snapshot was not installed.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +26,22 @@ pub enum InstallError {
         "snapshot revision {offered} is older than revision {highest}, which this sidecar installed before; refusing a rollback (start with `--allow-rollback` to accept it)"
     )]
     Rollback { offered: u64, highest: u64 },
+    #[error("a delta came without a base to apply it to: no snapshot is serving yet")]
+    NoBase,
+    #[error(transparent)]
+    Delta(#[from] ApplyError),
+}
+
+impl InstallError {
+    /// The metric cause of a refused install.
+    pub fn cause(&self) -> RejectCause {
+        match self {
+            InstallError::NotNewer { .. } | InstallError::Delta(ApplyError::NotNewer { .. }) => RejectCause::NotNewer,
+            InstallError::Rollback { .. } => RejectCause::Rollback,
+            InstallError::NoBase | InstallError::Delta(ApplyError::BaseMismatch { .. }) => RejectCause::BaseMismatch,
+            InstallError::Delta(ApplyError::Gap { .. }) => RejectCause::Gap,
+        }
+    }
 }
 
 /// Why the record of the highest installed revision could not be used.
@@ -51,7 +69,7 @@ struct UpdateStatus {
 }
 
 pub struct SnapshotStore {
-    current: ArcSwapOption<Snapshot>,
+    current: ArcSwapOption<ServingView>,
     /// Turns true with the first good snapshot and never back (a latch).
     ready: AtomicBool,
     /// Serializes installers so the revision check and the swap are one step.
@@ -132,8 +150,8 @@ impl SnapshotStore {
         &self.clock
     }
 
-    /// The serving snapshot. Keep the guard for a whole request so it sees one revision.
-    pub fn load(&self) -> Guard<Option<Arc<Snapshot>>> {
+    /// The serving view. Keep the guard for a whole request so it sees one revision.
+    pub fn load(&self) -> Guard<Option<Arc<ServingView>>> {
         self.current.load()
     }
 
@@ -142,44 +160,92 @@ impl SnapshotStore {
     }
 
     pub fn revision(&self) -> Option<u64> {
-        self.current.load().as_ref().map(|snapshot| snapshot.revision())
+        self.current.load().as_ref().map(|view| view.revision())
     }
 
-    /// Installs a verified snapshot if it is newer than the serving one.
+    /// The serving view's base revision, if one is serving.
+    pub fn base_revision(&self) -> Option<u64> {
+        self.current.load().as_ref().map(|view| view.base_revision())
+    }
+
+    /// Installs a verified base snapshot, with nothing on top, if it is newer than the serving
+    /// view.
     pub fn install(&self, snapshot: Snapshot) -> Result<u64, InstallError> {
+        self.install_chain(Some(snapshot), Vec::new())
+    }
+
+    /// Installs verified deltas on the serving view, or on `base` when one comes with them (a
+    /// control plane that compacted sends its new base and the deltas after it). Each delta must
+    /// apply to exactly the view before it (`ServingView::apply`). The result must be newer
+    /// than the serving view, or, for a new base, at least as new (the same accounts, with a
+    /// smaller overlay). When a delta does not apply, the ones before it are still installed
+    /// and the refusal is recorded; the serving view is never left half-changed.
+    pub fn install_chain(&self, base: Option<Snapshot>, deltas: Vec<Delta>) -> Result<u64, InstallError> {
         let _installing = self.install_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let offered = snapshot.revision();
-        if let Some(serving) = self.revision()
-            && offered <= serving
-        {
-            let error = InstallError::NotNewer { offered, serving };
-            self.reject(RejectCause::NotNewer, &error.to_string());
-            return Err(error);
+        let serving = self.current.load_full();
+        let new_base = base.is_some();
+        let mut view = match (base, serving.as_ref()) {
+            (Some(base), _) => ServingView::new(base),
+            (None, Some(serving)) => ServingView::clone(serving),
+            (None, None) => return Err(self.refuse(InstallError::NoBase)),
+        };
+        let mut refused = None;
+        for delta in deltas {
+            match view.apply(delta) {
+                Ok(applied) => view = applied,
+                Err(error) => {
+                    refused = Some(InstallError::Delta(error));
+                    break;
+                }
+            }
+        }
+        let offered = view.revision();
+        if let Some(serving) = serving.as_ref() {
+            let rebased = new_base && view.base_revision() > serving.base_revision();
+            let newer = offered > serving.revision() || (rebased && offered == serving.revision());
+            if !newer {
+                // A refused delta says more than "not newer" about why nothing moved.
+                let error = refused.unwrap_or(InstallError::NotNewer { offered, serving: serving.revision() });
+                return Err(self.refuse(error));
+            }
         }
         let highest = self.highest.load(Ordering::Relaxed);
         if offered < highest {
-            let error = InstallError::Rollback { offered, highest };
-            self.reject(RejectCause::Rollback, &error.to_string());
-            return Err(error);
+            return Err(self.refuse(InstallError::Rollback { offered, highest }));
         }
         self.record_highest(offered);
-        let n_accounts = snapshot.header().counts.accounts;
-        self.synced_at_ms.fetch_max(snapshot.header().created_at_ms, Ordering::Relaxed);
-        let old = self.current.swap(Some(Arc::new(snapshot)));
+        let (base_revision, overlay) = (view.base_revision(), view.overlay_len());
+        let n_accounts = view.account_count();
+        self.synced_at_ms.fetch_max(view.created_at_ms(), Ordering::Relaxed);
+        let view = Arc::new(view);
+        let old = self.current.swap(Some(Arc::clone(&view)));
         self.ready.store(true, Ordering::Release);
         self.swaps.fetch_add(1, Ordering::Relaxed);
         self.metrics.swapped(offered, n_accounts);
+        self.metrics.overlay(base_revision, overlay);
         self.pending_since_ms.store(0, Ordering::Relaxed);
         if let Ok(mut status) = self.status.lock() {
             status.loaded_at_ms = Some(self.clock.now_ms());
             status.last_error = None;
             status.last_error_at_ms = None;
         }
-        if let Some(old) = old {
-            retire(old, Arc::clone(&self.spare));
+        match old {
+            // A new base: the old one is large, so it goes on the reaper thread.
+            Some(old) if !old.same_base(&view) => retire(old, Arc::clone(&self.spare)),
+            // Deltas only: the old view shares its base and most of its overlay with the new.
+            _ => {}
         }
-        tracing::info!(revision = offered, accounts = n_accounts, "snapshot installed");
+        tracing::info!(revision = offered, base_revision, overlay, accounts = n_accounts, "snapshot installed");
+        if let Some(error) = refused {
+            self.refuse(error);
+        }
         Ok(offered)
+    }
+
+    /// Records a refused install and hands the error back.
+    fn refuse(&self, error: InstallError) -> InstallError {
+        self.reject(error.cause(), &error.to_string());
+        error
     }
 
     /// Keeps the highest installed revision in `path` from now on, and refuses snapshots older
@@ -319,7 +385,7 @@ impl SnapshotStore {
 /// large archive never lands on a request. arc-swap turns the readers' outstanding guards
 /// into counted references during the swap, so the strong count covers every reader.
 /// Its buffer is then kept for a while as the store's spare, for the next load to reuse.
-fn retire(old: Arc<Snapshot>, spare: Arc<Mutex<Option<AlignedVec>>>) {
+fn retire(old: Arc<ServingView>, spare: Arc<Mutex<Option<AlignedVec>>>) {
     let spawned = std::thread::Builder::new().name("tollgate-reaper".into()).spawn(move || {
         // Returning a large archive's pages to the kernel is background work too.
         super::background::lower_priority();
@@ -327,7 +393,7 @@ fn retire(old: Arc<Snapshot>, spare: Arc<Mutex<Option<AlignedVec>>>) {
         while Arc::strong_count(&old) > 1 && waiting.elapsed() < Duration::from_secs(60) {
             std::thread::sleep(Duration::from_millis(1));
         }
-        let Ok(snapshot) = Arc::try_unwrap(old) else { return };
+        let Some(snapshot) = Arc::try_unwrap(old).ok().and_then(ServingView::into_base) else { return };
         let buffer = snapshot.into_buffer();
         let address = buffer.as_ptr() as usize;
         if let Ok(mut slot) = spare.lock() {

@@ -1,8 +1,11 @@
-//! The control-plane subscription: long-polls `GET /v1/snapshot?after=REV` with a sidecar
-//! key, verifies each snapshot against the trusted keys off the request path, installs it, and
-//! keeps the last good one on disk (`DATA_DIR/snapshot.tgs`) so a restart serves while the
-//! control plane is down. Failures back off exponentially with full jitter; every answer from
-//! the control plane (new snapshot or "nothing newer") marks the serving snapshot as fresh.
+//! The control-plane subscription: long-polls `GET /v1/snapshot?after=REV&base=BASE` with a
+//! sidecar key; the answer is the deltas after the serving revision, or a new base and the
+//! deltas on it. Every file is verified against the trusted keys off the request path, then the
+//! lot is installed as one step. The base and the deltas installed on it are kept on disk
+//! (`DATA_DIR/snapshot.tgs` and `DATA_DIR/deltas.tgd`), so a restart serves at once, without a
+//! full download, while the control plane is down. Failures back off exponentially with full
+//! jitter; every answer from the control plane (something new or "nothing newer") marks the
+//! serving view as fresh.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -17,10 +20,12 @@ use tollgate_protocol::feed;
 
 use super::store::SnapshotStore;
 use crate::telemetry::RejectCause;
-use tollgate_snapshot::{Snapshot, SnapshotError, TrustedKeys};
+use tollgate_snapshot::{Delta, Piece, Snapshot, SnapshotError, TrustedKeys};
 
-/// The cached snapshot's file name inside the data directory.
+/// The cached base snapshot's file name inside the data directory.
 pub const CACHE_FILE: &str = "snapshot.tgs";
+/// The cached deltas on that base, back to back, in the order they were installed.
+pub const DELTA_CACHE_FILE: &str = "deltas.tgd";
 /// How long one long-poll asks the control plane to wait, in seconds.
 pub const DEFAULT_WAIT_SECS: u64 = 25;
 pub const BACKOFF_START: Duration = Duration::from_millis(200);
@@ -91,10 +96,14 @@ impl Subscription {
         self.data_dir.join(CACHE_FILE)
     }
 
-    /// One long-poll: `Ok(Some(bytes))` for a newer snapshot, `Ok(None)` when nothing newer
-    /// came within the wait.
-    pub async fn poll(&self, after: u64) -> Result<Option<Bytes>, SubscribeError> {
-        let path = feed::snapshot_query(after, self.wait.as_secs());
+    pub fn delta_cache_path(&self) -> PathBuf {
+        self.data_dir.join(DELTA_CACHE_FILE)
+    }
+
+    /// One long-poll from revision `after` on base `base`: `Ok(Some(bytes))` with what brings
+    /// the sidecar up to date, `Ok(None)` when nothing newer came within the wait.
+    pub async fn poll(&self, after: u64, base: Option<u64>) -> Result<Option<Bytes>, SubscribeError> {
+        let path = feed::snapshot_query(after, base, self.wait.as_secs());
         let limit = self.wait + Duration::from_secs(10);
         let max_body = usize::try_from(self.max_snapshot_bytes).unwrap_or(usize::MAX);
         let (status, body) = self.exchange_within("GET", &path, Bytes::new(), max_body, limit).await?;
@@ -139,13 +148,136 @@ fn write_cache(path: &Path, bytes: &[u8]) -> Result<(), SubscribeError> {
     tollgate_http::fs::write_atomically(path, bytes).map_err(|source| SubscribeError::Cache { path: path.display().to_string(), source })
 }
 
+/// A feed answer, verified: a new base if one came, the deltas after it, and the bytes of each
+/// for the cache.
+pub struct VerifiedFeed {
+    pub base: Option<(Snapshot, Bytes)>,
+    pub deltas: Vec<(Delta, Bytes)>,
+}
+
+/// Splits a feed answer into its files and verifies each. A base may only come first.
+pub fn verify_feed(bytes: &Bytes, trusted: &TrustedKeys, spare: Option<rkyv::util::AlignedVec>) -> Result<VerifiedFeed, SnapshotError> {
+    let mut feed = VerifiedFeed { base: None, deltas: Vec::new() };
+    let mut spare = spare;
+    for (position, piece) in tollgate_snapshot::pieces(bytes).enumerate() {
+        match piece? {
+            Piece::Base(file) if position == 0 => {
+                let snapshot = Snapshot::verify_into(file, trusted, spare.take())?;
+                feed.base = Some((snapshot, bytes.slice_ref(file)));
+            }
+            Piece::Base(_) => return Err(SnapshotError::WrongKind),
+            Piece::Delta(file) => feed.deltas.push((Delta::verify(file, trusted)?, bytes.slice_ref(file))),
+        }
+    }
+    Ok(feed)
+}
+
+/// Caches what was installed: a new base replaces the cache (base, then a fresh delta file);
+/// deltas alone are appended. Only files at or below `installed` are written.
+fn cache_installed(
+    subscription: &Subscription,
+    base: Option<&Bytes>,
+    deltas: &[(u64, Bytes)],
+    installed: u64,
+) -> Result<(), SubscribeError> {
+    let kept = deltas.iter().filter(|(revision, _)| *revision <= installed).map(|(_, bytes)| bytes);
+    let delta_path = subscription.delta_cache_path();
+    match base {
+        Some(base) => {
+            write_cache(&subscription.cache_path(), base)?;
+            let joined: Vec<u8> = kept.flat_map(|bytes| bytes.iter().copied()).collect();
+            write_cache(&delta_path, &joined)
+        }
+        None => {
+            use std::io::Write;
+            let cache_error = |source| SubscribeError::Cache { path: delta_path.display().to_string(), source };
+            let mut file = std::fs::OpenOptions::new().create(true).append(true).open(&delta_path).map_err(cache_error)?;
+            for bytes in kept {
+                file.write_all(bytes).map_err(cache_error)?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The cached deltas on the cached base (revision `base`), verified, to install with it at
+/// start. A torn or stale tail (a crash mid-append, deltas of an older base) is dropped and the
+/// file rewritten to the part that is good, so later appends follow good data.
+pub fn cached_deltas(subscription: &Subscription, trusted: &TrustedKeys, base: u64, max_bytes: u64) -> Vec<Delta> {
+    let path = subscription.delta_cache_path();
+    let bytes = match std::fs::metadata(&path) {
+        Ok(metadata) if metadata.is_file() && metadata.len() <= max_bytes => std::fs::read(&path).unwrap_or_default(),
+        _ => return Vec::new(),
+    };
+    let mut deltas = Vec::new();
+    let mut good_len = 0;
+    for piece in tollgate_snapshot::pieces(&bytes) {
+        let Ok(Piece::Delta(file)) = piece else { break };
+        let Ok(delta) = Delta::verify(file, trusted) else { break };
+        if delta.header().base_revision != base {
+            break;
+        }
+        good_len += file.len();
+        deltas.push(delta);
+    }
+    if good_len < bytes.len() {
+        tracing::warn!(path = %path.display(), dropped_bytes = bytes.len() - good_len, "cached deltas end in a torn or stale part; dropped");
+        if let Err(error) = write_cache(&path, bytes.get(..good_len).unwrap_or_default()) {
+            tracing::warn!(%error, "cannot rewrite the delta cache");
+        }
+    }
+    deltas
+}
+
 fn reject_cause(error: &SubscribeError) -> RejectCause {
     match error {
         SubscribeError::Snapshot(SnapshotError::UntrustedKey(_)) => RejectCause::UntrustedKey,
         SubscribeError::Snapshot(SnapshotError::BadSignature(_)) => RejectCause::Signature,
         SubscribeError::Snapshot(SnapshotError::Invalid(_)) => RejectCause::Validation,
+        SubscribeError::Snapshot(SnapshotError::DeltaHeader(_)) => RejectCause::Validation,
         SubscribeError::Snapshot(_) => RejectCause::Framing,
         _ => RejectCause::Read,
+    }
+}
+
+/// Installs a verified feed answer and caches what was installed; `None` when all went well,
+/// else the failure to back off from (the store has recorded a refusal already).
+async fn install_feed(
+    subscription: &Arc<Subscription>,
+    store: &SnapshotStore,
+    feed: VerifiedFeed,
+    started: tollgate_core::clock::Stopwatch,
+) -> Option<(String, Option<RejectCause>)> {
+    let VerifiedFeed { base, deltas } = feed;
+    let (base, base_bytes) = base.map_or((None, None), |(snapshot, bytes)| (Some(snapshot), Some(bytes)));
+    let delta_bytes: Vec<(u64, Bytes)> = deltas.iter().map(|(delta, bytes)| (delta.revision(), bytes.clone())).collect();
+    let n_deltas = deltas.len();
+    let received: usize = base_bytes.as_ref().map_or(0, Bytes::len) + delta_bytes.iter().map(|(_, bytes)| bytes.len()).sum::<usize>();
+    match store.install_chain(base, deltas.into_iter().map(|(delta, _)| delta).collect()) {
+        Ok(revision) => {
+            // Cached only once installed: what the store refused must not be what a restart
+            // serves.
+            let subscription = Arc::clone(subscription);
+            let new_base = base_bytes.is_some();
+            match super::background::run(move || cache_installed(&subscription, base_bytes.as_ref(), &delta_bytes, revision)).await {
+                Some(Ok(())) => {}
+                Some(Err(error)) => tracing::warn!(%error, "snapshot installed but not cached"),
+                None => tracing::warn!("snapshot cache write did not finish"),
+            }
+            store.mark_synced();
+            tracing::info!(
+                revision,
+                new_base,
+                deltas = n_deltas,
+                bytes = received,
+                verify_ms = started.elapsed().as_secs_f64() * 1e3,
+                "update from control plane installed"
+            );
+            None
+        }
+        // The store recorded the refusal; a control plane that goes backwards, or skips, is a
+        // fault worth backing off from.
+        Err(error) => Some((error.to_string(), None)),
     }
 }
 
@@ -162,7 +294,7 @@ pub async fn run(
         let after = store.revision().unwrap_or(0);
         let outcome = tokio::select! {
             () = &mut shutdown => return,
-            outcome = subscription.poll(after) => outcome,
+            outcome = subscription.poll(after, store.base_revision()) => outcome,
         };
         let failure = match outcome {
             Ok(None) => {
@@ -171,37 +303,14 @@ pub async fn run(
             }
             Ok(Some(bytes)) => {
                 store.mark_pending();
-                let trusted = Arc::clone(&trusted);
                 let started = tollgate_core::clock::Stopwatch::start();
-                let verify_bytes = bytes.clone();
-                let spare_store = Arc::clone(&store);
+                let (trusted, spare_store) = (Arc::clone(&trusted), Arc::clone(&store));
                 let verified = super::background::run_with_deadline(
-                    move || Snapshot::verify_into(&verify_bytes, &trusted, spare_store.take_spare()).map_err(SubscribeError::from),
+                    move || verify_feed(&bytes, &trusted, spare_store.take_spare()).map_err(SubscribeError::from),
                     super::background::DEADLINE,
                 );
                 match verified.await {
-                    Some(Ok(snapshot)) => match store.install(snapshot) {
-                        Ok(revision) => {
-                            // Cached only once installed: a snapshot the store refused (not
-                            // newer) must not be what a restart serves.
-                            let cache = subscription.cache_path();
-                            match super::background::run(move || write_cache(&cache, &bytes)).await {
-                                Some(Ok(())) => {}
-                                Some(Err(error)) => tracing::warn!(%error, "snapshot installed but not cached"),
-                                None => tracing::warn!("snapshot cache write did not finish"),
-                            }
-                            store.mark_synced();
-                            tracing::info!(
-                                revision,
-                                verify_ms = started.elapsed().as_secs_f64() * 1e3,
-                                "snapshot from control plane installed"
-                            );
-                            None
-                        }
-                        // The store recorded the reject; a control plane that goes backwards is
-                        // a fault worth backing off from.
-                        Err(error) => Some((error.to_string(), None)),
-                    },
+                    Some(Ok(feed)) => install_feed(&subscription, &store, feed, started).await,
                     Some(Err(error)) => Some((error.to_string(), Some(reject_cause(&error)))),
                     None => Some(("snapshot verification did not finish".to_string(), Some(RejectCause::Read))),
                 }

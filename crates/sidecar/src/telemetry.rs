@@ -67,10 +67,14 @@ pub enum RejectCause {
     NotNewer,
     /// Older than the highest revision this sidecar ever installed (kept in `--data-dir`).
     Rollback,
+    /// A delta that does not follow the serving revision: one in between is missing.
+    Gap,
+    /// A delta for another base than the serving one (or with no base serving at all).
+    BaseMismatch,
 }
 
 impl RejectCause {
-    pub const ALL: [RejectCause; 8] = [
+    pub const ALL: [RejectCause; 10] = [
         RejectCause::Read,
         RejectCause::Compile,
         RejectCause::Framing,
@@ -79,6 +83,8 @@ impl RejectCause {
         RejectCause::Validation,
         RejectCause::NotNewer,
         RejectCause::Rollback,
+        RejectCause::Gap,
+        RejectCause::BaseMismatch,
     ];
 
     pub const fn as_str(self) -> &'static str {
@@ -91,6 +97,8 @@ impl RejectCause {
             RejectCause::Validation => "validation",
             RejectCause::NotNewer => "not_newer",
             RejectCause::Rollback => "rollback",
+            RejectCause::Gap => "gap",
+            RejectCause::BaseMismatch => "base_mismatch",
         }
     }
 }
@@ -111,6 +119,8 @@ pub struct Metrics {
     snapshot_revision: Gauge,
     snapshot_age_seconds: Gauge,
     snapshot_accounts: Gauge,
+    snapshot_base_revision: Gauge,
+    snapshot_overlay_accounts: Gauge,
     snapshot_swaps: Counter,
     snapshot_rejects: [Counter; RejectCause::ALL.len()],
     meter_events: [Counter; 3],
@@ -192,6 +202,8 @@ impl Metrics {
             snapshot_revision: gauge(&recorder, "tollgate_snapshot_revision"),
             snapshot_age_seconds: gauge(&recorder, "tollgate_snapshot_age_seconds"),
             snapshot_accounts: gauge(&recorder, "tollgate_snapshot_accounts"),
+            snapshot_base_revision: gauge(&recorder, "tollgate_snapshot_base_revision"),
+            snapshot_overlay_accounts: gauge(&recorder, "tollgate_snapshot_overlay_accounts"),
             snapshot_swaps: counter(&recorder, "tollgate_snapshot_swaps_total", Vec::new()),
             snapshot_rejects,
             meter_events,
@@ -234,6 +246,12 @@ impl Metrics {
         self.snapshot_swaps.increment(1);
         self.snapshot_revision.set(revision as f64);
         self.snapshot_accounts.set(n_accounts as f64);
+    }
+
+    /// The serving view's base revision and how many accounts its overlay holds.
+    pub fn overlay(&self, base_revision: u64, overlay_accounts: usize) {
+        self.snapshot_base_revision.set(base_revision as f64);
+        self.snapshot_overlay_accounts.set(overlay_accounts as f64);
     }
 
     pub fn rejected(&self, cause: RejectCause) {

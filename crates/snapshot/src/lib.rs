@@ -18,7 +18,15 @@ use sha2::{Digest, Sha256};
 
 use tollgate_core::model::{ArchivedSnapshotData, SnapshotData};
 
+mod delta;
+mod view;
+
+pub use delta::{Delta, DeltaHeader, Described, Piece, build_delta, describe, pieces};
+pub use view::{ApplyError, ServingView};
+
 const MAGIC: &[u8; 8] = b"TGSNAP\x00\x01";
+/// The magic of a delta file (`delta`): the same framing, another payload.
+const DELTA_MAGIC: &[u8; 8] = b"TGDELT\x00\x01";
 /// Version of the archived data model; bumped whenever `model` changes shape, so an old file
 /// is refused with a clear message instead of failing validation.
 pub const FORMAT: u32 = 4;
@@ -34,6 +42,10 @@ pub enum SnapshotError {
     Truncated(usize),
     #[error("not a tollgate snapshot: bad magic bytes")]
     BadMagic,
+    #[error("a delta snapshot was given where a base was expected, or a base where a delta was")]
+    WrongKind,
+    #[error("delta header is inconsistent: {0}")]
+    DeltaHeader(String),
     #[error("snapshot format {found} is not the format this build reads ({FORMAT}); recompile it with this version")]
     Format { found: u32 },
     #[error("snapshot header length {0} is out of range or leaves the payload unaligned")]
@@ -155,9 +167,9 @@ impl fmt::Debug for Snapshot {
     }
 }
 
-/// Where the parts of a snapshot file lie.
-struct Framing {
-    header: Header,
+/// Where the parts of a signed file lie.
+struct Framing<H = Header> {
+    header: H,
     payload: std::ops::Range<usize>,
     signed: std::ops::Range<usize>,
 }
@@ -173,11 +185,7 @@ impl Snapshot {
     /// Verifies a snapshot file already in an aligned buffer, without copying it.
     pub fn verify_owned(bytes: AlignedVec, trusted: &TrustedKeys) -> Result<Snapshot, SnapshotError> {
         let Framing { header, payload, signed } = parse_framing(&bytes)?;
-        let key = trusted.find(&header.key_id).ok_or_else(|| SnapshotError::UntrustedKey(header.key_id.clone()))?;
-        let bad_signature = || SnapshotError::BadSignature(header.key_id.clone());
-        let signature = bytes.get(signed.end..).and_then(|slice| Signature::from_slice(slice).ok()).ok_or_else(bad_signature)?;
-        let message = bytes.get(signed).ok_or_else(bad_signature)?;
-        key.verify_strict(message, &signature).map_err(|_| bad_signature())?;
+        check_signature(&bytes, &header.key_id, signed, trusted)?;
         let archive = bytes.get(payload.clone()).ok_or(SnapshotError::Truncated(bytes.len()))?;
         rkyv::access::<ArchivedSnapshotData, rkyv::rancor::Error>(archive).map_err(SnapshotError::Invalid)?;
         Ok(Snapshot { header, bytes, payload })
@@ -269,6 +277,16 @@ impl Snapshot {
     }
 }
 
+/// Checks that `bytes[signed]` is signed, by the trusted key `key_id`, with the signature that
+/// follows it.
+fn check_signature(bytes: &[u8], key_id: &str, signed: std::ops::Range<usize>, trusted: &TrustedKeys) -> Result<(), SnapshotError> {
+    let key = trusted.find(key_id).ok_or_else(|| SnapshotError::UntrustedKey(key_id.to_string()))?;
+    let bad_signature = || SnapshotError::BadSignature(key_id.to_string());
+    let signature = bytes.get(signed.end..).and_then(|slice| Signature::from_slice(slice).ok()).ok_or_else(bad_signature)?;
+    let message = bytes.get(signed).ok_or_else(bad_signature)?;
+    key.verify_strict(message, &signature).map_err(|_| bad_signature())
+}
+
 /// An empty aligned buffer with room for `len` bytes: `spare` when it has the room.
 fn reusable(spare: Option<AlignedVec>, len: usize) -> AlignedVec {
     match spare {
@@ -343,10 +361,31 @@ fn check_head(head: &[u8], len: u64) -> Result<(), SnapshotError> {
     Ok(())
 }
 
+/// A signed file's header: what the framing needs from it.
+trait Framed: serde::de::DeserializeOwned {
+    fn format(&self) -> u32;
+    fn payload_len(&self) -> u64;
+}
+
+impl Framed for Header {
+    fn format(&self) -> u32 {
+        self.format
+    }
+
+    fn payload_len(&self) -> u64 {
+        self.payload_len
+    }
+}
+
 fn parse_framing(bytes: &[u8]) -> Result<Framing, SnapshotError> {
-    let magic = bytes.get(..MAGIC.len()).ok_or(SnapshotError::Truncated(bytes.len()))?;
-    if magic != MAGIC {
-        return Err(SnapshotError::BadMagic);
+    parse_framing_of(bytes, MAGIC)
+}
+
+/// Parses the framing of a signed file whose magic is `magic` and whose header is an `H`.
+fn parse_framing_of<H: Framed>(bytes: &[u8], magic: &[u8; 8]) -> Result<Framing<H>, SnapshotError> {
+    let found = bytes.get(..magic.len()).ok_or(SnapshotError::Truncated(bytes.len()))?;
+    if found != magic {
+        return Err(if found == DELTA_MAGIC || found == MAGIC { SnapshotError::WrongKind } else { SnapshotError::BadMagic });
     }
     let len_bytes: [u8; 4] =
         bytes.get(MAGIC.len()..MAGIC.len() + 4).and_then(|slice| slice.try_into().ok()).ok_or(SnapshotError::Truncated(bytes.len()))?;
@@ -357,15 +396,15 @@ fn parse_framing(bytes: &[u8]) -> Result<Framing, SnapshotError> {
         return Err(SnapshotError::HeaderLength(header_len));
     }
     let header_bytes = bytes.get(header_start..header_end).ok_or(SnapshotError::Truncated(bytes.len()))?;
-    let header: Header = serde_json::from_slice(header_bytes).map_err(SnapshotError::Header)?;
-    if header.format != FORMAT {
-        return Err(SnapshotError::Format { found: header.format });
+    let header: H = serde_json::from_slice(header_bytes).map_err(SnapshotError::Header)?;
+    if header.format() != FORMAT {
+        return Err(SnapshotError::Format { found: header.format() });
     }
     let signed_end =
         bytes.len().checked_sub(SIGNATURE_LEN).filter(|&end| end >= header_end).ok_or(SnapshotError::Truncated(bytes.len()))?;
     let payload_len = signed_end - header_end;
-    if header.payload_len != payload_len as u64 {
-        return Err(SnapshotError::PayloadLength { expected: header.payload_len, actual: payload_len });
+    if header.payload_len() != payload_len as u64 {
+        return Err(SnapshotError::PayloadLength { expected: header.payload_len(), actual: payload_len });
     }
     Ok(Framing { header, payload: header_end..signed_end, signed: 0..signed_end })
 }
@@ -393,12 +432,17 @@ pub fn build(data: &SnapshotData, revision: u64, created_at_ms: i64, key: &Signi
 
 /// Lays out and signs a snapshot file from its header and archived payload.
 fn frame(header: &Header, payload: &[u8], key: &SigningKey) -> Result<Vec<u8>, SnapshotError> {
+    frame_as(MAGIC, header, payload, key)
+}
+
+/// Lays out and signs a file of kind `magic` from its header and archived payload.
+fn frame_as(magic: &[u8; 8], header: &impl Serialize, payload: &[u8], key: &SigningKey) -> Result<Vec<u8>, SnapshotError> {
     let mut header_json = serde_json::to_vec(header).map_err(SnapshotError::Header)?;
-    while !(MAGIC.len() + 4 + header_json.len()).is_multiple_of(PAYLOAD_ALIGN) {
+    while !(magic.len() + 4 + header_json.len()).is_multiple_of(PAYLOAD_ALIGN) {
         header_json.push(b' ');
     }
-    let mut bytes = Vec::with_capacity(MAGIC.len() + 4 + header_json.len() + payload.len() + SIGNATURE_LEN);
-    bytes.extend_from_slice(MAGIC);
+    let mut bytes = Vec::with_capacity(magic.len() + 4 + header_json.len() + payload.len() + SIGNATURE_LEN);
+    bytes.extend_from_slice(magic);
     bytes.extend_from_slice(&(header_json.len() as u32).to_le_bytes());
     bytes.extend_from_slice(&header_json);
     bytes.extend_from_slice(payload);
