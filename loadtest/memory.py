@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Sidecar memory under many concurrent connections (issue 11, item 6): RSS idle, while
+r"""Sidecar memory under many concurrent connections (issue 11, item 6): RSS idle, while
 CONNECTIONS connections are open and sending bodies up to the body limit, and after they close.
 
 Starts a dev-mode sidecar (`tollgate sidecar --policies`, 1000 generated accounts) on loopback,
@@ -7,16 +7,23 @@ reads VmRSS/VmHWM from /proc/PID/status, opens every connection at once and keep
 until each has its answer, samples RSS every 100 ms, closes them all, and samples again after
 AFTER seconds (the sidecar's housekeeping runs every 5 s). Bodies, by connection number:
 
-  0 mod 10 in 0..4  `slow`:    a valid 10,000-check batch padded with whitespace to just under
-                               64 KiB (the heavy-request threshold), sent in 8 pieces over ~8 s
-  4..6              `large`:   a valid 10,000-check batch padded to `--max-body` (1 MiB), at once
-  7..8              `chunked`: the same batch without a length (chunked), in 64 KiB chunks
-  9                 `keep`:    one small check, then the connection idles, kept alive
+  number mod 10 = 0..3  `slow`     a valid batch (as many checks as fit) padded with whitespace
+                                   to just under 64 KiB (the heavy-request threshold), sent in 8
+                                   pieces a second apart
+  number mod 10 = 4..6  `large`    a valid 10,000-check batch padded to `--max-body` (1 MiB), at once
+  number mod 10 = 7, 8  `chunked`  the same batch without a length (chunked), in 64 KiB chunks
+  number mod 10 = 9     `keep`     one small check, then the connection idles, kept alive
 
 Only the standard library; every wait is bounded. Nothing is asserted: it prints figures.
 
-    cargo-lock build --release --bin tollgate
-    python3 loadtest/memory.py --tollgate target/release/tollgate --connections 1000
+    cargo build --release --bin tollgate
+    python3 loadtest/memory.py --tollgate target/release/tollgate --connections 1000 --rounds 2
+
+The same binary without giving memory back (the housekeeping's `malloc_trim` made a no-op):
+
+    printf '#include <stddef.h>\nint malloc_trim(size_t pad) { (void)pad; return 0; }\n' > /tmp/notrim.c
+    gcc -shared -fPIC -o /tmp/notrim.so /tmp/notrim.c
+    LD_PRELOAD=/tmp/notrim.so python3 loadtest/memory.py --tollgate target/release/tollgate --rounds 2
 """
 
 import argparse

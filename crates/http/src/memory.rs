@@ -3,8 +3,9 @@
 //! runs on a request.
 //!
 //! glibc's allocator keeps what a burst freed: 1,000 connections sending bodies up to the
-//! body limit took a sidecar from 28 to 95 MiB of RSS, and it stayed at 95 MiB after they
-//! closed (`loadtest/memory.py`, figures in `loadtest/README.md`). Freed chunks sit in the
+//! body limit took a release-built sidecar from 16 to 142 MiB of RSS, and it stayed at 142 MiB
+//! after they closed; trimming brings it back to 22 MiB (`loadtest/memory.py`, figures in
+//! `loadtest/README.md`). Freed chunks sit in the
 //! per-thread arenas, and only the top of a heap is returned on its own. `malloc_trim(0)`
 //! releases the free pages of every arena. Other allocators (musl's, used by the static
 //! container image) return memory on their own terms; there this is a no-op.
