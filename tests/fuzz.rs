@@ -328,3 +328,155 @@ fn control_plane_write_bodies() {
     let account = control_plane.repository.account("acme").unwrap().unwrap();
     assert!(tollgate_control_plane::compile_one(&control_plane.catalog, "acme", &account).is_ok());
 }
+
+/// A sidecar serving the example policies, for the targets that go through its real handlers
+/// (called directly, without a connection), and the runtime it runs on, which also reads the
+/// answers' bodies.
+fn serving_sidecar() -> (tokio::runtime::Runtime, common::TestServer) {
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let server = runtime.block_on(common::TestServer::start(Some(common::signed_test(&common::example_data(), 9))));
+    assert!(server.sidecar.store().load().is_some(), "the example snapshot is served");
+    (runtime, server)
+}
+
+/// An answer's status, headers and JSON body (`null` when the body is empty or not JSON).
+fn answer(runtime: &tokio::runtime::Runtime, response: tollgate_sidecar::HttpResponse) -> (u16, hyper::HeaderMap, serde_json::Value) {
+    use http_body_util::BodyExt;
+    let (parts, body) = response.into_parts();
+    let bytes = runtime.block_on(body.collect()).unwrap().to_bytes();
+    (parts.status.as_u16(), parts.headers, serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null))
+}
+
+#[test]
+fn authzen_bodies() {
+    use serde_json::Value;
+    let (runtime, server) = serving_sidecar();
+    fuzz("authzen", &corpus("authzen"), |bytes| {
+        for path in ["/access/v1/evaluation", "/access/v1/evaluations"] {
+            let (status, _, body) = answer(&runtime, tollgate_sidecar::protocols::authzen(&server.sidecar, path, bytes));
+            // Whatever a body holds, a mistake is the client's (400), never the server's.
+            assert!(status == 200 || status == 400, "{path} answered {status}: {body}");
+            if status != 200 {
+                assert!(body.get("error").is_some(), "{path}: a 400 without an error: {body}");
+                continue;
+            }
+            let answers = match body.get("evaluations") {
+                Some(items) => {
+                    assert_eq!(path, "/access/v1/evaluations", "only the batch endpoint answers a list");
+                    let items = items.as_array().expect("`evaluations` is a list").clone();
+                    // One answer per evaluation asked at most (fewer when a semantic stops early).
+                    let asked = serde_json::from_slice::<Value>(bytes)
+                        .ok()
+                        .and_then(|request| request.get("evaluations").and_then(Value::as_array).map(Vec::len));
+                    assert!(!items.is_empty() && asked.is_none_or(|asked| items.len() <= asked), "{} answers for {asked:?}", items.len());
+                    assert!(items.len() <= tollgate_sidecar::MAX_BATCH);
+                    items
+                }
+                None => vec![body],
+            };
+            for item in answers {
+                let decision = item.get("decision").and_then(Value::as_bool).unwrap_or_else(|| panic!("no boolean decision: {item}"));
+                // An allow only ever comes from the engine, whose answer is the context.
+                if decision {
+                    assert_eq!(item["context"]["allow"], Value::Bool(true), "{item}");
+                }
+            }
+        }
+    });
+}
+
+#[test]
+fn ofrep_bodies() {
+    use serde_json::Value;
+    let (runtime, server) = serving_sidecar();
+    let n_features = server.sidecar.store().load().as_ref().unwrap().data().features.len();
+    let flag = |flag: &Value, key: Option<&str>| {
+        let value = flag.get("value").and_then(Value::as_bool).unwrap_or_else(|| panic!("no boolean value: {flag}"));
+        let reason = if value { "TARGETING_MATCH" } else { "DISABLED" };
+        assert_eq!(flag.get("reason").and_then(Value::as_str), Some(reason), "{flag}");
+        if let Some(key) = key {
+            assert_eq!(flag.get("key").and_then(Value::as_str), Some(key), "{flag}");
+        }
+    };
+    fuzz("ofrep", &corpus("ofrep"), |bytes| {
+        for path in ["/ofrep/v1/evaluate/flags/reports", "/ofrep/v1/evaluate/flags"] {
+            let (status, _, body) = answer(&runtime, tollgate_sidecar::ofrep::evaluate_body(&server.sidecar, path, bytes, None));
+            match status {
+                200 if path.ends_with("/reports") => flag(&body, Some("reports")),
+                200 => {
+                    // Bulk: every feature of the catalog, each a boolean flag.
+                    let flags = body.get("flags").and_then(Value::as_array).unwrap_or_else(|| panic!("no flags: {body}"));
+                    assert_eq!(flags.len(), n_features);
+                    flags.iter().for_each(|each| flag(each, None));
+                }
+                400 => {
+                    let code = body.get("errorCode").and_then(Value::as_str);
+                    assert!(
+                        matches!(code, Some("PARSE_ERROR" | "TARGETING_KEY_MISSING" | "INVALID_CONTEXT")),
+                        "{path}: unexpected 400 {body}"
+                    );
+                }
+                other => panic!("{path} answered {other} for a client's body: {body}"),
+            }
+        }
+    });
+}
+
+/// An ext_authz request from a corpus entry: the first line is the original path (Envoy's
+/// `/ext_authz` prefix is added), every further `name: value` line a header; lines that are no
+/// valid header are left out, as hyper would refuse them before any handler.
+fn ext_authz_request(bytes: &[u8]) -> Option<hyper::Request<()>> {
+    let mut lines = bytes.split(|byte| *byte == b'\n');
+    let path = String::from_utf8_lossy(lines.next().unwrap_or_default()).into_owned();
+    let uri = format!("/ext_authz{path}").parse::<hyper::Uri>().ok()?;
+    let mut request = hyper::Request::new(());
+    *request.uri_mut() = uri;
+    for line in lines {
+        let Some(colon) = line.iter().position(|byte| *byte == b':') else { continue };
+        let (name, value) = (line[..colon].trim_ascii(), line[colon + 1..].trim_ascii());
+        if let (Ok(name), Ok(value)) = (hyper::header::HeaderName::from_bytes(name), hyper::header::HeaderValue::from_bytes(value)) {
+            request.headers_mut().append(name, value);
+        }
+    }
+    Some(request)
+}
+
+#[test]
+fn ext_authz_requests() {
+    use tollgate_sidecar::{protocols, route_path};
+    let (runtime, server) = serving_sidecar();
+    let guard = server.sidecar.store().load();
+    let snapshot = guard.as_ref().unwrap();
+    fuzz("ext_authz", &corpus("ext_authz"), |bytes| {
+        let Some(request) = ext_authz_request(bytes) else { return };
+        let (status, headers, body) = answer(&runtime, protocols::ext_authz(&server.sidecar, &request));
+        assert!(status == 200 || status == 403, "answered {status}: {body}");
+        let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok()).map(str::to_string);
+        let reason = header("x-tollgate-reason").unwrap_or_else(|| panic!("no reason header: {body}"));
+        let original = request.uri().path().strip_prefix(protocols::EXT_AUTHZ_PREFIX).unwrap_or_default();
+        let normalised = match route_path::normalize(original) {
+            Ok(normalised) => normalised,
+            Err(_) => {
+                assert_eq!((status, reason.as_str()), (403, "invalid_path"), "`{original}` cannot be normalised");
+                return;
+            }
+        };
+        for segment in ["//", "/./", "/../"] {
+            assert!(!normalised.contains(segment), "`{original}` normalised to `{normalised}`");
+        }
+        assert!(!normalised.ends_with("/.") && !normalised.ends_with("/.."), "`{original}` normalised to `{normalised}`");
+        if reason == "missing_identity" {
+            assert_eq!(status, 403);
+            return;
+        }
+        // A decision was made: for an account the request named, on the route's feature when the
+        // path has a route, whatever feature header the client sent.
+        let account = request.headers().get(protocols::HEADER_ACCOUNT).and_then(|value| value.to_str().ok());
+        assert!(account.is_some_and(|account| !account.is_empty()), "a decision without an account: {body}");
+        let feature = header("x-tollgate-feature");
+        if let Some(routed) = protocols::route_feature(snapshot.data(), &normalised) {
+            assert_eq!(feature.as_deref(), Some(routed), "`{original}` is routed to `{routed}`");
+        }
+        assert_eq!(body.get("allow").and_then(serde_json::Value::as_bool), Some(status == 200), "{body}");
+    });
+}

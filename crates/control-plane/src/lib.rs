@@ -537,6 +537,10 @@ pub async fn run_with_sync(
             loop {
                 interval.tick().await;
                 metrics.upkeep();
+                // After a burst of connections the allocator keeps what it freed.
+                if let Some(free) = tollgate_http::memory::give_back(tollgate_http::memory::TRIM_ABOVE_BYTES) {
+                    tracing::debug!(free_bytes = free, "gave free heap memory back to the OS");
+                }
             }
         })
     };

@@ -70,14 +70,21 @@ pub async fn handle(sidecar: &Sidecar, request: Request<Incoming>) -> HttpRespon
         Ok(body) => body,
         Err(response) => return response,
     };
+    evaluate_body(sidecar, &path, &body, if_none_match.as_ref())
+}
+
+/// Answers an evaluation POST to `path` (a single flag's path or the bulk path, as [`handle`]
+/// has matched it) whose body has been read: parsing, mapping and deciding, with no I/O. Public
+/// for the fuzz tests, which feed it bodies without an HTTP connection.
+pub fn evaluate_body(sidecar: &Sidecar, path: &str, body: &[u8], if_none_match: Option<&HeaderValue>) -> HttpResponse {
     // An empty body is an empty context: the answer then says which key is missing.
     let parsed: EvaluationRequest = if body.iter().all(u8::is_ascii_whitespace) {
         EvaluationRequest::default()
     } else {
-        match serde_json::from_slice(&body) {
+        match serde_json::from_slice(body) {
             Ok(parsed) => parsed,
             Err(error) => {
-                let key = single_key(&path);
+                let key = single_key(path);
                 return ofrep_error(
                     StatusCode::BAD_REQUEST,
                     key.as_deref(),
@@ -88,9 +95,9 @@ pub async fn handle(sidecar: &Sidecar, request: Request<Incoming>) -> HttpRespon
         }
     };
     let context = parsed.context.unwrap_or_default();
-    match single_key(&path) {
+    match single_key(path) {
         Some(key) => single(sidecar, &key, &context),
-        None => bulk(sidecar, &context, if_none_match.as_ref()),
+        None => bulk(sidecar, &context, if_none_match),
     }
 }
 

@@ -4,7 +4,6 @@
 
 use std::borrow::Cow;
 
-use hyper::body::Incoming;
 use hyper::header::{HeaderName, HeaderValue};
 use hyper::{Request, StatusCode};
 use serde::Deserialize;
@@ -60,7 +59,7 @@ pub fn header_name(name: &str) -> Result<HeaderName, InvalidHeaderName> {
     HeaderName::from_bytes(name.to_ascii_lowercase().as_bytes()).map_err(|_| InvalidHeaderName { name: name.to_string() })
 }
 
-fn header<'r>(request: &'r Request<Incoming>, name: &HeaderName) -> Option<&'r str> {
+fn header<'r, B>(request: &'r Request<B>, name: &HeaderName) -> Option<&'r str> {
     request.headers().get(name).and_then(|value| value.to_str().ok()).filter(|value| !value.is_empty())
 }
 
@@ -84,7 +83,10 @@ pub fn route_feature<'s>(snapshot: &'s ArchivedSnapshotData, path: &str) -> Opti
 /// set headers cannot pick a feature it has for a path that needs another, however it spells
 /// the path. A path Tollgate will not guess at (an encoded `/`, a `\`, `..` above the root;
 /// see [`route_path::InvalidPath`]) is denied with `invalid_path`.
-pub fn ext_authz(sidecar: &Sidecar, request: &Request<Incoming>) -> HttpResponse {
+///
+/// Only the path and the headers are read, never the body: any body type will do (the fuzz
+/// tests build requests without a connection).
+pub fn ext_authz<B>(sidecar: &Sidecar, request: &Request<B>) -> HttpResponse {
     let names = &sidecar.ext_authz;
     let guard = sidecar.store.load();
     let Some(snapshot) = guard.as_ref() else { return not_ready() };
