@@ -592,6 +592,11 @@ struct ControlPlaneArgs {
     /// license and expiry; a renewal that moves the expiry sends again); 0 turns it off.
     #[arg(long, env = "TOLLGATE_CP_LICENSE_EXPIRING_DAYS", default_value_t = tollgate_control_plane::webhooks::DEFAULT_LICENSE_EXPIRING_DAYS)]
     license_expiring_days: u32,
+    /// Where browsers reach this control plane, such as https://tollgate.example.com: links into
+    /// the customer portal (`POST /v1/portal/sessions`) point there, and an https URL marks the
+    /// portal's and console's session cookies Secure. Without it, links use the request's Host.
+    #[arg(long, env = "TOLLGATE_CP_PUBLIC_URL")]
+    public_url: Option<String>,
 }
 
 #[cfg(feature = "control-plane")]
@@ -730,6 +735,11 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
         )),
         None => None,
     };
+    if let Some(url) = &args.public_url
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        bail!("`--public-url` value `{url}` must start with http:// or https://");
+    }
     if args.header_read_timeout_secs == 0 || args.body_read_timeout_secs == 0 {
         bail!("`--header-read-timeout-secs` and `--body-read-timeout-secs` must be greater than 0");
     }
@@ -741,6 +751,7 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
         header_read_timeout: Duration::from_secs(args.header_read_timeout_secs),
         body_read_timeout: Duration::from_secs(args.body_read_timeout_secs),
         license_expiring_days: args.license_expiring_days,
+        public_url: args.public_url.clone(),
         ..Default::default()
     };
     let control_plane = tollgate_control_plane::ControlPlane::open_with_config(&data, &policies, key, retired, config)?;
