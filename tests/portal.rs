@@ -45,8 +45,11 @@ async fn fixture() -> Fixture {
         let order = json!({"order_id": order_id, "action": "new", "account": account, "plan": plan, "seats": 3});
         assert_eq!(post(&mut client, "/v1/orders", &integration, &order).await.status, 200);
     }
-    for (account, user, roles) in [("acme", "alice", json!(["admin"])), ("acme", "bob", json!(["member"])), ("globex", "gina", json!(["admin"]))] {
-        let reply = send_json(&mut client, "PUT", &format!("/v1/accounts/{account}/users/{user}"), &integration, &json!({"roles": roles})).await;
+    for (account, user, roles) in
+        [("acme", "alice", json!(["admin"])), ("acme", "bob", json!(["member"])), ("globex", "gina", json!(["admin"]))]
+    {
+        let reply =
+            send_json(&mut client, "PUT", &format!("/v1/accounts/{account}/users/{user}"), &integration, &json!({"roles": roles})).await;
         assert_eq!(reply.status, 200, "{}", reply.text());
     }
     Fixture { server, clock, integration, admin, client, _dir: dir }
@@ -176,7 +179,8 @@ async fn links_are_made_only_for_users_of_the_account_with_a_managing_key() {
     assert_eq!(post(&mut fixture.client, "/v1/portal/sessions", &customer, &body).await.status, 403);
     assert_eq!(post(&mut fixture.client, "/v1/portal/sessions", &sidecar, &body).await.status, 403);
     assert_eq!(post(&mut fixture.client, "/v1/portal/sessions", "tg_nope", &body).await.status, 401);
-    let stranger = post(&mut fixture.client, "/v1/portal/sessions", &fixture.integration, &json!({"account": "acme", "user": "mallory"})).await;
+    let stranger =
+        post(&mut fixture.client, "/v1/portal/sessions", &fixture.integration, &json!({"account": "acme", "user": "mallory"})).await;
     assert_eq!(stranger.status, 404);
     assert!(stranger.text().contains("unknown user `mallory`"), "{}", stranger.text());
     let script = json!({"account": "acme", "user": "alice", "return_url": "javascript:alert(1)"});
@@ -214,7 +218,8 @@ async fn forms_need_the_session_token_and_changes_are_audited_as_the_portal_user
     let mut fixture = fixture().await;
     let (session, csrf) = fixture.enter("acme", "alice").await;
     let path = "/portal/accounts/acme/users";
-    for form in ["user=carol&roles=member&seat=on".to_string(), "csrf=&user=carol&seat=on".to_string(), format!("csrf={csrf}x&user=carol")] {
+    for form in ["user=carol&roles=member&seat=on".to_string(), "csrf=&user=carol&seat=on".to_string(), format!("csrf={csrf}x&user=carol")]
+    {
         let refused = submit(&mut fixture.client, path, &session, &form).await;
         assert_eq!(refused.status, 403, "{form}");
         assert!(refused.text().contains("security token"), "{}", refused.text());
@@ -248,7 +253,14 @@ async fn forms_need_the_session_token_and_changes_are_audited_as_the_portal_user
         .map(|entry| (entry["action"].as_str().unwrap(), entry["target"].as_str().unwrap()))
         .collect();
     assert_eq!(by_portal, vec![("user.put", "carol"), ("user.put", "dave"), ("user.delete", "dave")]);
-    assert!(entries.as_array().unwrap().iter().filter(|entry| entry["action"] == "user.put" && entry["target"] != "alice" && entry["target"] != "bob").all(|entry| entry["key_id"] == "portal/acme/alice"));
+    assert!(
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|entry| entry["action"] == "user.put" && entry["target"] != "alice" && entry["target"] != "bob")
+            .all(|entry| entry["key_id"] == "portal/acme/alice")
+    );
 }
 
 #[tokio::test]
@@ -267,14 +279,22 @@ async fn only_admins_of_the_account_manage_its_users_and_devices() {
     assert_eq!(fixture.account("acme").await["devices"], json!(["laptop-1"]));
 
     // Everyone may ask for access.
-    let asked = submit(&mut fixture.client, "/portal/accounts/acme/requests", &session, &format!("csrf={csrf}&what=feature%3Asso&reason=SAML+for+our+team")).await;
+    let asked = submit(
+        &mut fixture.client,
+        "/portal/accounts/acme/requests",
+        &session,
+        &format!("csrf={csrf}&what=feature%3Asso&reason=SAML+for+our+team"),
+    )
+    .await;
     assert_eq!(asked.status, 303, "{}", asked.text());
     let requests = get(&mut fixture.client, "/v1/access-requests?account=acme", &fixture.admin).await.json();
     assert_eq!(requests["access_requests"][0]["user"], "bob");
     assert_eq!(requests["access_requests"][0]["requested_by"], "portal/acme/bob");
 
     let (admin_session, admin_csrf) = fixture.enter("acme", "alice").await;
-    let done = submit(&mut fixture.client, "/portal/accounts/acme/devices/laptop-1/deactivate", &admin_session, &format!("csrf={admin_csrf}")).await;
+    let done =
+        submit(&mut fixture.client, "/portal/accounts/acme/devices/laptop-1/deactivate", &admin_session, &format!("csrf={admin_csrf}"))
+            .await;
     assert_eq!(done.status, 303, "{}", done.text());
     assert_eq!(fixture.account("acme").await["devices"], json!([]));
 }
@@ -330,25 +350,48 @@ async fn the_console_needs_an_admin_key_and_nobody_decides_their_own_request() {
     assert_eq!(fixture.client.get("/console/accounts").await.status, 401);
 
     let (portal, portal_csrf) = fixture.enter("acme", "alice").await;
-    let asked = submit(&mut fixture.client, "/portal/accounts/acme/requests", &portal, &format!("csrf={portal_csrf}&what=feature%3Asso&reason=pilot")).await;
+    let asked = submit(
+        &mut fixture.client,
+        "/portal/accounts/acme/requests",
+        &portal,
+        &format!("csrf={portal_csrf}&what=feature%3Asso&reason=pilot"),
+    )
+    .await;
     assert_eq!(asked.status, 303, "{}", asked.text());
-    let id = get(&mut fixture.client, "/v1/access-requests?account=acme", &fixture.admin).await.json()["access_requests"][0]["id"].as_i64().unwrap();
+    let id = get(&mut fixture.client, "/v1/access-requests?account=acme", &fixture.admin).await.json()["access_requests"][0]["id"]
+        .as_i64()
+        .unwrap();
 
     // Alice also works for the vendor: in the console she still cannot approve her own request.
     let (alice, alice_csrf) = fixture.console("alice").await;
     let queue = browse(&mut fixture.client, "/console/requests", &alice).await.text();
     assert!(queue.contains(&format!("id=\"request-{id}\"")), "{queue}");
-    let own = submit(&mut fixture.client, &format!("/console/requests/{id}/decide"), &alice, &format!("csrf={alice_csrf}&decision=approve&comment=mine")).await;
+    let own = submit(
+        &mut fixture.client,
+        &format!("/console/requests/{id}/decide"),
+        &alice,
+        &format!("csrf={alice_csrf}&decision=approve&comment=mine"),
+    )
+    .await;
     assert_eq!(own.status, 403);
     assert!(own.text().contains("cannot decide their own access request"), "{}", own.text());
     let no_token = submit(&mut fixture.client, &format!("/console/requests/{id}/decide"), &alice, "decision=approve&comment=x").await;
     assert_eq!(no_token.status, 403);
 
     let (carol, carol_csrf) = fixture.console("carol").await;
-    let approved = submit(&mut fixture.client, &format!("/console/requests/{id}/decide"), &carol, &format!("csrf={carol_csrf}&decision=approve&comment=ok+for+the+pilot")).await;
+    let approved = submit(
+        &mut fixture.client,
+        &format!("/console/requests/{id}/decide"),
+        &carol,
+        &format!("csrf={carol_csrf}&decision=approve&comment=ok+for+the+pilot"),
+    )
+    .await;
     assert_eq!(approved.status, 303, "{}", approved.text());
     let decided = get(&mut fixture.client, &format!("/v1/access-requests/{id}"), &fixture.admin).await.json();
-    assert_eq!((decided["status"].as_str(), decided["decided_by"].as_str()), (Some("approved"), Some(format!("console/{}/carol", fixture.admin.split('_').nth(1).unwrap()).as_str())));
+    assert_eq!(
+        (decided["status"].as_str(), decided["decided_by"].as_str()),
+        (Some("approved"), Some(format!("console/{}/carol", fixture.admin.split('_').nth(1).unwrap()).as_str()))
+    );
     let features = browse(&mut fixture.client, "/portal/accounts/acme/features", &portal).await.text();
     let sso = &features[features.find("id=\"feature-sso\"").unwrap()..];
     assert!(sso[..sso.find("</tr>").unwrap()].contains("allowed"), "{sso}");

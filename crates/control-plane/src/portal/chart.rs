@@ -133,10 +133,11 @@ mod tests {
 
     #[test]
     fn every_value_and_label_is_in_the_markup_and_escaped() {
-        let svg = bars("calls <per> month", &[Bar { label: "Nov".into(), value: 7 }, Bar { label: "<b>".into(), value: 950 }], &[Line {
-            value: 1000,
-            soft: false,
-        }]);
+        let svg = bars(
+            "calls <per> month",
+            &[Bar { label: "Nov".into(), value: 7 }, Bar { label: "<b>".into(), value: 950 }],
+            &[Line { value: 1000, soft: false }],
+        );
         assert!(svg.contains(r#"data-value="7""#));
         assert!(svg.contains(r#"data-value="950""#));
         assert!(svg.contains("bar near"));

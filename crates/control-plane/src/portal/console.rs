@@ -301,7 +301,11 @@ fn queue(control_plane: &ControlPlane, staff: &Staff, done: Option<&str>) -> Res
         .collect();
     decided.reverse();
     decided.truncate(50);
-    render(&QueuePage { chrome: staff.chrome("Access requests", "requests", done), pending: pending.iter().map(pages::request_row).collect(), decided })
+    render(&QueuePage {
+        chrome: staff.chrome("Access requests", "requests", done),
+        pending: pending.iter().map(pages::request_row).collect(),
+        decided,
+    })
 }
 
 fn decide(control_plane: &ControlPlane, staff: &Staff, request: &WebRequest, id: &str) -> Result<HttpResponse, PageError> {
@@ -342,7 +346,8 @@ fn range(request: &WebRequest, now: i64) -> Result<(i64, i64), PageError> {
     let read = |name: &str, default: i64| -> Result<i64, PageError> {
         match request.query(name).map(str::trim).filter(|text| !text.is_empty()) {
             None => Ok(default),
-            Some(text) => parse_rfc3339(text).ok_or_else(|| PageError::BadRequest(format!("“{text}” is not an RFC 3339 time, such as 2026-11-01T00:00:00Z."))),
+            Some(text) => parse_rfc3339(text)
+                .ok_or_else(|| PageError::BadRequest(format!("“{text}” is not an RFC 3339 time, such as 2026-11-01T00:00:00Z."))),
         }
     };
     let from = read("from", month.start)?;
@@ -384,8 +389,11 @@ fn analytics(control_plane: &ControlPlane, staff: &Staff, request: &WebRequest) 
             kind: row.get("kind").and_then(serde_json::Value::as_str).unwrap_or_default().to_string(),
         })
         .collect();
-    let near_bars: Vec<(String, u64)> =
-        near.iter().take(20).map(|row| (format!("{} · {}", row.account, row.meter), row.used.saturating_mul(100) / row.limit.max(1))).collect();
+    let near_bars: Vec<(String, u64)> = near
+        .iter()
+        .take(20)
+        .map(|row| (format!("{} · {}", row.account, row.meter), row.used.saturating_mul(100) / row.limit.max(1)))
+        .collect();
     let page = AnalyticsPage {
         chrome: staff.chrome("Analytics", "analytics", None),
         from: format_rfc3339(from),
@@ -458,10 +466,15 @@ struct DeliveriesPage {
 fn deliveries(control_plane: &ControlPlane, staff: &Staff, request: &WebRequest) -> Result<HttpResponse, PageError> {
     let status = request.query("status").and_then(DeliveryStatus::parse);
     let found = control_plane.repository.deliveries(status, 0, 200)?;
-    let filters = [("", "all", None), ("?status=pending", "pending", Some(DeliveryStatus::Pending)), ("?status=failed", "failed", Some(DeliveryStatus::Failed)), ("?status=delivered", "delivered", Some(DeliveryStatus::Delivered))]
-        .into_iter()
-        .map(|(query, label, filter)| Filter { query: query.to_string(), label, current: filter == status })
-        .collect();
+    let filters = [
+        ("", "all", None),
+        ("?status=pending", "pending", Some(DeliveryStatus::Pending)),
+        ("?status=failed", "failed", Some(DeliveryStatus::Failed)),
+        ("?status=delivered", "delivered", Some(DeliveryStatus::Delivered)),
+    ]
+    .into_iter()
+    .map(|(query, label, filter)| Filter { query: query.to_string(), label, current: filter == status })
+    .collect();
     let rows = found
         .iter()
         .rev()

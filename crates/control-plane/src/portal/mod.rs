@@ -24,8 +24,8 @@ use serde::Deserialize;
 
 use crate::store::Scope;
 use crate::{ApiError, Caller, ControlPlane, changes, random_hex, sha256_hex};
-pub use web::{WebRequest, serves};
 use web::{HttpResponse, PageError};
+pub use web::{WebRequest, serves};
 
 /// How long an entry link can be used, in seconds.
 pub const LINK_TTL_SECS: i64 = 300;

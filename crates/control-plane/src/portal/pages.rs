@@ -93,12 +93,9 @@ pub fn error_page(error: &PageError, secure: bool) -> HttpResponse {
             web::set_cookie(&mut response, PORTAL_COOKIE, "", "/portal", 0, secure);
             response
         }
-        PageError::LinkReused => message(
-            StatusCode::GONE,
-            titled("Link already used", false),
-            format!("This link has already been used. {back_to_app}"),
-            None,
-        ),
+        PageError::LinkReused => {
+            message(StatusCode::GONE, titled("Link already used", false), format!("This link has already been used. {back_to_app}"), None)
+        }
         PageError::LinkExpired => {
             message(StatusCode::GONE, titled("Link expired", false), format!("This link has expired. {back_to_app}"), None)
         }
@@ -310,7 +307,10 @@ impl Context {
     fn can_manage(&self) -> bool {
         self.doc.users.get(&self.user).is_some_and(|user| {
             user.roles.iter().any(|role| role == ADMIN_ROLE)
-                || user.groups.iter().any(|group| self.doc.groups.get(group).is_some_and(|roles| roles.iter().any(|role| role == ADMIN_ROLE)))
+                || user
+                    .groups
+                    .iter()
+                    .any(|group| self.doc.groups.get(group).is_some_and(|roles| roles.iter().any(|role| role == ADMIN_ROLE)))
         })
     }
 }
@@ -332,14 +332,10 @@ fn done_text(code: &str) -> &'static str {
 fn context(control_plane: &ControlPlane, request: &WebRequest, account: &str) -> Result<Context, PageError> {
     let signed = session_of(control_plane, request, SessionKind::Portal)?;
     if signed.session.account.as_deref() != Some(account) {
-        return Err(PageError::Forbidden(
-            "This portal session belongs to another account, and cannot see or change this one.".to_string(),
-        ));
+        return Err(PageError::Forbidden("This portal session belongs to another account, and cannot see or change this one.".to_string()));
     }
-    let doc = control_plane
-        .repository
-        .account(account)?
-        .ok_or_else(|| PageError::NotFound(format!("Account {account} no longer exists.")))?;
+    let doc =
+        control_plane.repository.account(account)?.ok_or_else(|| PageError::NotFound(format!("Account {account} no longer exists.")))?;
     Ok(Context {
         account: account.to_string(),
         user: signed.session.person,
@@ -409,7 +405,8 @@ pub fn usage_rows(control_plane: &ControlPlane, account: &str, history: reports:
 
 /// The account compiled alone, archived so the engine can read it.
 fn compiled(control_plane: &ControlPlane, account: &str, doc: &AccountDoc) -> Result<rkyv::util::AlignedVec, PageError> {
-    let data = accounts::compile_one(&control_plane.catalog, account, doc).map_err(|messages| PageError::Api(ApiError::Policy(messages)))?;
+    let data =
+        accounts::compile_one(&control_plane.catalog, account, doc).map_err(|messages| PageError::Api(ApiError::Policy(messages)))?;
     rkyv::to_bytes::<rkyv::rancor::Error>(&data).map_err(|error| {
         tracing::error!(%error, "account did not archive");
         PageError::Internal
@@ -530,7 +527,8 @@ fn near_limit_warning(row: &UsageRow) -> Option<String> {
 
 fn overview(control_plane: &ControlPlane, context: &Context, done: Option<&str>) -> Result<HttpResponse, PageError> {
     let now = control_plane.now();
-    let rows: Vec<LicenseRow> = context.doc.licenses.iter().filter(|license| !license.cancelled).map(|license| license_row(license, now)).collect();
+    let rows: Vec<LicenseRow> =
+        context.doc.licenses.iter().filter(|license| !license.cancelled).map(|license| license_row(license, now)).collect();
     // The license that matters: valid before trial before grace, the newest of each.
     let rank = |row: &LicenseRow| match row.state {
         "valid" => 4,
@@ -551,20 +549,30 @@ fn overview(control_plane: &ControlPlane, context: &Context, done: Option<&str>)
     } else {
         context.doc.licenses.iter().filter_map(|license| license.max_devices).max().map(|max| max.to_string()).unwrap_or_default()
     };
-    let page = OverviewPage {
-        chrome: context.chrome("Overview", "", done),
-        plan: primary.as_ref().map_or_else(|| "none".to_string(), |row| row.plan.clone()),
-        addons: primary.as_ref().map(|row| row.addons.clone()).unwrap_or_default(),
-        state: primary.as_ref().map_or("no license", |row| row.state),
-        state_class: primary.as_ref().map_or("bad", |row| row.state_class),
-        state_detail: primary.as_ref().map(|row| format!("{} · expires {}", row.state_detail, row.expires)).unwrap_or_default(),
-        seats_used,
-        seats_total,
-        devices_used: context.doc.devices.len(),
-        max_devices,
-        licenses: rows,
-        warnings,
-    };
+    let page =
+        OverviewPage {
+            chrome: context.chrome("Overview", "", done),
+            plan: primary.as_ref().map_or_else(|| "none".to_string(), |row| row.plan.clone()),
+            addons: primary.as_ref().map(|row| row.addons.clone()).unwrap_or_default(),
+            state: primary.as_ref().map_or("no license", |row| row.state),
+            state_class: primary.as_ref().map_or("bad", |row| row.state_class),
+            state_detail: primary
+                .as_ref()
+                .map(|row| {
+                    if row.expires == "never" {
+                        row.state_detail.clone()
+                    } else {
+                        format!("{} · expires {}", row.state_detail, row.expires)
+                    }
+                })
+                .unwrap_or_default(),
+            seats_used,
+            seats_total,
+            devices_used: context.doc.devices.len(),
+            max_devices,
+            licenses: rows,
+            warnings,
+        };
     render(&page)
 }
 
@@ -641,7 +649,8 @@ fn features(control_plane: &ControlPlane, context: &Context) -> Result<HttpRespo
 pub struct MeterRow {
     pub name: String,
     pub unit: String,
-    pub period: &'static str,
+    /// How the meter counts, in words: `call per month`, `GB in total`.
+    pub per: String,
     pub used: u64,
     pub limit: String,
     pub limit_text: String,
@@ -713,11 +722,8 @@ fn usage(control_plane: &ControlPlane, context: &Context) -> Result<HttpResponse
                     Bar { label: period_label(meter.period, start), value }
                 })
                 .collect();
-            let lines: Vec<Line> = soft
-                .map(|value| Line { value, soft: true })
-                .into_iter()
-                .chain(hard.map(|value| Line { value, soft: false }))
-                .collect();
+            let lines: Vec<Line> =
+                soft.map(|value| Line { value, soft: true }).into_iter().chain(hard.map(|value| Line { value, soft: false })).collect();
             let title = format!("{} per {}, last {} periods", meter.name, meter.period.as_str(), bars.len());
             let (percent, status_class) = match limit {
                 Some(limit) => {
@@ -737,7 +743,10 @@ fn usage(control_plane: &ControlPlane, context: &Context) -> Result<HttpResponse
             MeterRow {
                 name: meter.name.clone(),
                 unit: meter.unit.clone(),
-                period: meter.period.as_str(),
+                per: match meter.period {
+                    Period::Never => format!("{} in total, never reset", meter.unit),
+                    period => format!("{} per {}", meter.unit, period.as_str()),
+                },
                 used,
                 limit: limit.map(|limit| limit.to_string()).unwrap_or_default(),
                 limit_text: limit.map(|limit| format!("{limit} {}", meter.unit)).unwrap_or_else(|| "no limit".into()),
@@ -765,7 +774,13 @@ pub struct UserRow {
 pub fn user_rows(doc: &AccountDoc, me: &str) -> Vec<UserRow> {
     doc.users
         .iter()
-        .map(|(id, user)| UserRow { id: id.clone(), roles: user.roles.join(", "), groups: user.groups.join(", "), seat: user.seat, is_me: id == me })
+        .map(|(id, user)| UserRow {
+            id: id.clone(),
+            roles: user.roles.join(", "),
+            groups: user.groups.join(", "),
+            seat: user.seat,
+            is_me: id == me,
+        })
         .collect()
 }
 
@@ -823,9 +838,11 @@ fn save_user(control_plane: &ControlPlane, request: &WebRequest, context: &Conte
     let takes_new_seat = seat && !context.doc.users.get(&user).is_some_and(|existing| existing.seat);
     match changes::put_user(control_plane, &caller, &context.account, &user, body.to_string().as_bytes()) {
         Ok(_) => Ok(web::redirect(&format!("/portal/accounts/{}/users?done=user_saved", context.account))),
-        Err(ApiError::Policy(_)) if takes_new_seat && seats_used >= seats_total as usize => Err(PageError::Api(ApiError::Unprocessable(vec![format!(
-            "all {seats_total} seats of the account are taken ({seats_used} of {seats_total}); remove a user, add {user} without a seat, or ask for more seats on the access requests page"
-        )]))),
+        Err(ApiError::Policy(_)) if takes_new_seat && seats_used >= seats_total as usize => {
+            Err(PageError::Api(ApiError::Unprocessable(vec![format!(
+                "all {seats_total} seats of the account are taken ({seats_used} of {seats_total}); remove a user, add {user} without a seat, or ask for more seats on the access requests page"
+            )])))
+        }
         Err(error) => Err(error.into()),
     }
 }
@@ -926,7 +943,12 @@ struct RequestsPage {
     requests: Vec<RequestRow>,
 }
 
-fn requests(control_plane: &ControlPlane, context: &Context, preselect: Option<&str>, done: Option<&str>) -> Result<HttpResponse, PageError> {
+fn requests(
+    control_plane: &ControlPlane,
+    context: &Context,
+    preselect: Option<&str>,
+    done: Option<&str>,
+) -> Result<HttpResponse, PageError> {
     let catalog = &control_plane.catalog_data;
     let mut options: Vec<WhatOption> = catalog
         .features
@@ -998,12 +1020,9 @@ fn token_expiry(token: &str) -> Option<i64> {
 fn token(control_plane: &ControlPlane, context: &Context) -> Result<HttpResponse, PageError> {
     let chrome = context.chrome("License token", "token", None);
     let page = match control_plane.license_token(&context.account, control_plane.now()) {
-        Ok(token) => TokenPage {
-            expires: token_expiry(&token).map(format_rfc3339).unwrap_or_default(),
-            token,
-            error: String::new(),
-            chrome,
-        },
+        Ok(token) => {
+            TokenPage { expires: token_expiry(&token).map(format_rfc3339).unwrap_or_default(), token, error: String::new(), chrome }
+        }
         Err(ApiError::Unprocessable(messages)) => {
             TokenPage { chrome, token: String::new(), expires: String::new(), error: format!("No token now: {}.", messages.join("; ")) }
         }

@@ -232,9 +232,8 @@ impl PortalRepository for SqliteRepository {
         let mut ids = Vec::new();
         // `id >= prefix AND id < end` is answered from the primary key's index; `LIKE` would
         // not be (its case folding and wildcards keep SQLite from using the index).
-        let mut statement = connection.prepare_cached(
-            "SELECT id FROM accounts WHERE id >= ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id LIMIT ?3",
-        )?;
+        let mut statement =
+            connection.prepare_cached("SELECT id FROM accounts WHERE id >= ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id LIMIT ?3")?;
         let mut rows = statement.query(params![prefix, prefix_end(prefix), limit])?;
         while let Some(row) = rows.next()? {
             ids.push(row.get(0)?);

@@ -267,11 +267,10 @@ mod tests {
 
     #[test]
     fn forms_decode_plus_and_percent() {
-        assert_eq!(parse_pairs("a=x+y&b=%2Fz&c"), vec![
-            ("a".to_string(), "x y".to_string()),
-            ("b".to_string(), "/z".to_string()),
-            ("c".to_string(), String::new())
-        ]);
+        assert_eq!(
+            parse_pairs("a=x+y&b=%2Fz&c"),
+            vec![("a".to_string(), "x y".to_string()), ("b".to_string(), "/z".to_string()), ("c".to_string(), String::new())]
+        );
     }
 
     #[test]
