@@ -320,6 +320,10 @@ async fn sessions_expire_and_can_be_revoked() {
     assert_eq!(browse(&mut fixture.client, "/portal/accounts/acme", &first).await.status, 401);
     assert_eq!(browse(&mut fixture.client, "/portal/accounts/acme", &second).await.status, 401);
     assert_eq!(browse(&mut fixture.client, "/portal/accounts/globex", &other).await.status, 200);
+    let entries = get(&mut fixture.client, "/v1/audit?account=acme", &fixture.admin).await.json()["entries"].clone();
+    let revocation = entries.as_array().unwrap().iter().find(|entry| entry["action"] == "portal.sessions_revoke").unwrap();
+    assert!(revocation["key_id"].as_str().unwrap().ends_with("/carol@vendor.example"), "{revocation}");
+    assert_eq!(revocation["after"], json!({"revoked": 2}));
 
     // An hour later the session has expired by itself.
     fixture.clock.advance(Duration::from_secs(3_600));

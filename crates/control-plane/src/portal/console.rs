@@ -12,7 +12,7 @@ use super::pages::{self, CONSOLE_COOKIE, Chrome, LicenseRow, NavLink, RequestRow
 use super::store::{SessionKind, WebSession};
 use super::web::{self, HttpResponse, PageError, WebRequest};
 use super::{CONSOLE_SESSION_SECS, console_actor};
-use crate::store::{AccessStatus, AuditEntry, Scope};
+use crate::store::{self, AccessStatus, AuditEntry, Scope};
 use crate::webhook_store::DeliveryStatus;
 use crate::{ApiError, Caller, ControlPlane, authenticate, changes, reports};
 
@@ -114,10 +114,7 @@ pub fn dispatch(control_plane: &ControlPlane, request: &WebRequest, rest: &[&str
             match (post, rest) {
                 (false, ["accounts"]) => search(control_plane, &staff, request.query("q").unwrap_or_default()),
                 (false, ["accounts", account]) => account_page(control_plane, &staff, account, done),
-                (true, ["accounts", account, "revoke-sessions"]) => {
-                    control_plane.repository.revoke_account_sessions(account, control_plane.now())?;
-                    Ok(web::redirect(&format!("/console/accounts/{account}?done=sessions_revoked")))
-                }
+                (true, ["accounts", account, "revoke-sessions"]) => revoke_sessions(control_plane, &staff, account),
                 (false, ["requests"]) => queue(control_plane, &staff, done),
                 (true, ["requests", id, "decide"]) => decide(control_plane, &staff, request, id),
                 (false, ["analytics"]) => analytics(control_plane, &staff, request),
@@ -282,6 +279,25 @@ fn account_page(control_plane: &ControlPlane, staff: &Staff, account: &str, done
     render(&page)
 }
 
+/// Revokes every portal session of an account, and says so in its audit trail.
+fn revoke_sessions(control_plane: &ControlPlane, staff: &Staff, account: &str) -> Result<HttpResponse, PageError> {
+    let now = control_plane.now();
+    let n_revoked = control_plane.repository.revoke_account_sessions(account, now)?;
+    let actor = staff.caller().key_id;
+    store::write(control_plane.repository.as_ref(), |transaction: &mut dyn store::Transaction| {
+        transaction.audit(&store::NewAudit {
+            at: now,
+            key_id: &actor,
+            action: "portal.sessions_revoke",
+            account: Some(account),
+            target: None,
+            before: None,
+            after: Some(serde_json::json!({"revoked": n_revoked})),
+        })
+    })?;
+    Ok(web::redirect(&format!("/console/accounts/{account}?done=sessions_revoked")))
+}
+
 #[derive(Template)]
 #[template(path = "console/requests.html")]
 struct QueuePage {
@@ -374,7 +390,7 @@ fn analytics(control_plane: &ControlPlane, staff: &Staff, request: &WebRequest) 
         }
     }
     let mut denials: Vec<(String, u64)> = denials.into_iter().collect();
-    denials.sort_by(|a, b| b.1.cmp(&a.1));
+    denials.sort_by_key(|(_, count)| std::cmp::Reverse(*count));
     let limits = reports::limit_analytics(control_plane, 0.8, now)?;
     let near: Vec<NearRow> = limits
         .get("accounts")

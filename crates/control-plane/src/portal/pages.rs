@@ -587,7 +587,7 @@ pub fn reason_words(reason: Reason) -> &'static str {
         Reason::LicenseExpired => "The license has expired",
         Reason::AccountSuspended => "The account is suspended",
         Reason::NotInRollout => "Not yet available to this account (gradual rollout)",
-        Reason::RegionBlocked => "Not available in this region",
+        Reason::RegionBlocked => "Only available in some regions",
         Reason::DeviceNotActivated => "This device is not activated",
         Reason::QuotaExceeded => "This period's usage limit is reached",
         Reason::UnknownFeature | Reason::UnknownAccount => "Unknown",
