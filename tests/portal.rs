@@ -142,6 +142,8 @@ async fn a_link_works_once_and_only_for_five_minutes() {
     let url = link["url"].as_str().unwrap();
     assert!(url.starts_with(&format!("http://{}/portal/enter?token=", fixture.server.addr)), "{url}");
 
+    // A link checker's HEAD does not spend it.
+    assert_eq!(fixture.client.send("HEAD", &path_of(url), bytes::Bytes::new(), &[]).await.status, 200);
     let first = fixture.client.get(&path_of(url)).await;
     assert_eq!(first.status, 200, "{}", first.text());
     let set_cookie = cookie(&first, "tg_portal").unwrap();

@@ -211,6 +211,9 @@ pub fn enter(control_plane: &ControlPlane, request: &WebRequest) -> Result<HttpR
     if token.is_empty() || token.len() > 128 {
         return Err(PageError::LinkUnknown);
     }
+    if request.is_head() {
+        return Ok(message(StatusCode::OK, titled("Sign in", false), "Open this link in a browser to sign in.".into(), None));
+    }
     let now = control_plane.now();
     let (account, user, return_url) = match control_plane.repository.redeem_link(&sha256_hex(token), now)? {
         Redeemed::Fresh { account, user, return_url } => (account, user, return_url),

@@ -62,6 +62,8 @@ pub fn serves(path: &str) -> bool {
 #[derive(Debug, Default)]
 pub struct WebRequest {
     post: bool,
+    /// A HEAD request: link checkers and previews send these, and must not spend a link.
+    head: bool,
     path: String,
     query: Vec<(String, String)>,
     cookies: Vec<(String, String)>,
@@ -85,6 +87,7 @@ pub fn parse_pairs(text: &str) -> Vec<(String, String)> {
 impl WebRequest {
     /// Reads the request (the body of a POST too, within `limits`).
     pub async fn read(request: Request<Incoming>, limits: tollgate_http::BodyLimits) -> Result<WebRequest, HttpResponse> {
+        let head = request.method() == Method::HEAD;
         let post = match *request.method() {
             Method::GET | Method::HEAD => false,
             Method::POST => true,
@@ -112,13 +115,14 @@ impl WebRequest {
         } else {
             Vec::new()
         };
-        Ok(WebRequest { post, path, query, cookies, form, host })
+        Ok(WebRequest { post, head, path, query, cookies, form, host })
     }
 
     /// A request made up in tests and benches.
     pub fn synthetic(post: bool, path: &str, query: &str, cookies: &[(&str, &str)], form: &str) -> WebRequest {
         WebRequest {
             post,
+            head: false,
             path: path.to_string(),
             query: parse_pairs(query),
             cookies: cookies.iter().map(|(name, value)| (name.to_string(), value.to_string())).collect(),
@@ -129,6 +133,10 @@ impl WebRequest {
 
     pub fn is_post(&self) -> bool {
         self.post
+    }
+
+    pub fn is_head(&self) -> bool {
+        self.head
     }
 
     /// The path's segments, percent-decoded.
