@@ -619,6 +619,11 @@ struct ControlPlaneArgs {
     /// (or this many deltas were published on it); until then changes go out as deltas.
     #[arg(long, env = "TOLLGATE_CP_COMPACT_AFTER", default_value_t = tollgate_control_plane::publish::DEFAULT_COMPACT_AFTER as u64, value_parser = clap::value_parser!(u64).range(1..))]
     compact_after: u64,
+    /// Where browsers reach this control plane, such as https://tollgate.example.com: links into
+    /// the customer portal (`POST /v1/portal/sessions`) point there, and an https URL marks the
+    /// portal's and console's session cookies Secure. Without it, links use the request's Host.
+    #[arg(long, env = "TOLLGATE_CP_PUBLIC_URL")]
+    public_url: Option<String>,
 }
 
 #[cfg(feature = "control-plane")]
@@ -757,6 +762,11 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
         )),
         None => None,
     };
+    if let Some(url) = &args.public_url
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        bail!("`--public-url` value `{url}` must start with http:// or https://");
+    }
     if args.header_read_timeout_secs == 0 || args.body_read_timeout_secs == 0 {
         bail!("`--header-read-timeout-secs` and `--body-read-timeout-secs` must be greater than 0");
     }
@@ -769,6 +779,7 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
         body_read_timeout: Duration::from_secs(args.body_read_timeout_secs),
         license_expiring_days: args.license_expiring_days,
         compact_after: usize::try_from(args.compact_after).unwrap_or(usize::MAX),
+        public_url: args.public_url.clone(),
         ..Default::default()
     };
     let control_plane = tollgate_control_plane::ControlPlane::open_with_config(&data, &policies, key, retired, config)?;

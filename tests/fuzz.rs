@@ -389,7 +389,7 @@ fn authzen_bodies() {
 fn ofrep_bodies() {
     use serde_json::Value;
     let (runtime, server) = serving_sidecar();
-    let n_features = server.sidecar.store().load().as_ref().unwrap().data().features.len();
+    let n_features = server.sidecar.store().load().as_ref().unwrap().base().data().features.len();
     let flag = |flag: &Value, key: Option<&str>| {
         let value = flag.get("value").and_then(Value::as_bool).unwrap_or_else(|| panic!("no boolean value: {flag}"));
         let reason = if value { "TARGETING_MATCH" } else { "DISABLED" };
@@ -474,7 +474,7 @@ fn ext_authz_requests() {
         let account = request.headers().get(protocols::HEADER_ACCOUNT).and_then(|value| value.to_str().ok());
         assert!(account.is_some_and(|account| !account.is_empty()), "a decision without an account: {body}");
         let feature = header("x-tollgate-feature");
-        if let Some(routed) = protocols::route_feature(snapshot.data(), &normalised) {
+        if let Some(routed) = protocols::route_feature(snapshot.base().data(), &normalised) {
             assert_eq!(feature.as_deref(), Some(routed), "`{original}` is routed to `{routed}`");
         }
         assert_eq!(body.get("allow").and_then(serde_json::Value::as_bool), Some(status == 200), "{body}");

@@ -1,6 +1,6 @@
 //! The control plane's HTTP API (hyper): routing, API-key authentication and scopes, bodies,
 //! the long-polled snapshot feed, tokens and the JWKS, usage ingestion, reports, analytics and
-//! webhook deliveries. Every database call runs on the
+//! webhook deliveries; `/portal` and `/console` are handed to `portal`. Every database call runs on the
 //! blocking pool. The routes and their answers are documented in `openapi.json`, served at
 //! `/openapi.json` and kept true by `tests/control_plane_openapi.rs`.
 
@@ -140,6 +140,13 @@ async fn handle(server: Arc<Server>, request: Request<Incoming>) -> Result<HttpR
     // One match per request. Metrics label by the pattern the path has, whether or not this
     // listener serves it, as they always have.
     let matched = matching(request.uri().path());
+    // The portal and console pages are HTML behind cookies, not keyed JSON: they have their
+    // own router, and are served wherever the API is (never on the sidecars' listener).
+    if server.scope != Listener::Sync && super::portal::serves(request.uri().path()) {
+        let response = super::portal::handle(Arc::clone(&server.control_plane), request).await;
+        server.control_plane.metrics.request(None, response.status().as_u16(), started.elapsed().as_secs_f64());
+        return Ok(response);
+    }
     let response = route(&server, request, matched).await;
     let route_idx = matched.map(|matched| matched.route_idx);
     server.control_plane.metrics.request(route_idx, response.status().as_u16(), started.elapsed().as_secs_f64());
@@ -226,6 +233,7 @@ enum Keyed {
     Usage(Usage),
     Keys,
     RevokeKey,
+    PortalSession,
     IntegrationEvents,
     ReapplyIntegrationEvent,
     IntegrationLinks,
@@ -398,6 +406,7 @@ pub static ROUTES: &[Route] = &[
     keyed_route("/v1/access-requests/{id}", &[(Verb::Get, Keyed::AccessRequest)]),
     keyed_route("/v1/access-requests/{id}/approve", &[(Verb::Post, Keyed::ApproveAccessRequest)]),
     keyed_route("/v1/access-requests/{id}/deny", &[(Verb::Post, Keyed::DenyAccessRequest)]),
+    keyed_route("/v1/portal/sessions", &[(Verb::Post, Keyed::PortalSession)]),
     keyed_route(USAGE_PATH, &[(Verb::Post, Keyed::Usage(Usage::Ingest))]),
     keyed_route("/v1/usage/export", &[(Verb::Get, Keyed::Usage(Usage::Export))]),
     keyed_route("/v1/usage/sidecars", &[(Verb::Get, Keyed::Usage(Usage::Sidecars))]),
@@ -743,6 +752,14 @@ async fn keyed_endpoint(server: &Server, keyed: Keyed, caller: Caller, mut param
             with_body(cp.config().body_limits(), request, move |body| {
                 caller.require(READ)?;
                 changes::create_access_request(&cp, &caller, &body)
+            })
+            .await
+        }
+        Keyed::PortalSession => {
+            let host = request.headers().get(hyper::header::HOST).and_then(|value| value.to_str().ok()).map(str::to_string);
+            with_body(cp.config().body_limits(), request, move |body| {
+                caller.require(MANAGE)?;
+                super::portal::create_link(&cp, &caller, host.as_deref(), &body)
             })
             .await
         }

@@ -679,7 +679,8 @@ pub fn decide_access_request(
             .access_request(id)?
             .ok_or_else(|| ApiError::not_found("unknown_access_request", format!("no access request `{id}`")))?;
         caller.may_touch(&before.account)?;
-        if before.requested_by == caller.key_id {
+        // By person, not by key: a portal user who asked cannot approve it from the console.
+        if super::portal::person_of(&before.requested_by) == super::portal::person_of(&caller.key_id) {
             return Err(ApiError::Forbidden("a requester cannot decide their own access request".into()));
         }
         if until.is_some() && before.kind != AccessKind::Feature {

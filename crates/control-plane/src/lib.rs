@@ -4,7 +4,7 @@
 //! ([`ControlPlane`]), API keys and callers, and the error kinds; the HTTP server is `api`,
 //! the database `store` (usage tables in `usage_store`), writes `changes`, publishing
 //! `publish`, tokens `tokens`, usage `ingest`, `reports` and `limits`, webhooks `webhooks`
-//! (their tables `webhook_store`). It never
+//! (their tables `webhook_store`), the customer portal and vendor console `portal`. It never
 //! decides a request: sidecars do, from the snapshots it publishes.
 
 /// An enum carried in request bodies and stored documents as fixed strings, which stay what
@@ -69,6 +69,7 @@ pub mod integration_store;
 pub mod integrations;
 pub mod limits;
 pub mod metrics;
+pub mod portal;
 pub mod publish;
 pub mod reports;
 pub mod store;
@@ -330,6 +331,10 @@ pub struct Config {
     pub stripe: Option<integrations::stripe::StripeConfig>,
     /// HubSpot webhooks in (`POST /v1/integrations/hubspot`); `None`: that route answers 404.
     pub hubspot: Option<integrations::hubspot::HubSpotConfig>,
+    /// Where browsers reach this control plane (`https://tollgate.example.com`): portal links
+    /// point there, and an https URL marks session cookies `Secure`. `None`: links use the
+    /// `Host` of the request that made them.
+    pub public_url: Option<String>,
     /// The one wall clock of the control plane: audit and key timestamps, access-request times,
     /// token `iat`/`exp`, usage periods, webhook schedules and snapshot `created_at`.
     pub clock: Arc<dyn Clock>,
@@ -356,6 +361,7 @@ impl Default for Config {
             usage_page: ingest::TOTALS_PAGE,
             stripe: None,
             hubspot: None,
+            public_url: None,
             clock: Arc::new(SystemClock),
         }
     }

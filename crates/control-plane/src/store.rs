@@ -16,6 +16,7 @@ use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::{Deserialize, Serialize};
 
 use super::integration_store::{IntegrationRepository, IntegrationTransaction};
+use super::portal::store::PortalRepository;
 use super::usage_store::{UsageRepository, UsageTransaction};
 use super::webhook_store::{WebhookRepository, WebhookTransaction};
 
@@ -266,7 +267,7 @@ pub struct AuditQuery {
 }
 
 /// The license repository's interface.
-pub trait Repository: Send + Sync + UsageRepository + IntegrationRepository + WebhookRepository {
+pub trait Repository: Send + Sync + UsageRepository + IntegrationRepository + WebhookRepository + PortalRepository {
     /// Stores a new key, created at `now` (unix seconds). The repository never reads a clock:
     /// every time it records comes from its caller.
     fn create_key(&self, key: &KeyRecord, now: i64) -> Result<(), StoreError>;
@@ -364,6 +365,7 @@ CREATE INDEX access_requests_account ON access_requests (account, id);
     super::webhook_store::MIGRATION,
     // Incremental publishing reads the accounts changed after a revision.
     "CREATE INDEX accounts_revision ON accounts (revision);",
+    super::portal::store::MIGRATION,
 ];
 
 /// The file name of the database inside the data directory.
