@@ -1,5 +1,6 @@
-//! Criterion benches: `decide` on snapshots of 10k, 100k and 1M accounts; the batch
-//! endpoint's cost per decision; and compile, load+verify and swap time against size.
+//! Criterion benches: `decide` on snapshots of 10k, 100k and 1M accounts, alone and under an
+//! overlay of 10,000 accounts changed by deltas; applying one more delta to such a view; the
+//! batch endpoint's cost per decision; and compile, load+verify and swap time against size.
 //!
 //! `TOLLGATE_BENCH_SIZES=10000,100000` limits the sizes (the 1M snapshot takes about half a
 //! minute and 2.5 GB to compile before its benches start).
@@ -13,12 +14,12 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use ed25519_dalek::SigningKey;
 
 use tollgate_core::engine::{NoUsage, Request, decide};
-use tollgate_core::model::SnapshotData;
+use tollgate_core::model::{DeltaAccount, DeltaData, SnapshotData};
 use tollgate_policy::generate::{GenOptions, accounts, catalog};
 use tollgate_policy::{Source, compile_sources};
 use tollgate_sidecar::app::App;
 use tollgate_sidecar::config::{Config, SourceConfig};
-use tollgate_snapshot::{self as snapshot, Snapshot, TrustedKeys};
+use tollgate_snapshot::{self as snapshot, Delta, ServingView, Snapshot, TrustedKeys};
 
 const CHUNK: usize = 10_000;
 
@@ -181,5 +182,104 @@ fn bench_snapshot_lifecycle(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_decide, bench_batch, bench_snapshot_lifecycle);
+/// Accounts in the overlay for the overlay benches: one delta per account, as one-account
+/// orders make them.
+const OVERLAY: usize = 10_000;
+
+/// A delta carrying account `id` of `data` (unchanged), with the sets it points into copied
+/// into the delta's own tables.
+fn one_account_delta(data: &SnapshotData, id: &str) -> DeltaData {
+    let mut account = data.accounts[id].clone();
+    let mut feature_sets = Vec::new();
+    let mut limit_sets = Vec::new();
+    let mut local = |sets: &mut Vec<Vec<u64>>, set: &[u64]| -> u32 {
+        sets.iter().position(|known| known.as_slice() == set).unwrap_or_else(|| {
+            sets.push(set.to_vec());
+            sets.len() - 1
+        }) as u32
+    };
+    for license in &mut account.licenses {
+        license.features = local(&mut feature_sets, &data.feature_sets[license.features as usize]);
+        license.removed = local(&mut feature_sets, &data.feature_sets[license.removed as usize]);
+        let limits = data.limit_sets[license.limits as usize].clone();
+        license.limits = limit_sets.iter().position(|known| *known == limits).unwrap_or_else(|| {
+            limit_sets.push(limits);
+            limit_sets.len() - 1
+        }) as u32;
+    }
+    DeltaData { feature_sets, limit_sets, accounts: vec![DeltaAccount { id: id.to_string(), account }], removed: Vec::new() }
+}
+
+/// A view of `n_accounts` with [`OVERLAY`] of them replaced, one delta each.
+fn overlaid_view(n_accounts: usize) -> ServingView {
+    let data = compile(n_accounts);
+    let base = Snapshot::verify(&snapshot::build(&data, 1, 0, &key()).unwrap(), &trusted()).unwrap();
+    let mut view = ServingView::new(base);
+    let stride = (n_accounts / OVERLAY).max(1);
+    for (position, account_idx) in (0..n_accounts).step_by(stride).take(OVERLAY).enumerate() {
+        let delta = one_account_delta(&data, &format!("acct-{account_idx}"));
+        let revision = position as u64 + 2;
+        let bytes = snapshot::build_delta(&delta, 1, revision - 1, revision, 0, &key()).unwrap();
+        view = view.apply(Delta::verify(&bytes, &trusted()).unwrap()).unwrap();
+    }
+    view
+}
+
+fn bench_overlay(c: &mut Criterion) {
+    let mut group = c.benchmark_group("decide_with_overlay");
+    group.throughput(Throughput::Elements(1));
+    for n_accounts in sizes().into_iter().filter(|n_accounts| *n_accounts >= 100_000) {
+        let view = overlaid_view(n_accounts);
+        eprintln!("view of {n_accounts} accounts with {} in the overlay", view.overlay_len());
+        let owned = requests(n_accounts);
+        let requests: Vec<Request<'_>> = owned
+            .iter()
+            .map(|(account, feature, user, region, device)| Request {
+                account,
+                feature,
+                user: user.as_deref(),
+                region: *region,
+                device: device.as_deref(),
+                amount: None,
+            })
+            .collect();
+        let now = 1_795_000_000;
+        let mut idx = 0;
+        group.bench_function(BenchmarkId::from_parameter(n_accounts), |b| {
+            b.iter(|| {
+                idx = (idx + 1) % requests.len();
+                black_box(decide(&view, black_box(&requests[idx]), now, &NoUsage))
+            })
+        });
+        // Every request on an account the overlay holds: the overlay's hit path.
+        let stride = (n_accounts / OVERLAY).max(1);
+        let overlaid: Vec<String> = (0..1024).map(|i| format!("acct-{}", (i * 7 % OVERLAY) * stride)).collect();
+        let mut idx = 0;
+        group.bench_function(BenchmarkId::new("overlay_hits", n_accounts), |b| {
+            b.iter(|| {
+                idx = (idx + 1) % overlaid.len();
+                let request = Request { account: &overlaid[idx], feature: "feature-1", ..Request::default() };
+                black_box(decide(&view, black_box(&request), now, &NoUsage))
+            })
+        });
+        // Installing one more one-account delta on that view: the work a one-account order
+        // costs a sidecar once the delta is verified.
+        let data = compile(n_accounts.min(10_000));
+        let next = view.revision();
+        let bytes = snapshot::build_delta(&one_account_delta(&data, "acct-1"), 1, next, next + 1, 0, &key()).unwrap();
+        group.bench_function(BenchmarkId::new("apply_delta", n_accounts), |b| {
+            b.iter_batched(
+                || Delta::verify(&bytes, &trusted()).unwrap(),
+                |delta| black_box(view.apply(delta).unwrap()),
+                criterion::BatchSize::SmallInput,
+            )
+        });
+        group.bench_function(BenchmarkId::new("verify_delta", n_accounts), |b| {
+            b.iter(|| black_box(Delta::verify(&bytes, &trusted()).unwrap()))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_decide, bench_overlay, bench_batch, bench_snapshot_lifecycle);
 criterion_main!(benches);

@@ -17,7 +17,13 @@ import urllib.request
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.support.ui import Select, WebDriverWait
+
+
+def waiting(driver, seconds=10):
+    """A wait that retries while the page is being replaced (a form post navigating away)."""
+    return WebDriverWait(driver, seconds, ignored_exceptions=[StaleElementReferenceException])
 
 CP = os.environ["TG_CP"]
 SIDECAR = os.environ["TG_SIDECAR"]
@@ -80,7 +86,7 @@ def text(driver, css):
 
 
 def wait_for(driver, css):
-    WebDriverWait(driver, 10).until(lambda d: d.find_elements(By.CSS_SELECTOR, css))
+    waiting(driver).until(lambda d: d.find_elements(By.CSS_SELECTOR, css))
 
 
 def seats_of(driver):
@@ -101,7 +107,7 @@ def run(driver):
     # A customer follows a fresh link: the entry page moves on to the overview by itself.
     first_link = link("acme", "alice")
     driver.get(first_link)
-    WebDriverWait(driver, 10).until(lambda d: d.current_url.rstrip("/") == portal)
+    waiting(driver).until(lambda d: d.current_url.rstrip("/") == portal)
     check(text(driver, "#plan") == "team", f"plan shown: {text(driver, '#plan')!r}")
     check("valid" in text(driver, "#license-state"), text(driver, "#license-state"))
     shoot(driver, "portal-overview")
@@ -176,7 +182,7 @@ def run(driver):
     driver.execute_script("document.querySelector('#add-user input[name=csrf]').remove()")
     driver.find_element(By.ID, "user").send_keys("mallory@acme.example")
     driver.find_element(By.CSS_SELECTOR, "#add-user button[type=submit]").click()
-    WebDriverWait(driver, 10).until(lambda d: "security token" in d.find_element(By.TAG_NAME, "body").text)
+    waiting(driver).until(lambda d: "security token" in d.find_element(By.TAG_NAME, "body").text)
     status, account = call("GET", CP + "/v1/accounts/acme", ADMIN)
     check("mallory@acme.example" not in account["state"]["users"], "a form without its token changed the account")
 
