@@ -192,7 +192,7 @@ fn one_account_delta(data: &SnapshotData, id: &str) -> DeltaData {
     let mut account = data.accounts[id].clone();
     let mut feature_sets = Vec::new();
     let mut limit_sets = Vec::new();
-    let mut local = |sets: &mut Vec<Vec<u64>>, set: &[u64]| -> u32 {
+    let local = |sets: &mut Vec<Vec<u64>>, set: &[u64]| -> u32 {
         sets.iter().position(|known| known.as_slice() == set).unwrap_or_else(|| {
             sets.push(set.to_vec());
             sets.len() - 1
