@@ -223,7 +223,9 @@ async fn the_control_plane_answers_mutated_requests_without_a_5xx_and_keeps_its_
     assert!(counts.get("200").copied().unwrap_or(0) > 0 && counts.keys().any(|status| status.starts_with('4')), "{counts:?}");
 
     // The data is still what valid requests made it: the account exists with a team or business
-    // license, and the server takes a new valid order.
+    // license, and the server takes a new valid order. (On a new connection: the one opened
+    // before the barrage may have idled past the server's keep-alive timeout meanwhile.)
+    let mut client = server.client().await;
     let account = get(&mut client, "/v1/accounts/acme", &admin).await;
     assert_eq!(account.status, 200, "{}", account.text());
     let plan = account.json()["state"]["licenses"][0]["plan"].as_str().unwrap().to_string();
