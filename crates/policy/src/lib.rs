@@ -7,6 +7,7 @@
 //! everything else is pure. `generate` writes synthetic policies of any size for benches and
 //! load tests.
 
+mod fast;
 pub mod generate;
 pub mod integrations;
 pub mod spec;
@@ -139,14 +140,14 @@ struct RoleFile {
     features: Vec<Spanned<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct AccountsFile {
     #[serde(default)]
     accounts: BTreeMap<Spanned<String>, AccountFile>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct AccountFile {
     status: Option<Spanned<String>>,
@@ -160,7 +161,7 @@ struct AccountFile {
     users: BTreeMap<Spanned<String>, UserFile>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct LicenseFile {
     id: Option<Spanned<String>>,
@@ -179,7 +180,7 @@ struct LicenseFile {
     overrides: OverridesFile,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Debug)]
 #[serde(deny_unknown_fields)]
 struct OverridesFile {
     #[serde(default)]
@@ -190,7 +191,7 @@ struct OverridesFile {
     limits: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct UserFile {
     #[serde(default)]
@@ -512,7 +513,9 @@ fn read_accounts(
         scope.spawn(move || {
             for source in accounts {
                 let parsed = source.map(|source| {
-                    let parsed = parse_toml_file::<AccountsFile>(&source);
+                    // The common shape is read by the fast reader; anything else (a mistake
+                    // included) by the `toml` crate, which reports it.
+                    let parsed = fast::parse_accounts(&source.text).map_or_else(|| parse_toml_file::<AccountsFile>(&source), Ok);
                     (source, parsed)
                 });
                 if sender.send(parsed).is_err() {
