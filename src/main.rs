@@ -301,11 +301,20 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Compile { policy_dir, key, out, revision } => {
             let key = snapshot::read_signing_key(&key)?;
+            let stopwatch = tollgate_core::clock::Stopwatch::start();
             let data = tollgate_policy::compile_dir(&policy_dir)?;
+            let compiled_s = stopwatch.elapsed_secs();
             let now_ms = tollgate_core::clock::system_now_ms();
             let revision = revision.unwrap_or(now_ms.max(0) as u64);
             let bytes = snapshot::build(&data, revision, now_ms, &key)?;
+            let built_s = stopwatch.elapsed_secs();
             write_atomically(&out, &bytes)?;
+            tracing::debug!(
+                compile_s = compiled_s,
+                build_s = built_s - compiled_s,
+                write_s = stopwatch.elapsed_secs() - built_s,
+                "compiled, built and signed, written"
+            );
             println!("wrote {} (revision {revision}, {} accounts, {} bytes)", out.display(), data.accounts.len(), bytes.len());
             Ok(())
         }
