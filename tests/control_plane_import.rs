@@ -31,7 +31,10 @@ fn imports(repository: &dyn Repository) -> usize {
 
 /// Each account's licenses as (id, plan, resolved feature words, resolved limits), which do
 /// not depend on the order accounts were interned in.
-fn resolved(data: &SnapshotData) -> Vec<(String, Vec<(String, u32, Vec<u64>, String)>)> {
+/// A license's id, plan, resolved feature words and resolved limits.
+type Resolved = (String, u32, Vec<u64>, String);
+
+fn resolved(data: &SnapshotData) -> Vec<(String, Vec<Resolved>)> {
     let mut accounts: Vec<_> = data
         .accounts
         .iter()

@@ -15,14 +15,17 @@ use toml::Spanned;
 
 use crate::{AccountFile, AccountsFile, LicenseFile, OverridesFile, UserFile};
 
+/// A value and where it is.
+type Located = (Range<usize>, Value);
+
 /// A value as written, before it is matched to the field that holds it.
 enum Value {
     String(String),
     Integer(i64),
     Boolean(bool),
     Datetime(toml::value::Datetime),
-    Array(Vec<(Range<usize>, Value)>),
-    Table(Vec<(Spanned<String>, (Range<usize>, Value))>),
+    Array(Vec<Located>),
+    Table(Vec<(Spanned<String>, Located)>),
 }
 
 impl Value {
@@ -540,10 +543,10 @@ pub(crate) fn parse_accounts(text: &str) -> Option<AccountsFile> {
             }
         }
     }
-    if let (Some(Table::User(user_id)), Some((_, draft))) = (table.take(), current.as_mut()) {
-        if draft.users.insert(user_id, user.take()?).is_some() {
-            return None;
-        }
+    if let (Some(Table::User(user_id)), Some((_, draft))) = (table.take(), current.as_mut())
+        && draft.users.insert(user_id, user.take()?).is_some()
+    {
+        return None;
     }
     if let Some((id, draft)) = current.take()
         && accounts.insert(id, draft.finish()?).is_some()
