@@ -386,7 +386,7 @@ enum Table {
 /// not valid): then the `toml` crate reads it.
 pub(crate) fn parse_accounts(text: &str) -> Option<AccountsFile> {
     let mut cursor = Cursor { bytes: text.as_bytes(), text, pos: 0 };
-    let mut accounts: BTreeMap<Spanned<String>, AccountFile> = BTreeMap::new();
+    let mut accounts: BTreeMap<Spanned<String>, Box<AccountFile>> = BTreeMap::new();
     let mut current: Option<(Spanned<String>, AccountDraft)> = None;
     let mut table: Option<Table> = None;
     let mut user: Option<UserFile> = None;
@@ -416,7 +416,7 @@ pub(crate) fn parse_accounts(text: &str) -> Option<AccountsFile> {
                 match (names.as_slice(), array) {
                     ([], false) => {
                         if let Some((id, draft)) = current.take()
-                            && accounts.insert(id, draft.finish()?).is_some()
+                            && accounts.insert(id, Box::new(draft.finish()?)).is_some()
                         {
                             return None;
                         }
@@ -549,7 +549,7 @@ pub(crate) fn parse_accounts(text: &str) -> Option<AccountsFile> {
         return None;
     }
     if let Some((id, draft)) = current.take()
-        && accounts.insert(id, draft.finish()?).is_some()
+        && accounts.insert(id, Box::new(draft.finish()?)).is_some()
     {
         return None;
     }

@@ -144,7 +144,8 @@ struct RoleFile {
 #[serde(deny_unknown_fields)]
 struct AccountsFile {
     #[serde(default)]
-    accounts: BTreeMap<Spanned<String>, AccountFile>,
+    /// Boxed: a file holds thousands of accounts, and a map node moves its values around.
+    accounts: BTreeMap<Spanned<String>, Box<AccountFile>>,
 }
 
 #[derive(Deserialize, Debug)]
