@@ -194,6 +194,32 @@ fn bad_configuration_exits_non_zero_with_a_clear_message() {
     assert!(String::from_utf8_lossy(&bad_listen.stderr).contains("`--listen`"));
 }
 
+#[test]
+fn control_plane_import_loads_a_generated_directory_once_and_refuses_a_bad_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    let data = dir.path().join("data");
+    ok(&tollgate(&["gen", "--accounts", "40", "--out", path(&policies)]));
+    let first = ok(&tollgate(&["control-plane", "import", "--data", path(&data), path(&policies)]));
+    assert!(first.contains("imported 40 accounts") && first.contains("40 created, 0 updated, 0 unchanged (revision 1)"), "{first}");
+    let second = ok(&tollgate(&["control-plane", "import", "--data", path(&data), path(&policies)]));
+    assert!(second.contains("0 created, 0 updated, 40 unchanged (revision 1)"), "{second}");
+
+    let broken = dir.path().join("broken");
+    ok(&tollgate(&["gen", "--accounts", "40", "--out", path(&broken)]));
+    let file = broken.join("accounts/accounts-00000.toml");
+    let text = std::fs::read_to_string(&file).unwrap().replacen("seats = 5", "seats = -5", 1);
+    let line = text.lines().position(|line| line == "seats = -5").unwrap() + 1;
+    std::fs::write(&file, text).unwrap();
+    let fresh = dir.path().join("fresh");
+    let output = tollgate(&["control-plane", "import", "--data", path(&fresh), path(&broken)]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&format!("accounts-00000.toml:{line}: license `acct-0-1` of account `acct-0` has `seats` = -5")), "{stderr}");
+    let empty = ok(&tollgate(&["control-plane", "import", "--data", path(&fresh), path(&policies)]));
+    assert!(empty.contains("40 created") && empty.contains("(revision 1)"), "the refused import wrote nothing: {empty}");
+}
+
 #[tokio::test]
 async fn sidecar_follows_a_watched_snapshot_file_and_drains_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();

@@ -3,8 +3,9 @@
 //! ingestion with reports, and outbound webhooks. This module holds the shared state
 //! ([`ControlPlane`]), API keys and callers, and the error kinds; the HTTP server is `api`,
 //! the database `store` (usage tables in `usage_store`), writes `changes`, publishing
-//! `publish`, tokens `tokens`, usage `ingest`, `reports` and `limits`, webhooks `webhooks`
-//! (their tables `webhook_store`), the customer portal and vendor console `portal`. It never
+//! `publish`, bulk import of a policies directory `import`, tokens `tokens`, usage `ingest`,
+//! `reports` and `limits`, webhooks `webhooks` (their tables `webhook_store`), the customer
+//! portal and vendor console `portal`. It never
 //! decides a request: sidecars do, from the snapshots it publishes.
 
 /// An enum carried in request bodies and stored documents as fixed strings, which stay what
@@ -64,6 +65,7 @@ macro_rules! wire_enum {
 mod accounts;
 pub mod api;
 pub mod changes;
+pub mod import;
 pub mod ingest;
 pub mod integration_store;
 pub mod integrations;

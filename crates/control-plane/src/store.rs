@@ -243,6 +243,20 @@ pub trait Transaction: UsageTransaction + IntegrationTransaction + WebhookTransa
     /// reserved on first use.
     fn next_revision(&mut self) -> Result<u64, StoreError>;
     fn audit(&mut self, entry: &NewAudit<'_>) -> Result<(), StoreError>;
+    /// Stores `account` unless the stored one is already identical (bulk import): statements
+    /// prepared once, and the stored document only parsed when its text differs.
+    fn import_account(&mut self, id: &str, account: &AccountDoc) -> Result<Imported, StoreError>;
+    fn meta(&mut self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Sets a meta value without moving the revision.
+    fn put_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError>;
+}
+
+/// What [`Transaction::import_account`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Imported {
+    Created,
+    Updated,
+    Unchanged,
 }
 
 /// An audit entry to append; `seq` is assigned by the store, `at` by the caller's clock.
@@ -532,6 +546,42 @@ impl Transaction for SqliteTransaction<'_> {
         self.transaction.execute(
             "INSERT INTO audit (at, key_id, action, account, target, before, after, revision) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             params![entry.at, entry.key_id, entry.action, entry.account, entry.target, before, after, revision as i64],
+        )?;
+        Ok(())
+    }
+
+    fn import_account(&mut self, id: &str, account: &AccountDoc) -> Result<Imported, StoreError> {
+        let doc = to_json(id, account)?;
+        let stored: Option<String> =
+            self.transaction.prepare_cached("SELECT doc FROM accounts WHERE id = ?1")?.query_row([id], |row| row.get(0)).optional()?;
+        let imported = match stored {
+            // Equal text is an equal document; different text may still be one written by an
+            // older version (a field since defaulted), so only then is it parsed.
+            Some(text) if text == doc || parse_doc::<AccountDoc>(id, &text).is_ok_and(|stored| stored == *account) => {
+                return Ok(Imported::Unchanged);
+            }
+            Some(_) => Imported::Updated,
+            None => Imported::Created,
+        };
+        let revision = self.next_revision()?;
+        self.transaction
+            .prepare_cached(
+                "INSERT INTO accounts (id, doc, revision) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET doc = excluded.doc, revision = excluded.revision",
+            )?
+            .execute(params![id, doc, revision as i64])?;
+        self.index_license_expiries(id, account)?;
+        Ok(imported)
+    }
+
+    fn meta(&mut self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self.transaction.query_row("SELECT value FROM meta WHERE key = ?1", [key], |row| row.get(0)).optional()?)
+    }
+
+    fn put_meta(&mut self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.transaction.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            params![key, value],
         )?;
         Ok(())
     }

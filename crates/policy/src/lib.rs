@@ -139,14 +139,15 @@ struct RoleFile {
     features: Vec<Spanned<String>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct AccountsFile {
     #[serde(default)]
-    accounts: BTreeMap<Spanned<String>, AccountFile>,
+    /// Boxed: a file holds thousands of accounts, and a map node moves its values around.
+    accounts: BTreeMap<Spanned<String>, Box<AccountFile>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct AccountFile {
     status: Option<Spanned<String>>,
@@ -160,7 +161,7 @@ struct AccountFile {
     users: BTreeMap<Spanned<String>, UserFile>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct LicenseFile {
     id: Option<Spanned<String>>,
@@ -179,7 +180,7 @@ struct LicenseFile {
     overrides: OverridesFile,
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, Debug)]
 #[serde(deny_unknown_fields)]
 struct OverridesFile {
     #[serde(default)]
@@ -190,7 +191,7 @@ struct OverridesFile {
     limits: BTreeMap<Spanned<String>, Spanned<toml::Value>>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Debug)]
 #[serde(deny_unknown_fields)]
 struct UserFile {
     #[serde(default)]
@@ -278,15 +279,15 @@ fn line_of(text: &str, offset: usize) -> usize {
     newline_offsets(text).partition_point(|&newline| newline < offset) + 1
 }
 fn parse_toml<T: serde::de::DeserializeOwned>(source: &Source, errors: &mut Vec<PolicyError>) -> Option<T> {
-    match toml::from_str::<T>(&source.text) {
-        Ok(value) => Some(value),
-        Err(error) => {
-            let line = error.span().map(|span| line_of(&source.text, span.start));
-            let message = error.message().trim_end().to_string();
-            errors.push(PolicyError { file: source.path.clone(), line, message });
-            None
-        }
-    }
+    parse_toml_file(source).map_err(|error| errors.push(error)).ok()
+}
+
+fn parse_toml_file<T: serde::de::DeserializeOwned>(source: &Source) -> Result<T, PolicyError> {
+    toml::from_str::<T>(&source.text).map_err(|error| {
+        let line = error.span().map(|span| line_of(&source.text, span.start));
+        let message = error.message().trim_end().to_string();
+        PolicyError { file: source.path.clone(), line, message }
+    })
 }
 
 /// Name-to-index tables of the catalog, used while compiling accounts.
@@ -441,8 +442,56 @@ pub fn compile_accounts(catalog: &Catalog, accounts: impl IntoIterator<Item = (S
 /// turn), or reports every mistake found.
 pub fn compile_sources(
     catalog: &Source,
-    accounts: impl Iterator<Item = Result<Source, PolicyError>>,
+    accounts: impl Iterator<Item = Result<Source, PolicyError>> + Send,
 ) -> Result<SnapshotData, PolicyErrors> {
+    let mut compiled_accounts = HashMap::new();
+    let catalog = read_accounts(catalog, accounts, |account_id, _, account| {
+        compiled_accounts.insert(account_id, account);
+        Ok(())
+    })?;
+    let mut data = catalog.data;
+    data.accounts = compiled_accounts;
+    Ok(data)
+}
+
+/// Why an account handed to a [`read_sources`] visitor was not taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The account cannot be taken as it is: reported at the line of `field` (a `SpecError`
+    /// field path such as `licenses[0].regions`) like any other mistake in the file.
+    Field { field: String, message: String },
+    /// Stop reading at once: the visitor failed for a reason of its own, which it keeps.
+    Stop,
+}
+
+/// Reads a policies directory like [`compile_dir`], validating every account exactly as a
+/// compile does, and hands each valid account to `visit` as a spec, in file order, instead
+/// of building snapshot data. Returns the compiled catalog when every account was valid and
+/// taken; otherwise every mistake found (empty after [`Refusal::Stop`]). Memory holds one
+/// file and the account ids seen, never every account.
+pub fn read_dir(dir: &Path, visit: impl FnMut(String, AccountSpec) -> Result<(), Refusal>) -> Result<Catalog, PolicyErrors> {
+    let catalog = read_source(&dir.join(CATALOG_FILE)).map_err(|error| PolicyErrors(vec![error]))?;
+    let paths = account_paths(dir).map_err(|error| PolicyErrors(vec![error]))?;
+    read_sources(&catalog, paths.iter().map(|path| read_source(path)), visit)
+}
+
+/// [`read_dir`] over sources already read.
+pub fn read_sources(
+    catalog: &Source,
+    accounts: impl Iterator<Item = Result<Source, PolicyError>> + Send,
+    mut visit: impl FnMut(String, AccountSpec) -> Result<(), Refusal>,
+) -> Result<Catalog, PolicyErrors> {
+    read_accounts(catalog, accounts, |account_id, account_spec, _| visit(account_id, account_spec))
+}
+
+/// The one reading of a catalog and account files: every account is parsed, validated and
+/// lowered, then handed to `take` with its spec; the catalog comes back with the shared
+/// feature and limit sets of every account taken.
+fn read_accounts(
+    catalog: &Source,
+    accounts: impl Iterator<Item = Result<Source, PolicyError>> + Send,
+    mut take: impl FnMut(String, AccountSpec, model::Account) -> Result<(), Refusal>,
+) -> Result<Catalog, PolicyErrors> {
     let mut errors = Vec::new();
     let parsed_catalog = parse_toml::<CatalogFile>(catalog, &mut errors);
     let mut data = empty_data();
@@ -455,50 +504,95 @@ pub fn compile_sources(
     // Where each account was first defined: the file and the line of its id.
     let mut account_origin: HashMap<String, (usize, usize)> = HashMap::new();
     let mut files: Vec<PathBuf> = Vec::new();
-    for source in accounts {
-        let source = match source {
-            Ok(source) => source,
-            Err(error) => {
-                errors.push(error);
-                continue;
+    let mut stopped = false;
+    // Reading and parsing files (half the time of a large compile) runs on a second thread, a
+    // file or two ahead of the lowering here, which keeps the interning order (and so the
+    // output) what it is on one thread.
+    std::thread::scope(|scope| {
+        let (sender, receiver) = std::sync::mpsc::sync_channel::<Result<(Source, Result<AccountsFile, PolicyError>), PolicyError>>(2);
+        scope.spawn(move || {
+            for source in accounts {
+                let parsed = source.map(|source| {
+                    let parsed = parse_toml_file::<AccountsFile>(&source);
+                    (source, parsed)
+                });
+                if sender.send(parsed).is_err() {
+                    // The reader stopped early.
+                    break;
+                }
             }
-        };
-        // Without a catalog the accounts are still parsed, to report their syntax errors.
-        let Some(parsed) = parse_toml::<AccountsFile>(&source, &mut errors) else { continue };
-        let Some(names) = names.as_ref() else { continue };
-        let file_idx = files.len();
-        files.push(source.path.clone());
-        let mut diagnostics = Diagnostics::new(&source, &mut errors);
-        for (account_id, account_file) in parsed.accounts {
-            if let Some((first_file, first_line)) = account_origin.get(account_id.get_ref()) {
-                let first_path = files.get(*first_file).map_or_else(String::new, |path| path.display().to_string());
-                diagnostics.at(
-                    account_id.span(),
-                    format!("duplicate account `{}` (first defined at {first_path}:{first_line})", account_id.get_ref()),
-                );
-                continue;
-            }
-            let line = diagnostics.line(account_id.span().start);
-            account_origin.insert(account_id.get_ref().clone(), (file_idx, line));
-            let n_errors_before = diagnostics.errors.len();
-            let (account_spec, spans) = account_spec_of_file(&account_id, &account_file, &mut diagnostics);
-            let mut spec_errors = Vec::new();
-            let account = spec::lower_account(account_id.get_ref(), &account_spec, &data, names, &mut interner, &mut spec_errors);
-            for error in spec_errors {
-                diagnostics.at(spans.find(&error.field, account_id.span()), error.message);
-            }
-            if let Some(account) = account
-                && diagnostics.errors.len() == n_errors_before
-            {
-                data.accounts.insert(account_id.into_inner(), account);
+        });
+        'files: for parsed in receiver {
+            let (source, parsed) = match parsed {
+                Ok(parsed) => parsed,
+                Err(error) => {
+                    errors.push(error);
+                    continue;
+                }
+            };
+            // Without a catalog the accounts are still parsed, to report their syntax errors.
+            let parsed = match parsed {
+                Ok(parsed) => parsed,
+                Err(error) => {
+                    errors.push(error);
+                    continue;
+                }
+            };
+            let Some(names) = names.as_ref() else { continue };
+            let file_idx = files.len();
+            files.push(source.path.clone());
+            let mut diagnostics = Diagnostics::new(&source, &mut errors);
+            for (account_id, account_file) in parsed.accounts {
+                if let Some((first_file, first_line)) = account_origin.get(account_id.get_ref()) {
+                    let first_path = files.get(*first_file).map_or_else(String::new, |path| path.display().to_string());
+                    diagnostics.at(
+                        account_id.span(),
+                        format!("duplicate account `{}` (first defined at {first_path}:{first_line})", account_id.get_ref()),
+                    );
+                    continue;
+                }
+                let line = diagnostics.line(account_id.span().start);
+                account_origin.insert(account_id.get_ref().clone(), (file_idx, line));
+                let n_errors_before = diagnostics.errors.len();
+                let account_spec = account_spec_of_file(&account_id, &account_file, &mut diagnostics);
+                let mut spec_errors = Vec::new();
+                let account = spec::lower_account(account_id.get_ref(), &account_spec, &data, names, &mut interner, &mut spec_errors);
+                if !spec_errors.is_empty() {
+                    // Spans are only gathered for an account with mistakes: most have none.
+                    let spans = spans_of_file(&account_file);
+                    for error in spec_errors {
+                        diagnostics.at(spans.find(&error.field, account_id.span()), error.message);
+                    }
+                }
+                let Some(account) = account else { continue };
+                if diagnostics.errors.len() != n_errors_before {
+                    continue;
+                }
+                let id_span = account_id.span();
+                match take(account_id.into_inner(), account_spec, account) {
+                    Ok(()) => {}
+                    Err(Refusal::Field { field, message }) => {
+                        let span = spans_of_file(&account_file).find(&field, id_span);
+                        diagnostics.at(span, message);
+                    }
+                    Err(Refusal::Stop) => {
+                        stopped = true;
+                        break 'files;
+                    }
+                }
             }
         }
+    });
+    if stopped {
+        return Err(PolicyErrors(errors));
     }
 
     data.feature_sets = interner.feature_sets.items;
     data.limit_sets = interner.limit_sets.items;
-    if errors.is_empty() {
-        return Ok(data);
+    if errors.is_empty()
+        && let Some(names) = names
+    {
+        return Ok(Catalog { data, names, integrations });
     }
     // Files in the order they were read, each file's errors in line order.
     let file_order: HashMap<PathBuf, usize> =
@@ -526,30 +620,14 @@ impl Spans {
     }
 }
 
-/// An `[accounts.ID]` table as an [`AccountSpec`], with where each field is. The mistakes only
-/// a file can make (wrong types, numbers out of range, dates without a time zone) are reported
-/// here; everything else is left to the shared lowering.
-fn account_spec_of_file(account_id: &Spanned<String>, file: &AccountFile, diagnostics: &mut Diagnostics<'_>) -> (AccountSpec, Spans) {
+/// Where each field of an `[accounts.ID]` table is, by the paths `SpecError`s use. Worked out
+/// only for an account that has a mistake to report.
+fn spans_of_file(file: &AccountFile) -> Spans {
     let mut spans = HashMap::new();
-    let owner = format!("account `{}`", account_id.get_ref());
-    let status = match file.status.as_ref().map(|status| status.get_ref().as_str()) {
-        None | Some("active") => AccountStatus::Active,
-        Some("suspended") => AccountStatus::Suspended,
-        Some(other) => {
-            if let Some(status) = &file.status {
-                diagnostics.at(status.span(), format!("{owner} has unknown status `{other}` (expected active or suspended)"));
-            }
-            AccountStatus::Suspended
-        }
-    };
-    let mut licenses = Vec::new();
     for (license_number, license_file) in file.licenses.iter().enumerate() {
         let field = |name: &str| format!("licenses[{license_number}]{name}");
         spans.insert(field(""), license_file.span());
         let license_file = license_file.get_ref();
-        let id =
-            license_file.id.as_ref().map_or_else(|| format!("{}-{}", account_id.get_ref(), license_number + 1), |id| id.get_ref().clone());
-        let license_owner = format!("license `{id}` of {owner}");
         if let Some(id) = &license_file.id {
             spans.insert(field(".id"), id.span());
         }
@@ -564,20 +642,72 @@ fn account_spec_of_file(account_id: &Spanned<String>, file: &AccountFile, diagno
         for (number, feature) in overrides.remove_features.iter().enumerate() {
             spans.insert(field(&format!(".overrides.remove_features[{number}]")), feature.span());
         }
-        let mut override_limits = BTreeMap::new();
-        for (meter, value) in &overrides.limits {
+        for meter in overrides.limits.keys() {
             spans.insert(field(&format!(".overrides.limits.{}", meter.get_ref())), meter.span());
-            if let Some(limit) = parse_limit(0, value, &license_owner, meter.get_ref(), false, diagnostics) {
-                override_limits.insert(meter.get_ref().clone(), LimitSpec { soft: limit.soft, hard: limit.hard });
-            }
         }
         if let Some(expires_at) = &license_file.expires_at {
             spans.insert(field(".expires_at"), expires_at.span());
         }
-        let regions = license_file.regions.as_ref().and_then(|value| {
-            spans.insert(field(".regions"), value.span());
-            parse_fence(value, &license_owner, diagnostics)
-        });
+        if let Some(regions) = &license_file.regions {
+            spans.insert(field(".regions"), regions.span());
+        }
+    }
+    for (group, roles) in &file.groups {
+        spans.insert(format!("groups.{}", group.get_ref()), group.span());
+        for (number, role) in roles.iter().enumerate() {
+            spans.insert(format!("groups.{}[{number}]", group.get_ref()), role.span());
+        }
+    }
+    for (user_id, user_file) in &file.users {
+        let field = format!("users.{}", user_id.get_ref());
+        for (number, role) in user_file.roles.iter().enumerate() {
+            spans.insert(format!("{field}.roles[{number}]"), role.span());
+        }
+        for (number, group) in user_file.groups.iter().enumerate() {
+            spans.insert(format!("{field}.groups[{number}]"), group.span());
+        }
+        spans.insert(field, user_id.span());
+    }
+    for (number, device) in file.devices.iter().enumerate() {
+        spans.insert(format!("devices[{number}]"), device.span());
+    }
+    Spans(spans)
+}
+
+/// An `[accounts.ID]` table as an [`AccountSpec`]. The mistakes only a file can make (wrong
+/// types, numbers out of range, dates without a time zone) are reported here; everything else
+/// is left to the shared lowering.
+fn account_spec_of_file(account_id: &Spanned<String>, file: &AccountFile, diagnostics: &mut Diagnostics<'_>) -> AccountSpec {
+    let owner = || format!("account `{}`", account_id.get_ref());
+    let status = match file.status.as_ref().map(|status| status.get_ref().as_str()) {
+        None | Some("active") => AccountStatus::Active,
+        Some("suspended") => AccountStatus::Suspended,
+        Some(other) => {
+            if let Some(status) = &file.status {
+                diagnostics.at(status.span(), format!("{} has unknown status `{other}` (expected active or suspended)", owner()));
+            }
+            AccountStatus::Suspended
+        }
+    };
+    let mut licenses = Vec::with_capacity(file.licenses.len());
+    for (license_number, license_file) in file.licenses.iter().enumerate() {
+        let license_file = license_file.get_ref();
+        // Named only in messages, so only built for one.
+        let license_owner = || {
+            let id = license_file
+                .id
+                .as_ref()
+                .map_or_else(|| format!("{}-{}", account_id.get_ref(), license_number + 1), |id| id.get_ref().clone());
+            format!("license `{id}` of {}", owner())
+        };
+        let overrides = &license_file.overrides;
+        let mut override_limits = BTreeMap::new();
+        for (meter, value) in &overrides.limits {
+            if let Some(limit) = parse_limit(0, value, &license_owner, meter.get_ref(), false, diagnostics) {
+                override_limits.insert(meter.get_ref().clone(), LimitSpec { soft: limit.soft, hard: limit.hard });
+            }
+        }
+        let regions = license_file.regions.as_ref().and_then(|value| parse_fence(value, &license_owner, diagnostics));
         licenses.push(LicenseSpec {
             id: license_file.id.as_ref().map(|id| id.get_ref().clone()),
             plan: license_file.plan.get_ref().clone(),
@@ -599,43 +729,32 @@ fn account_spec_of_file(account_id: &Spanned<String>, file: &AccountFile, diagno
             },
         });
     }
-    let mut groups = BTreeMap::new();
-    for (group, roles) in &file.groups {
-        spans.insert(format!("groups.{}", group.get_ref()), group.span());
-        for (number, role) in roles.iter().enumerate() {
-            spans.insert(format!("groups.{}[{number}]", group.get_ref()), role.span());
-        }
-        groups.insert(group.get_ref().clone(), roles.iter().map(|role| role.get_ref().clone()).collect());
-    }
-    let mut users = BTreeMap::new();
-    for (user_id, user_file) in &file.users {
-        let field = format!("users.{}", user_id.get_ref());
-        for (number, role) in user_file.roles.iter().enumerate() {
-            spans.insert(format!("{field}.roles[{number}]"), role.span());
-        }
-        for (number, group) in user_file.groups.iter().enumerate() {
-            spans.insert(format!("{field}.groups[{number}]"), group.span());
-        }
-        spans.insert(field, user_id.span());
-        users.insert(
-            user_id.get_ref().clone(),
-            UserSpec {
-                roles: user_file.roles.iter().map(|role| role.get_ref().clone()).collect(),
-                groups: user_file.groups.iter().map(|group| group.get_ref().clone()).collect(),
-                seat: user_file.seat.unwrap_or(true),
-            },
-        );
-    }
-    for (number, device) in file.devices.iter().enumerate() {
-        spans.insert(format!("devices[{number}]"), device.span());
-    }
+    let groups = file
+        .groups
+        .iter()
+        .map(|(group, roles)| (group.get_ref().clone(), roles.iter().map(|role| role.get_ref().clone()).collect()))
+        .collect();
+    let users = file
+        .users
+        .iter()
+        .map(|(user_id, user_file)| {
+            (
+                user_id.get_ref().clone(),
+                UserSpec {
+                    roles: user_file.roles.iter().map(|role| role.get_ref().clone()).collect(),
+                    groups: user_file.groups.iter().map(|group| group.get_ref().clone()).collect(),
+                    seat: user_file.seat.unwrap_or(true),
+                },
+            )
+        })
+        .collect();
     let devices = file.devices.iter().map(|device| device.get_ref().clone()).collect();
-    (AccountSpec { status, licenses, users, groups, devices }, Spans(spans))
+    AccountSpec { status, licenses, users, groups, devices }
 }
 
 /// A fence is a list of region and group names (an allow-list), or a table with exactly one of
 /// `allow` or `deny` holding such a list.
-fn parse_fence(value: &Spanned<toml::Value>, owner: &str, diagnostics: &mut Diagnostics<'_>) -> Option<FenceSpec> {
+fn parse_fence(value: &Spanned<toml::Value>, owner: &dyn Fn() -> String, diagnostics: &mut Diagnostics<'_>) -> Option<FenceSpec> {
     let names =
         |items: &toml::value::Array| -> Option<Vec<String>> { items.iter().map(|item| item.as_str().map(str::to_string)).collect() };
     let parsed = match value.get_ref() {
@@ -648,6 +767,7 @@ fn parse_fence(value: &Spanned<toml::Value>, owner: &str, diagnostics: &mut Diag
         _ => None,
     };
     if parsed.is_none() {
+        let owner = owner();
         diagnostics.at(
             value.span(),
             format!("{owner} has `regions` that is not a list of region names, `{{ allow = [...] }}` or `{{ deny = [...] }}`"),
@@ -664,7 +784,7 @@ fn check_id(id: &Spanned<String>, what: &str, diagnostics: &mut Diagnostics<'_>)
 
 /// A fence of the catalog (on a feature or a plan) as a region bitset.
 fn catalog_fence(value: &Spanned<toml::Value>, names: &Names, owner: &str, diagnostics: &mut Diagnostics<'_>) -> Option<Vec<u64>> {
-    let fence = parse_fence(value, owner, diagnostics)?;
+    let fence = parse_fence(value, &|| owner.to_string(), diagnostics)?;
     match spec::resolve_fence(&fence, names) {
         Ok(set) => Some(set),
         Err(unknown) => {
@@ -905,7 +1025,7 @@ fn resolve(
 fn parse_limit(
     meter_idx: u32,
     value: &Spanned<toml::Value>,
-    owner: &str,
+    owner: &dyn Fn() -> String,
     meter: &str,
     check_order: bool,
     diagnostics: &mut Diagnostics<'_>,
@@ -914,10 +1034,12 @@ fn parse_limit(
         match number {
             toml::Value::Integer(n) if *n >= 0 => Some(*n as u64),
             toml::Value::Integer(n) => {
+                let owner = owner();
                 diagnostics.at(value.span(), format!("{owner} has negative {which}limit {n} for meter `{meter}`"));
                 None
             }
             other => {
+                let owner = owner();
                 diagnostics.at(
                     value.span(),
                     format!("{owner} has a {which}limit for meter `{meter}` that is a {}, expected a whole number", other.type_str()),
@@ -934,6 +1056,7 @@ fn parse_limit(
                     "soft" => limit.soft = check(number, "soft ")?.into(),
                     "hard" => limit.hard = check(number, "hard ")?.into(),
                     other => {
+                        let owner = owner();
                         diagnostics.at(
                             value.span(),
                             format!("{owner} has unknown key `{other}` in the limit for meter `{meter}` (expected `soft` or `hard`)"),
@@ -945,6 +1068,7 @@ fn parse_limit(
             if let (Some(soft), Some(hard), true) = (limit.soft, limit.hard, check_order)
                 && soft > hard
             {
+                let owner = owner();
                 diagnostics.at(value.span(), format!("{owner} has soft limit {soft} above hard limit {hard} for meter `{meter}`"));
             }
             Some(limit)
@@ -962,7 +1086,7 @@ fn resolve_limits(
     let mut resolved = Vec::new();
     for (meter, value) in limits {
         let Some(meter_idx) = resolve(meter, meter_index, "meter", owner, diagnostics) else { continue };
-        if let Some(limit) = parse_limit(meter_idx, value, owner, meter.get_ref(), true, diagnostics) {
+        if let Some(limit) = parse_limit(meter_idx, value, &|| owner.to_string(), meter.get_ref(), true, diagnostics) {
             resolved.push(limit);
         }
     }
@@ -970,12 +1094,18 @@ fn resolve_limits(
     resolved
 }
 
-fn datetime_to_unix(value: &Spanned<toml::value::Datetime>, owner: &str, field: &str, diagnostics: &mut Diagnostics<'_>) -> Option<i64> {
+fn datetime_to_unix(
+    value: &Spanned<toml::value::Datetime>,
+    owner: &dyn Fn() -> String,
+    field: &str,
+    diagnostics: &mut Diagnostics<'_>,
+) -> Option<i64> {
     let datetime = value.get_ref();
     let parsed = match (datetime.date, datetime.time, datetime.offset) {
         (Some(date), None, None) => tollgate_core::period::parse_rfc3339(&format!("{date}T00:00:00Z")),
         (Some(_), Some(_), Some(_)) => tollgate_core::period::parse_rfc3339(&datetime.to_string()),
         _ => {
+            let owner = owner();
             diagnostics.at(
                 value.span(),
                 format!(
@@ -986,16 +1116,18 @@ fn datetime_to_unix(value: &Spanned<toml::value::Datetime>, owner: &str, field: 
         }
     };
     if parsed.is_none() {
+        let owner = owner();
         diagnostics.at(value.span(), format!("{owner} has bad date `{datetime}` in `{field}`"));
     }
     parsed
 }
 
-fn non_negative(value: &Option<Spanned<i64>>, owner: &str, field: &str, diagnostics: &mut Diagnostics<'_>) -> Option<u32> {
+fn non_negative(value: &Option<Spanned<i64>>, owner: &dyn Fn() -> String, field: &str, diagnostics: &mut Diagnostics<'_>) -> Option<u32> {
     let value = value.as_ref()?;
     match u32::try_from(*value.get_ref()) {
         Ok(n) => Some(n),
         Err(_) => {
+            let owner = owner();
             diagnostics
                 .at(value.span(), format!("{owner} has `{field}` = {}, expected a whole number from 0 to {}", value.get_ref(), u32::MAX));
             None

@@ -156,16 +156,26 @@ pub(crate) fn id_message(what: &str, id: &str) -> String {
     format!("{what} id `{id}` must be 1 to 128 characters of letters, digits, `-`, `_`, `.`, `:` or `@`")
 }
 
-fn check_id(id: &str, what: &str, field: String, report: &mut Report<'_>) {
+// Field paths and owner names are closures: they are only built for a mistake, and most
+// accounts of a large compile have none.
+
+fn check_id(id: &str, what: &str, field: impl FnOnce() -> String, report: &mut Report<'_>) {
     if !valid_id(id) {
-        report.at(field, id_message(what, id));
+        report.at(field(), id_message(what, id));
     }
 }
 
-fn resolve(name: &str, index: &HashMap<String, u32>, kind: &str, owner: &str, field: String, report: &mut Report<'_>) -> Option<u32> {
+fn resolve(
+    name: &str,
+    index: &HashMap<String, u32>,
+    kind: &str,
+    owner: &dyn Fn() -> String,
+    field: impl FnOnce() -> String,
+    report: &mut Report<'_>,
+) -> Option<u32> {
     let found = index.get(name).copied();
     if found.is_none() {
-        report.at(field, format!("{owner} names unknown {kind} `{name}`"));
+        report.at(field(), format!("{} names unknown {kind} `{name}`", owner()));
     }
     found
 }
@@ -202,12 +212,12 @@ pub(crate) fn resolve_fence<'n>(fence: &'n FenceSpec, names: &Names) -> Result<V
     Ok(set)
 }
 
-fn fence(fence: &FenceSpec, names: &Names, owner: &str, field: String, report: &mut Report<'_>) -> Option<Vec<u64>> {
+fn fence(fence: &FenceSpec, names: &Names, owner: &dyn Fn() -> String, field: String, report: &mut Report<'_>) -> Option<Vec<u64>> {
     match resolve_fence(fence, names) {
         Ok(set) => Some(set),
         Err(unknown) => {
             for name in unknown {
-                report.at(field.clone(), format!("{owner} names unknown region `{name}`"));
+                report.at(field.clone(), format!("{} names unknown region `{name}`", owner()));
             }
             None
         }
@@ -226,8 +236,8 @@ pub(crate) fn lower_account(
 ) -> Option<Account> {
     let n_errors_before = errors.len();
     let mut report = Report { account: account_id, errors };
-    check_id(account_id, "account", String::new(), &mut report);
-    let owner = format!("account `{account_id}`");
+    check_id(account_id, "account", String::new, &mut report);
+    let owner = || format!("account `{account_id}`");
 
     let mut licenses = Vec::new();
     let mut license_failed = false;
@@ -235,29 +245,29 @@ pub(crate) fn lower_account(
     for (license_number, license_spec) in spec.licenses.iter().enumerate() {
         let field = |name: &str| format!("licenses[{license_number}]{name}");
         let id = license_spec.id.clone().unwrap_or_else(|| format!("{account_id}-{}", license_number + 1));
-        let license_owner = format!("license `{id}` of {owner}");
+        let license_owner = || format!("license `{id}` of {}", owner());
         if !license_ids.insert(id.clone()) {
-            report.at(field(""), format!("{owner} has duplicate license id `{id}`"));
+            report.at(field(""), format!("{} has duplicate license id `{id}`", owner()));
         }
         if license_spec.id.is_some() {
-            check_id(&id, "license", field(".id"), &mut report);
+            check_id(&id, "license", || field(".id"), &mut report);
         }
         // An unknown plan still lets the rest of the license be checked, so every mistake in
         // it is reported; the license itself is then left out.
-        let plan = resolve(&license_spec.plan, &names.plans, "plan", &license_owner, field(".plan"), &mut report)
+        let plan = resolve(&license_spec.plan, &names.plans, "plan", &license_owner, || field(".plan"), &mut report)
             .and_then(|plan_idx| data.plans.get(plan_idx as usize).map(|plan| (plan_idx, plan)));
         let mut features = plan.map_or_else(|| vec![0u64; names.n_words], |(_, plan)| plan.features.clone());
         let mut limits: BTreeMap<u32, Limit> =
             plan.map_or_else(BTreeMap::new, |(_, plan)| plan.limits.iter().map(|limit| (limit.meter, *limit)).collect());
         let mut addons = Vec::new();
         for (addon_number, addon_name) in license_spec.addons.iter().enumerate() {
-            let addon_field = field(&format!(".addons[{addon_number}]"));
-            let Some(addon_idx) = resolve(addon_name, &names.addons, "add-on", &license_owner, addon_field.clone(), &mut report) else {
+            let addon_field = || field(&format!(".addons[{addon_number}]"));
+            let Some(addon_idx) = resolve(addon_name, &names.addons, "add-on", &license_owner, addon_field, &mut report) else {
                 continue;
             };
             let Some(addon) = data.addons.get(addon_idx as usize) else { continue };
             if addons.contains(&addon_idx) {
-                report.at(addon_field, format!("{license_owner} lists add-on `{addon_name}` more than once"));
+                report.at(addon_field(), format!("{} lists add-on `{addon_name}` more than once", license_owner()));
                 continue;
             }
             addons.push(addon_idx);
@@ -273,7 +283,7 @@ pub(crate) fn lower_account(
         }
         let overrides = &license_spec.overrides;
         for (number, feature) in overrides.add_features.iter().enumerate() {
-            let feature_field = field(&format!(".overrides.add_features[{number}]"));
+            let feature_field = || field(&format!(".overrides.add_features[{number}]"));
             if let Some(feature_idx) = resolve(feature, &names.features, "feature", &license_owner, feature_field, &mut report) {
                 bits::set(&mut features, feature_idx);
             }
@@ -283,7 +293,7 @@ pub(crate) fn lower_account(
             removed = vec![0u64; names.n_words];
         }
         for (number, feature) in overrides.remove_features.iter().enumerate() {
-            let feature_field = field(&format!(".overrides.remove_features[{number}]"));
+            let feature_field = || field(&format!(".overrides.remove_features[{number}]"));
             if let Some(feature_idx) = resolve(feature, &names.features, "feature", &license_owner, feature_field, &mut report) {
                 bits::clear(&mut features, feature_idx);
                 bits::set(&mut removed, feature_idx);
@@ -291,14 +301,14 @@ pub(crate) fn lower_account(
         }
         let mut overridden_meters = Vec::new();
         for (meter, limit) in &overrides.limits {
-            let limit_field = field(&format!(".overrides.limits.{meter}"));
-            let Some(meter_idx) = resolve(meter, &names.meters, "meter", &license_owner, limit_field.clone(), &mut report) else {
+            let limit_field = || field(&format!(".overrides.limits.{meter}"));
+            let Some(meter_idx) = resolve(meter, &names.meters, "meter", &license_owner, limit_field, &mut report) else {
                 continue;
             };
             if let (Some(soft), Some(hard)) = (limit.soft, limit.hard)
                 && soft > hard
             {
-                report.at(limit_field, format!("{license_owner} has soft limit {soft} above hard limit {hard} for meter `{meter}`"));
+                report.at(limit_field(), format!("{} has soft limit {soft} above hard limit {hard} for meter `{meter}`", license_owner()));
             }
             overridden_meters.push(meter_idx);
             limits.insert(meter_idx, Limit { meter: meter_idx, soft: limit.soft, hard: limit.hard });
@@ -307,7 +317,7 @@ pub(crate) fn lower_account(
         if let (Some(starts), Some(expires)) = (license_spec.starts_at, license_spec.expires_at)
             && expires <= starts
         {
-            report.at(field(".expires_at"), format!("{license_owner} expires before it starts"));
+            report.at(field(".expires_at"), format!("{} expires before it starts", license_owner()));
         }
         let regions =
             license_spec.regions.as_ref().and_then(|regions| fence(regions, names, &license_owner, field(".regions"), &mut report));
@@ -335,13 +345,13 @@ pub(crate) fn lower_account(
 
     let mut groups: HashMap<&str, Vec<u32>> = HashMap::new();
     for (group, roles) in &spec.groups {
-        check_id(group, "group", format!("groups.{group}"), &mut report);
-        let group_owner = format!("group `{group}` of {owner}");
+        check_id(group, "group", || format!("groups.{group}"), &mut report);
+        let group_owner = || format!("group `{group}` of {}", owner());
         let resolved = roles
             .iter()
             .enumerate()
             .filter_map(|(number, role)| {
-                resolve(role, &names.roles, "role", &group_owner, format!("groups.{group}[{number}]"), &mut report)
+                resolve(role, &names.roles, "role", &group_owner, || format!("groups.{group}[{number}]"), &mut report)
             })
             .collect();
         groups.insert(group, resolved);
@@ -349,29 +359,29 @@ pub(crate) fn lower_account(
 
     let mut users = Vec::new();
     let mut n_seated = 0u32;
-    let mut seat_field = String::new();
+    let mut last_seated = "";
     for (user_id, user_spec) in &spec.users {
-        check_id(user_id, "user", format!("users.{user_id}"), &mut report);
-        let user_owner = format!("user `{user_id}` of {owner}");
+        check_id(user_id, "user", || format!("users.{user_id}"), &mut report);
+        let user_owner = || format!("user `{user_id}` of {}", owner());
         let mut roles: Vec<u32> = user_spec
             .roles
             .iter()
             .enumerate()
             .filter_map(|(number, role)| {
-                resolve(role, &names.roles, "role", &user_owner, format!("users.{user_id}.roles[{number}]"), &mut report)
+                resolve(role, &names.roles, "role", &user_owner, || format!("users.{user_id}.roles[{number}]"), &mut report)
             })
             .collect();
         for (number, group) in user_spec.groups.iter().enumerate() {
             match groups.get(group.as_str()) {
                 Some(group_roles) => roles.extend(group_roles),
-                None => report.at(format!("users.{user_id}.groups[{number}]"), format!("{user_owner} names unknown group `{group}`")),
+                None => report.at(format!("users.{user_id}.groups[{number}]"), format!("{} names unknown group `{group}`", user_owner())),
             }
         }
         roles.sort_unstable();
         roles.dedup();
         if user_spec.seat {
             n_seated += 1;
-            seat_field = format!("users.{user_id}");
+            last_seated = user_id;
         }
         users.push(User { id: user_id.clone(), seat: user_spec.seat, roles });
     }
@@ -379,19 +389,20 @@ pub(crate) fn lower_account(
     // Seat and device counts are only meaningful once every license compiled.
     let max_seats = licenses.iter().map(|license| license.seats).max().unwrap_or(0);
     if !license_failed && n_seated > max_seats {
-        report.at(seat_field, format!("{owner} assigns {n_seated} seats but its licenses allow at most {max_seats}"));
+        let seat_field = if last_seated.is_empty() { String::new() } else { format!("users.{last_seated}") };
+        report.at(seat_field, format!("{} assigns {n_seated} seats but its licenses allow at most {max_seats}", owner()));
     }
 
     let mut devices: Vec<String> = Vec::new();
     for (number, device) in spec.devices.iter().enumerate() {
-        check_id(device, "device", format!("devices[{number}]"), &mut report);
+        check_id(device, "device", || format!("devices[{number}]"), &mut report);
         devices.push(device.clone());
     }
     devices.sort();
     let n_devices = devices.len();
     devices.dedup();
     if devices.len() != n_devices {
-        report.at("devices", format!("{owner} lists a device more than once"));
+        report.at("devices", format!("{} lists a device more than once", owner()));
     }
     let device_limit = if licenses.iter().any(|license| license.max_devices.is_none()) {
         None
@@ -401,7 +412,7 @@ pub(crate) fn lower_account(
     if let (Some(limit), false) = (device_limit, license_failed)
         && devices.len() > limit as usize
     {
-        report.at("devices[0]", format!("{owner} activates {} devices but its licenses allow at most {limit}", devices.len()));
+        report.at("devices[0]", format!("{} activates {} devices but its licenses allow at most {limit}", owner(), devices.len()));
     }
 
     if report.errors.len() > n_errors_before {

@@ -411,7 +411,11 @@ fn parse_framing_of<H: Framed>(bytes: &[u8], magic: &[u8; 8]) -> Result<Framing<
 
 /// Archives and signs snapshot data into the bytes of a snapshot file.
 pub fn build(data: &SnapshotData, revision: u64, created_at_ms: i64, key: &SigningKey) -> Result<Vec<u8>, SnapshotError> {
-    let payload = rkyv::to_bytes::<rkyv::rancor::Error>(data).map_err(SnapshotError::Serialize)?;
+    // Sized up front (an account archives to about 220 bytes): growing by doubling copied a
+    // large archive several times over.
+    let capacity = data.accounts.len().saturating_mul(256).saturating_add(1 << 16);
+    let payload = rkyv::api::high::to_bytes_in::<_, rkyv::rancor::Error>(data, rkyv::util::AlignedVec::<16>::with_capacity(capacity))
+        .map_err(SnapshotError::Serialize)?;
     let header = Header {
         format: FORMAT,
         revision,
