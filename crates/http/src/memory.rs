@@ -12,6 +12,11 @@
 
 /// Free heap bytes above which [`give_back`] trims: below it a trim would gain little and would
 /// only make the next requests fault pages in again.
+/// Free bytes in the arenas right after the last trim (pages trimmed, chunks still free);
+/// 0 before the first.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+static TRIMMED_FREE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
 pub const TRIM_ABOVE_BYTES: usize = 8 * 1024 * 1024;
 
 /// Returns the allocator's free pages to the OS when it holds at least `above` free bytes;
@@ -20,13 +25,18 @@ pub const TRIM_ABOVE_BYTES: usize = 8 * 1024 * 1024;
 pub fn give_back(above: usize) -> Option<usize> {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
+        use std::sync::atomic::Ordering;
         // SAFETY: `mallinfo2` only reads the allocator's counters under its own locks and
         // returns a plain struct; it has no preconditions.
         #[expect(unsafe_code, reason = "mallinfo2 has no safe wrapper in std")]
         let info = unsafe { libc::mallinfo2() };
         // Free bytes in the arenas; large allocations are mmapped and returned on free anyway.
+        // Pages already trimmed still count as free, so trimming again is due only once this
+        // many more bytes were freed since the last trim (or since memory was reused): a
+        // large, fragmented heap is then not walked every time for nothing.
         let free = info.fordblks;
-        if free < above {
+        let trimmed = TRIMMED_FREE.fetch_min(free, Ordering::Relaxed).min(free);
+        if free < above || free - trimmed < above && trimmed > 0 {
             return None;
         }
         // SAFETY: `malloc_trim` takes the allocator's locks itself and only releases pages of
@@ -35,6 +45,7 @@ pub fn give_back(above: usize) -> Option<usize> {
         unsafe {
             libc::malloc_trim(0);
         }
+        TRIMMED_FREE.store(free, Ordering::Relaxed);
         Some(free)
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
