@@ -480,3 +480,60 @@ fn ext_authz_requests() {
         assert_eq!(body.get("allow").and_then(serde_json::Value::as_bool), Some(status == 200), "{body}");
     });
 }
+
+#[test]
+fn delta_bytes_and_feed_answers() {
+    use tollgate_core::model::{AccountStatus, DeltaAccount, DeltaData};
+    use tollgate_snapshot::{ApplyError, Delta, Piece, ServingView, build_delta, describe, pieces};
+    let key = common::test_key(1);
+    let trusted = TrustedKeys::new([key.verifying_key()]);
+    let data = common::example_data();
+    let base_file = common::signed_test(&data, 9);
+    let mut suspended = data.accounts["acme"].clone();
+    suspended.status = AccountStatus::Suspended;
+    let payload = DeltaData {
+        feature_sets: data.feature_sets.clone(),
+        limit_sets: data.limit_sets.clone(),
+        accounts: vec![DeltaAccount { id: "acme".into(), account: suspended }],
+        removed: vec!["globex".into()],
+    };
+    let first = build_delta(&payload, 9, 9, 10, 0, &key).unwrap();
+    let second = build_delta(&DeltaData::default(), 9, 10, 11, 0, &key).unwrap();
+    let feed = [base_file.clone(), first.clone(), second.clone()].concat();
+    // As sent: a mutated delta never verifies, and splitting a mutated feed answer never
+    // panics and never yields a file longer than what is left.
+    fuzz("delta", &[first.clone(), feed.clone()], |bytes| {
+        if bytes != first.as_slice() && bytes != second.as_slice() {
+            assert!(Delta::verify(bytes, &trusted).is_err(), "a mutated delta verified");
+        }
+        let _ = describe(bytes);
+        let mut total = 0;
+        for piece in pieces(bytes) {
+            match piece {
+                Ok(Piece::Base(file) | Piece::Delta(file)) => total += file.len(),
+                Err(_) => break,
+            }
+        }
+        assert!(total <= bytes.len());
+    });
+    // Any order of validly signed deltas, applied to a view: refused by name or applied, and
+    // the revision only ever moves forward.
+    let view = ServingView::new(Snapshot::verify(&base_file, &trusted).unwrap());
+    let mut rng = Rng(0xde17a);
+    for _ in 0..iterations().min(100) {
+        let mut current = view.clone();
+        for _ in 0..4 {
+            let base = 8 + rng.below(3) as u64;
+            let follows = base + rng.below(4) as u64;
+            let revision = follows + 1 + rng.below(2) as u64;
+            let delta = Delta::verify(&build_delta(&payload, base, follows, revision, 0, &key).unwrap(), &trusted).unwrap();
+            match current.apply(delta) {
+                Ok(applied) => {
+                    assert!(applied.revision() > current.revision() && applied.base_revision() == 9);
+                    current = applied;
+                }
+                Err(ApplyError::BaseMismatch { .. } | ApplyError::NotNewer { .. } | ApplyError::Gap { .. }) => {}
+            }
+        }
+    }
+}
