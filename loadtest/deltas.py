@@ -120,7 +120,8 @@ class Setup:
             open(marker, "w").close()
 
     def start_control_plane(self, *extra):
-        self.cp_port = free_port()
+        # A restart keeps the port, so subscribed sidecars follow the new process.
+        self.cp_port = getattr(self, "cp_port", None) or free_port()
         log = open(os.path.join(self.work, "cp.log"), "a")
         self.cp = subprocess.Popen([BIN, "control-plane", "--data", self.cp_data, "--policies", self.policies,
                                     "--signing-key", os.path.join(self.keys, "tollgate.key"),
@@ -146,6 +147,18 @@ class Setup:
             self.sidecars.append((port, log_path, proc))
         for port, _, _ in self.sidecars:
             wait_ready(port)
+        self.wait_caught_up()
+
+    def wait_caught_up(self, seconds=900):
+        """Until every sidecar serves the newest published revision (a sidecar may be ready from
+        its cache while the new base is still on its way)."""
+        end = time.time() + seconds
+        while time.time() < end:
+            newest = wait_ready(self.cp_port).get("revision") or 0
+            if all(sidecar_revision(port)["revision"] >= newest for port, _, _ in self.sidecars):
+                return
+            time.sleep(0.2)
+        raise SystemExit("the sidecars never caught up with the control plane")
 
     def plans(self):
         status, body = request(self.cp_port, "GET", "/v1/catalog", self.integration)
@@ -266,7 +279,7 @@ def fanout(setup, pollers, rounds):
 
 def load_run(setup, port, label, rate, duration, out, pid=None, orders_per_s=0.0):
     stop = threading.Event()
-    placed = [0]
+    placed, failed = [0], [0]
 
     def order_loop():
         n = 0
@@ -277,7 +290,12 @@ def load_run(setup, port, label, rate, duration, out, pid=None, orders_per_s=0.0
             if now < next_at:
                 time.sleep(min(next_at - now, 0.05))
                 continue
-            setup.order(n, f"acct-{(n * 15485863) % setup.accounts}")
+            # A new account per order: one account changed, and never refused.
+            status, body = request(setup.cp_port, "POST", "/v1/orders", setup.integration,
+                                   {"order_id": f"flow-{label}-{n}", "action": "new", "account": f"flow-{label}-{n}",
+                                    "plan": setup.plans_cache[0], "seats": 5})
+            if status != 200:
+                failed[0] += 1
             n += 1
             placed[0] = n
             next_at += period
@@ -300,7 +318,7 @@ def load_run(setup, port, label, rate, duration, out, pid=None, orders_per_s=0.0
     latency = result["latency_us"]
     revisions = result.get("revisions_seen") or []
     return {
-        "label": label, "orders_placed": placed[0],
+        "label": label, "orders_placed": placed[0], "orders_failed": failed[0],
         "p50_ms": round(latency["p50"] / 1000, 3), "p99_ms": round(latency["p99"] / 1000, 3),
         "p999_ms": round(latency["p999"] / 1000, 3), "max_ms": round(latency["max"] / 1000, 3),
         "errors": result["errors"] + result["non_2xx"] + result["unsent"],
@@ -319,6 +337,7 @@ def load(setup, rate, order_rate, duration):
     port = setup.sidecars[0][0]
     runs = [load_run(setup, floor_port, "floor", rate, duration, out)]
     floor.terminate()
+    setup.wait_caught_up()
     runs.append(load_run(setup, port, "sidecar-no-orders", rate, duration, out, pid=True))
     runs.append(load_run(setup, port, f"sidecar-{order_rate:g}-orders-per-s", rate, duration, out, pid=True, orders_per_s=order_rate))
     return {"measure": "load", "accounts": setup.accounts, "rate": rate, "duration_s": duration, "runs": runs}
@@ -334,7 +353,8 @@ def main():
     parser.add_argument("--rate", type=int, default=5000)
     parser.add_argument("--order-rate", type=float, default=10.0)
     parser.add_argument("--duration", type=int, default=20)
-    parser.add_argument("--compact-after", type=int, default=100, help="for the compaction load run")
+    parser.add_argument("--compact-after", type=int, default=50, help="for the compaction load run")
+    parser.add_argument("--compaction-duration", type=int, default=60, help="seconds of the compaction load run")
     parser.add_argument("--skip-load", action="store_true")
     parser.add_argument("--skip-fanout", action="store_true")
     args = parser.parse_args()
@@ -351,15 +371,20 @@ def main():
             # One sidecar is enough for the latency runs; the others would share the cores.
             for _, _, proc in setup.sidecars[1:]:
                 proc.terminate()
+            for _, _, proc in setup.sidecars[1:]:
+                proc.wait(30)
             setup.sidecars = setup.sidecars[:1]
+            time.sleep(5)  # the kernel reclaims their memory; not part of what is measured
             print(json.dumps(load(setup, args.rate, args.order_rate, args.duration)), flush=True)
             # Compaction under load: restart the control plane with a low threshold.
             setup.cp.terminate()
             setup.cp.wait(30)
             setup.start_control_plane("--compact-after", str(args.compact_after))
+            setup.wait_caught_up()
             out = os.path.join(setup.work, "load")
+            # Long enough for a compaction to start, finish and reach the sidecar inside the window.
             run = load_run(setup, setup.sidecars[0][0], f"sidecar-{args.order_rate:g}-orders-per-s-compact-after-{args.compact_after}",
-                           args.rate, args.duration, out, pid=True, orders_per_s=args.order_rate)
+                           args.rate, args.compaction_duration, out, pid=True, orders_per_s=args.order_rate)
             compactions = sum(1 for line in open(os.path.join(setup.work, "cp.log")) if "compacted: new base published" in line)
             print(json.dumps({"measure": "load-with-compaction", "accounts": args.accounts, "compactions_in_cp_log": compactions, "run": run}), flush=True)
     finally:
