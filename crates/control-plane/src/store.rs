@@ -696,7 +696,8 @@ impl Repository for SqliteRepository {
         {
             // Through the revision index, whatever the planner guesses: ordering by id would
             // walk the primary key instead, a scan of every account for every publish.
-            let mut statement = transaction.prepare_cached("SELECT id, doc FROM accounts INDEXED BY accounts_revision WHERE revision > ?1")?;
+            let mut statement =
+                transaction.prepare_cached("SELECT id, doc FROM accounts INDEXED BY accounts_revision WHERE revision > ?1")?;
             let mut rows = statement.query(params![after as i64])?;
             while let Some(row) = rows.next()? {
                 let id: String = row.get(0)?;

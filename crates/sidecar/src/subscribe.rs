@@ -242,8 +242,36 @@ fn reject_cause(error: &SubscribeError) -> RejectCause {
 
 /// Installs a verified feed answer and caches what was installed; `None` when all went well,
 /// else the failure to back off from (the store has recorded a refusal already).
+/// One write of the cache: what an install added.
+struct CacheWrite {
+    base: Option<Bytes>,
+    deltas: Vec<(u64, Bytes)>,
+    installed: u64,
+}
+
+/// Writes the cache in the order installs happened, on the loader thread, while the
+/// subscription goes on polling: writing a new base of a million accounts takes seconds, and
+/// the deltas that follow must not wait for it. Dropping the sender ends it once the writes
+/// queued are done.
+fn start_cache_writer(subscription: Arc<Subscription>) -> (tokio::sync::mpsc::UnboundedSender<CacheWrite>, tokio::task::JoinHandle<()>) {
+    let (sender, mut receiver) = tokio::sync::mpsc::unbounded_channel::<CacheWrite>();
+    let writer = tokio::spawn(async move {
+        while let Some(write) = receiver.recv().await {
+            let subscription = Arc::clone(&subscription);
+            let written =
+                super::background::run(move || cache_installed(&subscription, write.base.as_ref(), &write.deltas, write.installed));
+            match written.await {
+                Some(Ok(())) => {}
+                Some(Err(error)) => tracing::warn!(%error, "snapshot installed but not cached"),
+                None => tracing::warn!("snapshot cache write did not finish"),
+            }
+        }
+    });
+    (sender, writer)
+}
+
 async fn install_feed(
-    subscription: &Arc<Subscription>,
+    cache: &tokio::sync::mpsc::UnboundedSender<CacheWrite>,
     store: &SnapshotStore,
     feed: VerifiedFeed,
     started: tollgate_core::clock::Stopwatch,
@@ -257,12 +285,9 @@ async fn install_feed(
         Ok(revision) => {
             // Cached only once installed: what the store refused must not be what a restart
             // serves.
-            let subscription = Arc::clone(subscription);
             let new_base = base_bytes.is_some();
-            match super::background::run(move || cache_installed(&subscription, base_bytes.as_ref(), &delta_bytes, revision)).await {
-                Some(Ok(())) => {}
-                Some(Err(error)) => tracing::warn!(%error, "snapshot installed but not cached"),
-                None => tracing::warn!("snapshot cache write did not finish"),
+            if cache.send(CacheWrite { base: base_bytes, deltas: delta_bytes, installed: revision }).is_err() {
+                tracing::warn!("snapshot installed but not cached: the cache writer stopped");
             }
             store.mark_synced();
             tracing::info!(
@@ -289,11 +314,17 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(shutdown);
+    let (cache, writer) = start_cache_writer(Arc::clone(&subscription));
+    // On shutdown the writes already queued still finish: a restart serves what was installed.
+    let stop = |cache, writer: tokio::task::JoinHandle<()>| async move {
+        drop(cache);
+        let _ = writer.await;
+    };
     let mut backoff = Backoff::new(BACKOFF_START, BACKOFF_MAX);
     loop {
         let after = store.revision().unwrap_or(0);
         let outcome = tokio::select! {
-            () = &mut shutdown => return,
+            () = &mut shutdown => return stop(cache, writer).await,
             outcome = subscription.poll(after, store.base_revision()) => outcome,
         };
         let failure = match outcome {
@@ -310,7 +341,7 @@ pub async fn run(
                     super::background::DEADLINE,
                 );
                 match verified.await {
-                    Some(Ok(feed)) => install_feed(&subscription, &store, feed, started).await,
+                    Some(Ok(feed)) => install_feed(&cache, &store, feed, started).await,
                     Some(Err(error)) => Some((error.to_string(), Some(reject_cause(&error)))),
                     None => Some(("snapshot verification did not finish".to_string(), Some(RejectCause::Read))),
                 }
@@ -326,7 +357,7 @@ pub async fn run(
                 let delay = backoff.fail();
                 tracing::warn!(error = %message, retry_in_ms = delay.as_millis() as u64, "control plane subscription failed");
                 tokio::select! {
-                    () = &mut shutdown => return,
+                    () = &mut shutdown => return stop(cache, writer).await,
                     () = tokio::time::sleep(delay) => {}
                 }
             }
