@@ -220,6 +220,7 @@ def propagation(setup, orders):
     return {
         "measure": "propagation", "accounts": setup.accounts, "sidecars": len(setup.sidecars), "orders": orders,
         "order_to_every_sidecar": summary(latencies),
+        "slowest_order": {"index": latencies.index(max(latencies)), "ms": round(1000 * max(latencies), 1)},
         "bytes_per_order_per_sidecar": {"median": statistics.median(received), "max": max(received)} if received else None,
         "cp_cpu_ms_per_order": round(1000 * cpu / orders, 2),
         "cp_peak_rss_mib": round(hwm_mib(setup.cp.pid), 1),

@@ -145,7 +145,8 @@ struct SidecarArgs {
     #[arg(long, env = "TOLLGATE_SNAPSHOT", required_unless_present_any = ["policies", "control_plane"], conflicts_with_all = ["policies", "control_plane"])]
     snapshot: Option<PathBuf>,
     /// Subscribe to a control plane (http://HOST:PORT): long-poll for signed snapshots,
-    /// verify them with `--trust-key`, keep the last good one in `--data-dir`.
+    /// verify them with `--trust-key`, keep the last good one in `--data-dir`. Replicas of one
+    /// control plane may be listed separated by commas: the sidecar fails over between them.
     #[arg(long, env = "TOLLGATE_CONTROL_PLANE", requires_all = ["api_key_file", "data_dir"], conflicts_with = "policies")]
     control_plane: Option<String>,
     /// File holding the API key (scope `sidecar`) for `--control-plane`.

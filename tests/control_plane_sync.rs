@@ -1,7 +1,8 @@
 //! Snapshot publishing and the sidecar's subscription: long-polls, the sidecar scope, an
 //! upgrade order changing a running sidecar's answer with no restart, coalesced bursts, a
 //! stopped control plane (the sidecar keeps serving, restarts from its disk cache, turns
-//! stale), and a snapshot signed by an untrusted key (rejected).
+//! stale), a snapshot signed by an untrusted key (rejected), and failover between the
+//! addresses of several control planes on one repository.
 #![allow(clippy::disallowed_methods, reason = "waits on real processes and sockets use wall-clock deadlines")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
 
@@ -219,4 +220,71 @@ async fn a_wrong_api_key_is_reported_and_retried() {
     }
     sidecar.stop().await;
     server.stop().await;
+}
+
+/// A port nothing listens on (bound once, then released).
+fn unused_port() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+#[tokio::test]
+async fn a_sidecar_fails_over_between_control_plane_addresses() {
+    let dir = tempfile::tempdir().unwrap();
+    let cp_dir = dir.path().join("cp");
+    let first = TestControlPlane::start(&cp_dir).await;
+    let sidecar_key = first.key("sidecar", None);
+    let integration = first.key("integration", None);
+    let mut client = first.client().await;
+    post(&mut client, "/v1/orders", &integration, &new_order("o-1", "acme", "team")).await;
+
+    // The first address is down at start: the sidecar follows the second.
+    let spare = unused_port();
+    let urls = format!("http://{spare},http://{}", first.addr);
+    let sidecar = TestSidecar::start_with(
+        first.addr,
+        &sidecar_key,
+        trusting(&signing_key(7)),
+        &dir.path().join("sc"),
+        Arc::new(tollgate_core::clock::SystemClock),
+        |config| {
+            if let tollgate_sidecar::config::SourceConfig::ControlPlane { url, .. } = &mut config.source {
+                *url = urls.clone();
+            }
+        },
+    )
+    .await;
+    let check = json!({"account": "acme", "feature": "advanced_analytics"});
+    sidecar.wait_for(&check, Duration::from_secs(10), |answer| answer["reason"] == "not_entitled").await;
+
+    // That control plane goes; another one on the same repository takes the first address,
+    // and an order placed there reaches the sidecar.
+    first.stop().await;
+    let second = TestControlPlane::start_on(&cp_dir, spare).await;
+    let mut client = second.client().await;
+    let upgraded = post(
+        &mut client,
+        "/v1/orders",
+        &integration,
+        &json!({"order_id": "o-2", "action": "upgrade", "account": "acme", "plan": "enterprise"}),
+    )
+    .await;
+    assert_eq!(upgraded.status, 200, "{}", upgraded.text());
+    sidecar.wait_for(&check, Duration::from_secs(20), |answer| answer["allow"] == true).await;
+    let mut sidecar_client = common::Client::connect(sidecar.addr).await;
+    let status = sidecar_client.get("/v1/status").await.json();
+    assert_eq!(status["revision"], upgraded.json()["revision"], "{status}");
+    sidecar.stop().await;
+    second.stop().await;
+}
+
+#[test]
+fn a_bad_address_in_a_list_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key");
+    std::fs::write(&key, "tg_x").unwrap();
+    let error =
+        tollgate_sidecar::subscribe::Subscription::new("http://127.0.0.1:1,https://cp:443", &key, dir.path().to_path_buf()).unwrap_err();
+    assert!(error.to_string().contains("`https://cp:443`"), "{error}");
+    let error = tollgate_sidecar::subscribe::Subscription::new("http://127.0.0.1:1,", &key, dir.path().to_path_buf()).unwrap_err();
+    assert!(error.to_string().contains("value ``"), "{error}");
 }

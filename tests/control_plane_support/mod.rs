@@ -39,13 +39,20 @@ impl TestControlPlane {
 
     pub async fn start_with(data_dir: &Path, key: SigningKey, retired: Vec<ed25519_dalek::VerifyingKey>) -> TestControlPlane {
         let control_plane = ControlPlane::open(data_dir, &repo_root().join("policies"), key, retired).unwrap();
-        TestControlPlane::serve(control_plane, data_dir).await
+        TestControlPlane::serve(control_plane, data_dir, "127.0.0.1:0").await
     }
 
-    /// Serves `control_plane` on 127.0.0.1:0 until `stop`.
-    async fn serve(control_plane: ControlPlane, data_dir: &Path) -> TestControlPlane {
+    /// Like [`TestControlPlane::start`], listening on `addr` (a replica taking over an address
+    /// a sidecar already knows).
+    pub async fn start_on(data_dir: &Path, addr: SocketAddr) -> TestControlPlane {
+        let control_plane = ControlPlane::open(data_dir, &repo_root().join("policies"), signing_key(7), Vec::new()).unwrap();
+        TestControlPlane::serve(control_plane, data_dir, &addr.to_string()).await
+    }
+
+    /// Serves `control_plane` on `addr` until `stop`.
+    async fn serve(control_plane: ControlPlane, data_dir: &Path, addr: &str) -> TestControlPlane {
         let control_plane = Arc::new(control_plane);
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(control_plane::run(
@@ -172,6 +179,6 @@ impl TestControlPlane {
         configure(&mut config);
         let control_plane =
             ControlPlane::open_with_config(data_dir, &repo_root().join("policies"), signing_key(7), Vec::new(), config).unwrap();
-        TestControlPlane::serve(control_plane, data_dir).await
+        TestControlPlane::serve(control_plane, data_dir, "127.0.0.1:0").await
     }
 }

@@ -6,9 +6,14 @@
 //! full download, while the control plane is down. Failures back off exponentially with full
 //! jitter; every answer from the control plane (something new or "nothing newer") marks the
 //! serving view as fresh.
+//!
+//! Several control-plane addresses may be given (replicas on one database): requests go to the
+//! one that answered last, and move on to the next when it cannot be reached, fails midway or
+//! answers 5xx, so a sidecar follows whichever replica is alive.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +31,9 @@ use tollgate_snapshot::{Delta, Piece, Snapshot, SnapshotError, TrustedKeys};
 pub const CACHE_FILE: &str = "snapshot.tgs";
 /// The cached deltas on that base, back to back, in the order they were installed.
 pub const DELTA_CACHE_FILE: &str = "deltas.tgd";
+/// Feed answers up to this size (deltas, in practice) are verified on the subscription's own
+/// task instead of the loader thread.
+const INLINE_VERIFY_BYTES: usize = 256 * 1024;
 /// How long one long-poll asks the control plane to wait, in seconds.
 pub const DEFAULT_WAIT_SECS: u64 = 25;
 pub const BACKOFF_START: Duration = Duration::from_millis(200);
@@ -38,8 +46,10 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// Where and how to subscribe.
 #[derive(Debug, Clone)]
 pub struct Subscription {
-    /// The control plane's address and API path prefix.
-    pub url: HttpUrl,
+    /// The control planes' addresses (with any API path prefix), tried in turn.
+    pub urls: Vec<HttpUrl>,
+    /// Index into `urls` of the one to ask first: the one that answered last.
+    current: Arc<AtomicUsize>,
     pub api_key: String,
     pub data_dir: PathBuf,
     pub wait: Duration,
@@ -51,7 +61,9 @@ pub struct Subscription {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SubscribeError {
-    #[error("`--control-plane` value `{0}` must look like http://HOST:PORT (https is not supported; use a local TLS proxy)")]
+    #[error(
+        "`--control-plane` value `{0}` must look like http://HOST:PORT, or several such separated by commas (https is not supported; use a local TLS proxy)"
+    )]
     Url(String),
     #[error("cannot read API key file `{path}`: {source}")]
     KeyFile { path: String, source: std::io::Error },
@@ -68,9 +80,13 @@ pub enum SubscribeError {
 }
 
 impl Subscription {
-    /// Parses `http://HOST:PORT[/PREFIX]` and reads the API key file.
+    /// Parses `http://HOST:PORT[/PREFIX]`, or several separated by commas, and reads the API
+    /// key file.
     pub fn new(url: &str, api_key_file: &Path, data_dir: PathBuf) -> Result<Subscription, SubscribeError> {
-        let parsed = HttpUrl::parse(url).map_err(|_| SubscribeError::Url(url.to_string()))?;
+        let urls = url
+            .split(',')
+            .map(|one| HttpUrl::parse(one.trim()).map_err(|_| SubscribeError::Url(one.trim().to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
         let api_key = std::fs::read_to_string(api_key_file)
             .map_err(|source| SubscribeError::KeyFile { path: api_key_file.display().to_string(), source })?
             .trim()
@@ -79,7 +95,8 @@ impl Subscription {
             return Err(SubscribeError::EmptyKey(api_key_file.display().to_string()));
         }
         Ok(Subscription {
-            url: parsed,
+            urls,
+            current: Arc::new(AtomicUsize::new(0)),
             api_key,
             data_dir,
             wait: Duration::from_secs(DEFAULT_WAIT_SECS),
@@ -89,7 +106,8 @@ impl Subscription {
     }
 
     pub fn describe(&self) -> String {
-        format!("control-plane:{}", self.url)
+        let urls: Vec<String> = self.urls.iter().map(HttpUrl::to_string).collect();
+        format!("control-plane:{}", urls.join(","))
     }
 
     pub fn cache_path(&self) -> PathBuf {
@@ -110,10 +128,7 @@ impl Subscription {
         match status {
             StatusCode::OK => Ok(Some(body)),
             StatusCode::NOT_MODIFIED => Ok(None),
-            other => Err(SubscribeError::Status {
-                status: other.as_u16(),
-                body: String::from_utf8_lossy(body.get(..body.len().min(300)).unwrap_or_default()).into_owned(),
-            }),
+            other => Err(SubscribeError::Status { status: other.as_u16(), body: snippet(&body) }),
         }
     }
 
@@ -124,6 +139,9 @@ impl Subscription {
         self.exchange_within(method, path, body, max_body, REQUEST_TIMEOUT).await
     }
 
+    /// Asks the current address, then each other one in turn while an address cannot be
+    /// reached, fails midway or answers 5xx; the first that answers otherwise becomes current.
+    /// With one address this is a single attempt.
     async fn exchange_within(
         &self,
         method: &str,
@@ -132,8 +150,48 @@ impl Subscription {
         max_body: usize,
         limit: Duration,
     ) -> Result<(StatusCode, Bytes), SubscribeError> {
+        let first = self.current.load(Ordering::Relaxed);
+        let count = self.urls.len();
+        let mut failure = None;
+        for step in 0..count {
+            let index = (first + step) % count;
+            let Some(url) = self.urls.get(index) else { continue };
+            let last = step + 1 == count;
+            match self.exchange_with(url, method, path, body.clone(), max_body, limit).await {
+                Ok((status, answer)) if status.is_server_error() && !last => {
+                    tracing::warn!(control_plane = %url, status = status.as_u16(), "control plane failing; trying the next address");
+                    failure = Some(SubscribeError::Status { status: status.as_u16(), body: snippet(&answer) });
+                }
+                Ok(answer) => {
+                    if index != first {
+                        tracing::info!(control_plane = %url, "following another control-plane address");
+                        self.current.store(index, Ordering::Relaxed);
+                    }
+                    return Ok(answer);
+                }
+                Err(ClientError::Build(message)) => return Err(ClientError::Build(message).into()),
+                Err(error) => {
+                    if !last {
+                        tracing::warn!(control_plane = %url, %error, "control plane unreachable; trying the next address");
+                    }
+                    failure = Some(error.into());
+                }
+            }
+        }
+        Err(failure.unwrap_or_else(|| SubscribeError::Url(String::new())))
+    }
+
+    async fn exchange_with(
+        &self,
+        url: &HttpUrl,
+        method: &str,
+        path: &str,
+        body: Bytes,
+        max_body: usize,
+        limit: Duration,
+    ) -> Result<(StatusCode, Bytes), ClientError> {
         let mut request =
-            hyper::Request::builder().method(method).uri(self.url.join(path)).header("authorization", format!("Bearer {}", self.api_key));
+            hyper::Request::builder().method(method).uri(url.join(path)).header("authorization", format!("Bearer {}", self.api_key));
         if !body.is_empty() {
             request = request.header("content-type", "application/json");
         }
@@ -141,6 +199,11 @@ impl Subscription {
         let answer = self.client.send(request, limit, max_body).await?;
         Ok((answer.status, answer.body))
     }
+}
+
+/// The start of an answer's body, for an error message.
+fn snippet(body: &Bytes) -> String {
+    String::from_utf8_lossy(body.get(..body.len().min(300)).unwrap_or_default()).into_owned()
 }
 
 /// Writes the cache atomically, so a crash never leaves half a file.
@@ -335,12 +398,19 @@ pub async fn run(
             Ok(Some(bytes)) => {
                 store.mark_pending();
                 let started = tollgate_core::clock::Stopwatch::start();
-                let (trusted, spare_store) = (Arc::clone(&trusted), Arc::clone(&store));
-                let verified = super::background::run_with_deadline(
-                    move || verify_feed(&bytes, &trusted, spare_store.take_spare()).map_err(SubscribeError::from),
-                    super::background::DEADLINE,
-                );
-                match verified.await {
+                // Deltas are verified here, at once (microseconds each); a base goes to the
+                // low-priority loader, which may also be busy writing the cache.
+                let verified = if bytes.len() <= INLINE_VERIFY_BYTES {
+                    Some(verify_feed(&bytes, &trusted, None).map_err(SubscribeError::from))
+                } else {
+                    let (trusted, spare_store) = (Arc::clone(&trusted), Arc::clone(&store));
+                    super::background::run_with_deadline(
+                        move || verify_feed(&bytes, &trusted, spare_store.take_spare()).map_err(SubscribeError::from),
+                        super::background::DEADLINE,
+                    )
+                    .await
+                };
+                match verified {
                     Some(Ok(feed)) => install_feed(&cache, &store, feed, started).await,
                     Some(Err(error)) => Some((error.to_string(), Some(reject_cause(&error)))),
                     None => Some(("snapshot verification did not finish".to_string(), Some(RejectCause::Read))),
