@@ -34,6 +34,8 @@ pub enum StoreError {
     SchemaTooNew(i64),
     #[error("cannot gather randomness for a new id: {0}")]
     Random(getrandom::Error),
+    #[error(transparent)]
+    Postgres(#[from] super::postgres::PgError),
 }
 
 /// What an API key may do.
