@@ -112,7 +112,7 @@ enum Command {
     #[cfg(feature = "control-plane")]
     /// Run the control plane (license repository, integration API, tokens, snapshot
     /// publishing), or manage its API keys.
-    ControlPlane(ControlPlaneArgs),
+    ControlPlane(Box<ControlPlaneArgs>),
     #[cfg(feature = "control-plane")]
     /// License tokens: verify one offline against a JWKS.
     Token {
@@ -426,7 +426,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Sidecar(args) => run_sidecar(*args),
         #[cfg(feature = "control-plane")]
-        Command::ControlPlane(args) => run_control_plane(args),
+        Command::ControlPlane(args) => run_control_plane(*args),
         #[cfg(feature = "control-plane")]
         Command::Token { command } => run_token(command),
         Command::Health(args) => probe(&args, "/healthz"),

@@ -87,7 +87,7 @@ fn import_loads_every_account_once_and_a_second_import_changes_nothing() {
 
     // A control plane started on the same directory finds its catalog recorded: no new revision.
     drop(repository);
-    let control_plane = ControlPlane::open(&database_for(data.path()), policies.path(), signing_key(7), Vec::new()).unwrap();
+    let control_plane = ControlPlane::open(database_for(data.path()), policies.path(), signing_key(7), Vec::new()).unwrap();
     assert_eq!(control_plane.repository.revision().unwrap(), 1);
 }
 
@@ -156,7 +156,7 @@ fn a_directory_with_another_catalog_than_the_one_served_is_refused() {
     let data = tempfile::tempdir().unwrap();
     // The control plane has served the shipped catalog.
     let served = common::repo_root().join("policies");
-    drop(ControlPlane::open(&database_for(data.path()), &served, signing_key(7), Vec::new()).unwrap());
+    drop(ControlPlane::open(database_for(data.path()), &served, signing_key(7), Vec::new()).unwrap());
     let repository = open_repository(data.path());
     let revision = repository.revision().unwrap();
 

@@ -391,7 +391,7 @@ impl PgTransaction {
             let client = task_shared.pool.get().await.map_err(|error| task_shared.checkout_error(error))?;
             batch_on(&client, "BEGIN").await?;
             // Every writer of every replica queues here, as SQLite's writers do on its lock.
-            if let Err(error) = execute_on(&client, "SELECT pg_advisory_xact_lock($1)::text", &pg_params![WRITER_LOCK]).await {
+            if let Err(error) = execute_on(&client, "SELECT pg_advisory_xact_lock($1)::text", &[Box::new(WRITER_LOCK) as Param]).await {
                 let _ = batch_on(&client, "ROLLBACK").await;
                 return Err(error);
             }

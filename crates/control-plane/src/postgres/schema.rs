@@ -253,7 +253,7 @@ pub(super) async fn migrate(pool: &Pool, target: &str) -> Result<Vec<usize>, Sto
     let client = pool.get().await.map_err(|error| super::checkout_error(target, error))?;
     batch_on(&client, "BEGIN").await?;
     let applied = async {
-        execute_on(&client, "SELECT pg_advisory_xact_lock($1)::text", &pg_params![MIGRATION_LOCK]).await?;
+        execute_on(&client, "SELECT pg_advisory_xact_lock($1)::text", &[Box::new(MIGRATION_LOCK) as super::Param]).await?;
         // `IF NOT EXISTS` on every later start would log a notice.
         batch_on(&client, "SET LOCAL client_min_messages = warning").await?;
         batch_on(
@@ -269,7 +269,7 @@ pub(super) async fn migrate(pool: &Pool, target: &str) -> Result<Vec<usize>, Sto
         let mut applied = Vec::new();
         for (idx, migration) in MIGRATIONS.iter().enumerate().skip(usize::try_from(version).unwrap_or(0)) {
             batch_on(&client, migration).await?;
-            execute_on(&client, "INSERT INTO schema_migrations (version) VALUES ($1)", &pg_params![idx as i64 + 1]).await?;
+            execute_on(&client, "INSERT INTO schema_migrations (version) VALUES ($1)", &[Box::new(idx as i64 + 1) as super::Param]).await?;
             applied.push(idx + 1);
         }
         Ok(applied)
