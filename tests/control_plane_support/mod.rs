@@ -63,9 +63,10 @@ pub fn run_admin(url: &str, statements: Vec<String>) -> Result<Vec<String>, Stri
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|error| error.to_string())?;
         runtime.block_on(async move {
-            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-                .await
-                .map_err(|error| format!("cannot reach PostgreSQL at {TEST_DATABASE_URL}: {error}"))?;
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.map_err(|error| {
+                let cause = std::error::Error::source(&error).map(|cause| format!(": {cause}")).unwrap_or_default();
+                format!("cannot reach PostgreSQL at {TEST_DATABASE_URL}: {error}{cause}")
+            })?;
             let driver = tokio::spawn(connection);
             let mut names = Vec::new();
             for statement in statements {
