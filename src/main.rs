@@ -16,6 +16,9 @@ use tollgate_sidecar::config::{Config, MeteringSettings, SourceConfig, Staleness
 use tollgate_sidecar::source::Source;
 use tollgate_snapshot::{self as snapshot, Snapshot, TrustedKeys};
 
+#[cfg(feature = "control-plane")]
+use tollgate_control_plane::Database;
+
 #[derive(Parser)]
 #[command(name = "tollgate", version, about = "Entitlement decisions from signed policy snapshots")]
 struct Cli {
@@ -109,7 +112,7 @@ enum Command {
     #[cfg(feature = "control-plane")]
     /// Run the control plane (license repository, integration API, tokens, snapshot
     /// publishing), or manage its API keys.
-    ControlPlane(ControlPlaneArgs),
+    ControlPlane(Box<ControlPlaneArgs>),
     #[cfg(feature = "control-plane")]
     /// License tokens: verify one offline against a JWKS.
     Token {
@@ -424,7 +427,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Sidecar(args) => run_sidecar(*args),
         #[cfg(feature = "control-plane")]
-        Command::ControlPlane(args) => run_control_plane(args),
+        Command::ControlPlane(args) => run_control_plane(*args),
         #[cfg(feature = "control-plane")]
         Command::Token { command } => run_token(command),
         Command::Health(args) => probe(&args, "/healthz"),
@@ -563,6 +566,11 @@ struct ControlPlaneArgs {
     /// Data directory: the SQLite license repository lives in DIR/tollgate.db.
     #[arg(long, env = "TOLLGATE_CP_DATA")]
     data: Option<PathBuf>,
+    /// Keep the license repository in PostgreSQL instead of SQLite under `--data`:
+    /// postgres://USER:PASSWORD@HOST:5432/DATABASE. Several replicas can share one database.
+    /// Takes precedence over `--data`.
+    #[arg(long, env = "TOLLGATE_DATABASE_URL", hide_env_values = true)]
+    database: Option<String>,
     /// Policies directory whose catalog.toml is the catalog (accounts come from the database).
     #[arg(long, env = "TOLLGATE_CP_POLICIES")]
     policies: Option<PathBuf>,
@@ -652,11 +660,26 @@ enum ControlPlaneCommand {
     /// `tollgate compile` reads them) into the repository in one transaction: all or nothing,
     /// validated like `compile`, idempotent. Run it while the control plane is stopped.
     Import {
-        /// The control plane's data directory.
-        #[arg(long, env = "TOLLGATE_IMPORT_DATA")]
-        data: PathBuf,
+        /// The control plane's data directory (SQLite).
+        #[arg(long, env = "TOLLGATE_IMPORT_DATA", required_unless_present = "database")]
+        data: Option<PathBuf>,
+        /// The control plane's PostgreSQL database (instead of `--data`).
+        #[arg(long, env = "TOLLGATE_DATABASE_URL", hide_env_values = true)]
+        database: Option<String>,
         /// The policies directory; its catalog.toml must be the one the control plane serves.
         policies_dir: PathBuf,
+    },
+    /// Copy a SQLite repository into an empty PostgreSQL database, every table in one
+    /// transaction, keeping ids; then check that each table holds as many rows on both sides
+    /// and print the counts. Run it while the control plane is stopped.
+    Migrate {
+        /// The data directory of the SQLite repository (holding tollgate.db).
+        #[arg(long)]
+        from_sqlite: PathBuf,
+        /// The PostgreSQL database to fill: postgres://USER:PASSWORD@HOST:5432/DATABASE. It is
+        /// created (migrated) if new, and refused if it holds anything.
+        #[arg(long, env = "TOLLGATE_DATABASE_URL", hide_env_values = true)]
+        database: String,
     },
 }
 
@@ -665,9 +688,12 @@ enum ControlPlaneCommand {
 enum KeysCommand {
     /// Make a new API key and print it, alone, on stdout; only its hash is stored.
     Create {
-        /// The control plane's data directory.
-        #[arg(long, env = "TOLLGATE_KEYS_DATA")]
-        data: PathBuf,
+        /// The control plane's data directory (SQLite).
+        #[arg(long, env = "TOLLGATE_KEYS_DATA", required_unless_present = "database")]
+        data: Option<PathBuf>,
+        /// The control plane's PostgreSQL database (instead of `--data`).
+        #[arg(long, env = "TOLLGATE_DATABASE_URL", hide_env_values = true)]
+        database: Option<String>,
         /// admin, integration, sidecar or account.
         #[arg(long, env = "TOLLGATE_KEYS_SCOPE")]
         scope: String,
@@ -677,17 +703,23 @@ enum KeysCommand {
     },
     /// Revoke an API key at once (by its id, the 16 hex digits after `tg_`); audited.
     Revoke {
-        /// The control plane's data directory.
-        #[arg(long, env = "TOLLGATE_KEYS_DATA")]
-        data: PathBuf,
+        /// The control plane's data directory (SQLite).
+        #[arg(long, env = "TOLLGATE_KEYS_DATA", required_unless_present = "database")]
+        data: Option<PathBuf>,
+        /// The control plane's PostgreSQL database (instead of `--data`).
+        #[arg(long, env = "TOLLGATE_DATABASE_URL", hide_env_values = true)]
+        database: Option<String>,
         /// The key's id.
         id: String,
     },
     /// List the API keys (ids, scopes, accounts, creation and revocation times; no secrets).
     List {
-        /// The control plane's data directory.
-        #[arg(long, env = "TOLLGATE_KEYS_DATA")]
-        data: PathBuf,
+        /// The control plane's data directory (SQLite).
+        #[arg(long, env = "TOLLGATE_KEYS_DATA", required_unless_present = "database")]
+        data: Option<PathBuf>,
+        /// The control plane's PostgreSQL database (instead of `--data`).
+        #[arg(long, env = "TOLLGATE_DATABASE_URL", hide_env_values = true)]
+        database: Option<String>,
     },
 }
 
@@ -718,6 +750,29 @@ fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
     Ok(Duration::from_secs(seconds))
 }
 
+/// The repository `--database` (PostgreSQL) or else `--data` (SQLite) names.
+#[cfg(feature = "control-plane")]
+fn database_of(data: Option<PathBuf>, database: Option<String>) -> Option<Database> {
+    match (database, data) {
+        (Some(url), _) => Some(Database::Postgres(url)),
+        (None, Some(dir)) => Some(Database::Sqlite(dir)),
+        (None, None) => None,
+    }
+}
+
+/// Opens the repository of a `keys` or `import` command.
+#[cfg(feature = "control-plane")]
+fn open_database(
+    data: Option<PathBuf>,
+    database: Option<String>,
+) -> Result<(Database, Arc<dyn tollgate_control_plane::store::Repository>)> {
+    let Some(database) = database_of(data, database) else {
+        bail!("give `--data DIR` (SQLite) or `--database postgres://...` (or TOLLGATE_DATABASE_URL)");
+    };
+    let repository = tollgate_control_plane::open_database(&database).with_context(|| format!("cannot open {}", database.describe()))?;
+    Ok((database, repository))
+}
+
 #[cfg(feature = "control-plane")]
 fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
     if let Some(ControlPlaneCommand::Keys { command }) = args.command {
@@ -725,33 +780,49 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
         // revocation stamp.
         let now = tollgate_core::clock::system_now_ms().div_euclid(1000);
         match command {
-            KeysCommand::Create { data, scope, account } => {
-                let repository = tollgate_control_plane::open_repository(&data)?;
-                let key = tollgate_control_plane::create_key(&repository, &scope, account.as_deref(), now)?;
+            KeysCommand::Create { data, database, scope, account } => {
+                let repository = open_database(data, database)?.1;
+                let key = tollgate_control_plane::create_key(repository.as_ref(), &scope, account.as_deref(), now)?;
                 println!("{key}");
             }
-            KeysCommand::Revoke { data, id } => {
-                use tollgate_control_plane::store::Repository;
-                let repository = tollgate_control_plane::open_repository(&data)?;
+            KeysCommand::Revoke { data, database, id } => {
+                let (database, repository) = open_database(data, database)?;
                 if !repository.revoke_key(&id, "cli", now)? {
-                    bail!("no live API key `{id}` in `{}`", data.display());
+                    bail!("no live API key `{id}` in {}", database.describe());
                 }
                 println!("revoked {id}");
             }
-            KeysCommand::List { data } => {
-                use tollgate_control_plane::store::Repository;
-                let repository = tollgate_control_plane::open_repository(&data)?;
+            KeysCommand::List { data, database } => {
+                let repository = open_database(data, database)?.1;
                 println!("{}", serde_json::to_string_pretty(&serde_json::json!({"keys": repository.keys()?}))?);
             }
         }
         return Ok(());
     }
-    if let Some(ControlPlaneCommand::Import { data, policies_dir }) = args.command {
+    if let Some(ControlPlaneCommand::Migrate { from_sqlite, database }) = args.command {
+        let target = tollgate_control_plane::postgres::PgRepository::open(&database)?;
+        let database = Database::Postgres(database);
+        let started = tollgate_core::clock::Stopwatch::start();
+        let report = tollgate_control_plane::postgres::copy_from_sqlite(&from_sqlite, &target)
+            .with_context(|| format!("cannot copy `{}` into {}", from_sqlite.display(), database.describe()))?;
+        for (table, n_rows) in &report.tables {
+            println!("{table:<24} {n_rows:>10} rows");
+        }
+        println!(
+            "copied {} tables from {} into {} in {:.1} s; every table has as many rows on both sides",
+            report.tables.len(),
+            from_sqlite.display(),
+            database.describe(),
+            started.elapsed_secs()
+        );
+        return Ok(());
+    }
+    if let Some(ControlPlaneCommand::Import { data, database, policies_dir }) = args.command {
         // The import's audit stamp, read outside a `ControlPlane` as for keys.
         let now = tollgate_core::clock::system_now_ms().div_euclid(1000);
         let started = tollgate_core::clock::Stopwatch::start();
-        let repository = tollgate_control_plane::open_repository(&data)?;
-        let summary = tollgate_control_plane::import::import_dir(&repository, &policies_dir, "cli", now)?;
+        let repository = open_database(data, database)?.1;
+        let summary = tollgate_control_plane::import::import_dir(repository.as_ref(), &policies_dir, "cli", now)?;
         println!(
             "imported {} accounts from {} in {:.1} s: {} created, {} updated, {} unchanged (revision {})",
             summary.n_accounts,
@@ -764,8 +835,9 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
         );
         return Ok(());
     }
-    let (Some(data), Some(policies), Some(signing_key)) = (args.data, args.policies, args.signing_key) else {
-        bail!("`tollgate control-plane` needs `--data DIR --policies DIR --signing-key KEY`");
+    let (Some(database), Some(policies), Some(signing_key)) = (database_of(args.data, args.database), args.policies, args.signing_key)
+    else {
+        bail!("`tollgate control-plane` needs `--data DIR` (or `--database URL`), `--policies DIR` and `--signing-key KEY`");
     };
     let listen: std::net::SocketAddr =
         args.listen.parse().with_context(|| format!("`--listen` value `{}` is not an address like 127.0.0.1:8282", args.listen))?;
@@ -824,7 +896,8 @@ fn run_control_plane(args: ControlPlaneArgs) -> Result<()> {
         public_url: args.public_url.clone(),
         ..Default::default()
     };
-    let control_plane = tollgate_control_plane::ControlPlane::open_with_config(&data, &policies, key, retired, config)?;
+    tracing::info!(database = %database.describe(), "opening the license repository");
+    let control_plane = tollgate_control_plane::ControlPlane::open_with_config(&database, &policies, key, retired, config)?;
     let control_plane = Arc::new(control_plane);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async move {

@@ -392,7 +392,7 @@ async fn a_restart_loses_nothing_committed() {
             post(&mut client, "/v1/orders", &key, &order(&format!("o-{n}"), "new", &format!("acct-{n}"), json!({"plan": "team"}))).await;
         last = reply.json()["revision"].as_u64().unwrap();
     }
-    server.stop().await;
+    server.stop_keeping_data().await;
 
     let restarted = TestControlPlane::start(dir.path()).await;
     let mut client = restarted.client().await;
@@ -651,8 +651,8 @@ async fn revoked_keys_are_refused_at_once() {
 
     // The CLI revokes in the same database, effective for the running server at once.
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["control-plane", "keys", "revoke", "--data"])
-        .arg(dir.path())
+        .args(["control-plane", "keys", "revoke"])
+        .args(control_plane_support::database_args(dir.path()))
         .arg(id_of(&sidecar))
         .output()
         .unwrap();

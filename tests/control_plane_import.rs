@@ -12,11 +12,11 @@ use std::path::Path;
 
 use tollgate_control_plane::ControlPlane;
 use tollgate_control_plane::import::{AUDIT_ACTION, ImportError, import_dir};
-use tollgate_control_plane::store::{AuditQuery, Repository, SqliteRepository};
+use tollgate_control_plane::store::{AuditQuery, Repository};
 use tollgate_core::model::SnapshotData;
 use tollgate_policy::generate::{GenOptions, catalog, write};
 
-use control_plane_support::signing_key;
+use control_plane_support::{database_for, open_repository, signing_key};
 
 const NOW: i64 = 1_800_000_000;
 
@@ -60,19 +60,19 @@ fn import_loads_every_account_once_and_a_second_import_changes_nothing() {
     let policies = tempfile::tempdir().unwrap();
     gen_dir(policies.path(), 120);
     let data = tempfile::tempdir().unwrap();
-    let repository = SqliteRepository::open(data.path()).unwrap();
+    let repository = open_repository(data.path());
 
-    let first = import_dir(&repository, policies.path(), "cli", NOW).unwrap();
+    let first = import_dir(repository.as_ref(), policies.path(), "cli", NOW).unwrap();
     assert_eq!((first.n_accounts, first.n_created, first.n_updated, first.n_unchanged), (120, 120, 0, 0));
     assert_eq!(first.revision, 1);
     assert_eq!(repository.revision().unwrap(), 1);
-    assert_eq!(imports(&repository), 1);
+    assert_eq!(imports(repository.as_ref()), 1);
 
-    let second = import_dir(&repository, policies.path(), "cli", NOW).unwrap();
+    let second = import_dir(repository.as_ref(), policies.path(), "cli", NOW).unwrap();
     assert_eq!((second.n_accounts, second.n_created, second.n_updated, second.n_unchanged), (120, 0, 0, 120));
     assert_eq!(second.revision, 1);
     assert_eq!(repository.revision().unwrap(), 1, "an import that changes nothing moves no revision");
-    assert_eq!(imports(&repository), 1, "an import that changes nothing is not audited");
+    assert_eq!(imports(repository.as_ref()), 1, "an import that changes nothing is not audited");
 
     // The stored accounts compile to what `compile` makes of the directory.
     let compiled_dir = tollgate_policy::compile_dir(policies.path()).unwrap();
@@ -87,7 +87,7 @@ fn import_loads_every_account_once_and_a_second_import_changes_nothing() {
 
     // A control plane started on the same directory finds its catalog recorded: no new revision.
     drop(repository);
-    let control_plane = ControlPlane::open(data.path(), policies.path(), signing_key(7), Vec::new()).unwrap();
+    let control_plane = ControlPlane::open(database_for(data.path()), policies.path(), signing_key(7), Vec::new()).unwrap();
     assert_eq!(control_plane.repository.revision().unwrap(), 1);
 }
 
@@ -96,18 +96,18 @@ fn a_changed_account_is_rewritten_and_the_rest_left_alone() {
     let policies = tempfile::tempdir().unwrap();
     gen_dir(policies.path(), 30);
     let data = tempfile::tempdir().unwrap();
-    let repository = SqliteRepository::open(data.path()).unwrap();
-    import_dir(&repository, policies.path(), "cli", NOW).unwrap();
+    let repository = open_repository(data.path());
+    import_dir(repository.as_ref(), policies.path(), "cli", NOW).unwrap();
     let file = policies.path().join("accounts/accounts-00000.toml");
     let text = std::fs::read_to_string(&file).unwrap();
     let at = text.find("[[accounts.acct-7.licenses]]").unwrap();
     let seats = at + text[at..].find("seats = 5").unwrap();
     std::fs::write(&file, format!("{}seats = 4{}", &text[..seats], &text[seats + "seats = 5".len()..])).unwrap();
 
-    let summary = import_dir(&repository, policies.path(), "admin-key", NOW).unwrap();
+    let summary = import_dir(repository.as_ref(), policies.path(), "admin-key", NOW).unwrap();
     assert_eq!((summary.n_created, summary.n_updated, summary.n_unchanged), (0, 1, 29));
     assert_eq!(summary.revision, 2);
-    assert_eq!(imports(&repository), 2);
+    assert_eq!(imports(repository.as_ref()), 2);
     assert_eq!(repository.account("acct-7").unwrap().unwrap().licenses[0].seats, 4);
     assert_eq!(repository.account("acct-8").unwrap().unwrap().licenses[0].seats, 5);
 }
@@ -125,15 +125,15 @@ fn a_bad_policies_directory_names_file_and_line_and_writes_nothing() {
     std::fs::write(&file, text).unwrap();
 
     let data = tempfile::tempdir().unwrap();
-    let repository = SqliteRepository::open(data.path()).unwrap();
-    let error = import_dir(&repository, policies.path(), "cli", NOW).unwrap_err();
+    let repository = open_repository(data.path());
+    let error = import_dir(repository.as_ref(), policies.path(), "cli", NOW).unwrap_err();
     let message = error.to_string();
     assert!(matches!(error, ImportError::Policy(_)), "{message}");
     assert!(message.contains(&format!("accounts-00001.toml:{bad_line}:")), "{message}");
     assert!(message.contains("names unknown plan `no-such-"), "{message}");
     assert_eq!(repository.revision().unwrap(), 0);
     assert!(repository.all_accounts().unwrap().1.is_empty(), "nothing may be written");
-    assert_eq!(imports(&repository), 0);
+    assert_eq!(imports(repository.as_ref()), 0);
 }
 
 #[test]
@@ -145,8 +145,8 @@ fn a_deny_fence_cannot_be_stored_and_is_reported_at_its_line() {
     let accounts = "[accounts.a]\n[[accounts.a.licenses]]\nplan = \"free\"\n\n[accounts.b]\n[[accounts.b.licenses]]\nplan = \"team\"\nregions = { deny = [\"eu\"] }\n";
     std::fs::write(policies.path().join("accounts/a.toml"), accounts).unwrap();
     let data = tempfile::tempdir().unwrap();
-    let repository = SqliteRepository::open(data.path()).unwrap();
-    let message = import_dir(&repository, policies.path(), "cli", NOW).unwrap_err().to_string();
+    let repository = open_repository(data.path());
+    let message = import_dir(repository.as_ref(), policies.path(), "cli", NOW).unwrap_err().to_string();
     assert!(message.contains("a.toml:8: account `b` has a license with `regions = { deny = [...] }`"), "{message}");
     assert!(repository.all_accounts().unwrap().1.is_empty());
 }
@@ -156,20 +156,20 @@ fn a_directory_with_another_catalog_than_the_one_served_is_refused() {
     let data = tempfile::tempdir().unwrap();
     // The control plane has served the shipped catalog.
     let served = common::repo_root().join("policies");
-    drop(ControlPlane::open(data.path(), &served, signing_key(7), Vec::new()).unwrap());
-    let repository = SqliteRepository::open(data.path()).unwrap();
+    drop(ControlPlane::open(database_for(data.path()), &served, signing_key(7), Vec::new()).unwrap());
+    let repository = open_repository(data.path());
     let revision = repository.revision().unwrap();
 
     let policies = tempfile::tempdir().unwrap();
     gen_dir(policies.path(), 10);
-    let error = import_dir(&repository, policies.path(), "cli", NOW).unwrap_err();
+    let error = import_dir(repository.as_ref(), policies.path(), "cli", NOW).unwrap_err();
     assert!(matches!(error, ImportError::CatalogMismatch { .. }), "{error}");
     assert!(error.to_string().contains("is not the catalog this control plane serves"), "{error}");
     assert_eq!(repository.revision().unwrap(), revision);
     assert!(repository.all_accounts().unwrap().1.is_empty());
 
     // The served directory itself imports (its catalog matches).
-    let summary = import_dir(&repository, &served, "cli", NOW).unwrap();
+    let summary = import_dir(repository.as_ref(), &served, "cli", NOW).unwrap();
     assert_eq!(summary.n_created, summary.n_accounts);
     assert!(summary.n_accounts > 0);
 }

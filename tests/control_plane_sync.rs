@@ -258,7 +258,7 @@ async fn a_sidecar_fails_over_between_control_plane_addresses() {
 
     // That control plane goes; another one on the same repository takes the first address,
     // and an order placed there reaches the sidecar.
-    first.stop().await;
+    first.stop_keeping_data().await;
     let second = TestControlPlane::start_on(&cp_dir, spare).await;
     let mut client = second.client().await;
     let upgraded = post(

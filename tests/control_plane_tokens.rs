@@ -146,7 +146,7 @@ async fn rotation_keeps_old_tokens_verifiable() {
     let order = json!({"order_id": "o-1", "action": "new", "account": "acme", "plan": "team"});
     assert_eq!(post(&mut client, "/v1/orders", &integration, &order).await.status, 200);
     let old_token = get(&mut client, "/v1/accounts/acme/license-token", &integration).await.json()["token"].as_str().unwrap().to_string();
-    server.stop().await;
+    server.stop_keeping_data().await;
 
     // The new key signs; the old one stays in the JWKS as retired.
     let server = TestControlPlane::start_with(&dir.path().join("cp"), signing_key(8), vec![old_key.verifying_key()]).await;

@@ -508,7 +508,7 @@ async fn a_restart_keeps_totals_dedup_the_sequence_and_the_outbox() {
     })
     .await;
     assert!(tried[0]["last_error"].as_str().unwrap().contains("cannot connect"), "{tried:?}");
-    server.stop().await;
+    server.stop_keeping_data().await;
 
     let restarted = TestControlPlane::start_configured(dir.path(), configure(webhook)).await;
     let mut client = restarted.client().await;

@@ -271,7 +271,7 @@ async fn endpoints_are_managed_by_admin_keys_and_validated() {
     let actions: Vec<&str> = audit.as_array().unwrap().iter().map(|entry| entry["action"].as_str().unwrap()).collect();
     assert_eq!(actions.iter().filter(|action| action.starts_with("webhook_endpoint.")).count(), 6, "{actions:?}");
     assert!(!audit.to_string().contains("whsec_"), "the audit log never holds a secret");
-    server.stop().await;
+    server.stop_keeping_data().await;
 
     // Restarted without the flags, the configured endpoint is gone.
     let (server, _clock) = start(dir.path(), |_| {}).await;

@@ -363,7 +363,7 @@ fn change_account(
     account_id: &str,
     action: &str,
     target: &str,
-    change: impl FnOnce(&mut AccountDoc) -> Result<(), ApiError>,
+    mut change: impl FnMut(&mut AccountDoc) -> Result<(), ApiError>,
 ) -> Result<serde_json::Value, ApiError> {
     caller.may_touch(account_id)?;
     let now = control_plane.now();
@@ -429,7 +429,7 @@ pub fn put_user(
                 return Err(ApiError::invalid(format!("`groups` names unknown group `{group}` of account `{account_id}`")));
             }
         }
-        account.users.insert(user_id.to_string(), UserDoc { roles: user.roles, groups: user.groups, seat: user.seat });
+        account.users.insert(user_id.to_string(), UserDoc { roles: user.roles.clone(), groups: user.groups.clone(), seat: user.seat });
         Ok(())
     })
 }
@@ -466,7 +466,7 @@ pub fn put_group(
         }
     }
     change_account(control_plane, caller, account_id, "group.put", group, |account| {
-        account.groups.insert(group.to_string(), group_body.roles);
+        account.groups.insert(group.to_string(), group_body.roles.clone());
         Ok(())
     })
 }
@@ -491,7 +491,7 @@ pub fn activate_device(
         if account.devices.contains(&device.device) {
             return Err(ApiError::Conflict(format!("device `{}` is already activated", device.device)));
         }
-        account.devices.push(device.device);
+        account.devices.push(device.device.clone());
         account.devices.sort();
         Ok(())
     })
@@ -544,8 +544,11 @@ pub fn put_overrides(
     }
     change_account(control_plane, caller, account_id, "license.overrides", license_id, |account| {
         let license = target_license(account, Some(license_id))?;
-        license.overrides =
-            store::OverridesDoc { add_features: overrides.add_features, remove_features: overrides.remove_features, limits };
+        license.overrides = store::OverridesDoc {
+            add_features: overrides.add_features.clone(),
+            remove_features: overrides.remove_features.clone(),
+            limits: limits.clone(),
+        };
         Ok(())
     })
 }

@@ -72,6 +72,7 @@ pub mod integrations;
 pub mod limits;
 pub mod metrics;
 pub mod portal;
+pub mod postgres;
 pub mod publish;
 pub mod reports;
 pub mod store;
@@ -398,27 +399,90 @@ impl std::fmt::Debug for ControlPlane {
 /// Meta key under which the hash of the catalog last published is kept.
 const CATALOG_HASH: &str = "catalog_sha256";
 
-/// Opens the repository in `data_dir` and reads the catalog of `policies_dir`.
+/// Opens the SQLite repository in `data_dir`.
 pub fn open_repository(data_dir: &Path) -> Result<SqliteRepository, StoreError> {
     SqliteRepository::open(data_dir)
 }
 
+/// Where the license repository lives.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Database {
+    /// The embedded default: `DIR/tollgate.db`.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, by URL (`postgres://USER:PASSWORD@HOST:5432/NAME`), which
+    /// several control-plane replicas can share.
+    Postgres(String),
+}
+
+impl Database {
+    /// Says where the database is without its password: a path, or `postgres host:port/name`.
+    pub fn describe(&self) -> String {
+        match self {
+            Database::Sqlite(dir) => dir.join(store::DATABASE_FILE).display().to_string(),
+            Database::Postgres(url) => match postgres::parse_url(url) {
+                Ok(config) => format!("postgres {}", postgres::describe_url(&config)),
+                Err(_) => "postgres (unparsable URL)".to_string(),
+            },
+        }
+    }
+}
+
+/// Never shows a PostgreSQL URL, which may hold a password.
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.describe())
+    }
+}
+
+impl From<&Path> for Database {
+    fn from(data_dir: &Path) -> Database {
+        Database::Sqlite(data_dir.to_path_buf())
+    }
+}
+
+impl From<&PathBuf> for Database {
+    fn from(data_dir: &PathBuf) -> Database {
+        Database::Sqlite(data_dir.clone())
+    }
+}
+
+impl From<PathBuf> for Database {
+    fn from(data_dir: PathBuf) -> Database {
+        Database::Sqlite(data_dir)
+    }
+}
+
+impl From<&Database> for Database {
+    fn from(database: &Database) -> Database {
+        database.clone()
+    }
+}
+
+/// Opens the repository `database` names, running its pending migrations.
+pub fn open_database(database: &Database) -> Result<Arc<dyn Repository>, StoreError> {
+    Ok(match database {
+        Database::Sqlite(data_dir) => Arc::new(SqliteRepository::open(data_dir)?),
+        Database::Postgres(url) => Arc::new(postgres::PgRepository::open(url)?),
+    })
+}
+
 impl ControlPlane {
-    /// Opens the repository (running migrations), compiles the catalog, and bumps the revision
+    /// Opens the repository `database` names (a data directory opens SQLite in it), running
+    /// migrations, compiles the catalog, and bumps the revision
     /// when the catalog differs from the one last published, so sidecars get the new one.
     /// Tuned by [`Config::default`]: the system clock, no flag-configured webhook endpoint.
     pub fn open(
-        data_dir: &Path,
+        database: impl Into<Database>,
         policies_dir: &Path,
         signing_key: SigningKey,
         retired_keys: Vec<VerifyingKey>,
     ) -> Result<ControlPlane, StartError> {
-        ControlPlane::open_with_config(data_dir, policies_dir, signing_key, retired_keys, Config::default())
+        ControlPlane::open_with_config(database, policies_dir, signing_key, retired_keys, Config::default())
     }
 
     /// Like [`ControlPlane::open`], tuned by `config` (a webhook, a token lifetime, a clock).
     pub fn open_with_config(
-        data_dir: &Path,
+        database: impl Into<Database>,
         policies_dir: &Path,
         signing_key: SigningKey,
         retired_keys: Vec<VerifyingKey>,
@@ -431,7 +495,7 @@ impl ControlPlane {
         let compiled = tollgate_policy::compile_catalog(&catalog)?;
         let integrations = compiled.integrations().clone();
         let catalog_data = compiled.data().clone();
-        let repository: Arc<dyn Repository> = Arc::new(open_repository(data_dir)?);
+        let repository = open_database(&database.into())?;
         let catalog_hash = sha256_hex(&catalog.text);
         if repository.meta(CATALOG_HASH)?.as_deref() != Some(catalog_hash.as_str()) {
             let revision = repository.set_meta(CATALOG_HASH, &catalog_hash, true)?;

@@ -34,6 +34,8 @@ pub enum StoreError {
     SchemaTooNew(i64),
     #[error("cannot gather randomness for a new id: {0}")]
     Random(getrandom::Error),
+    #[error(transparent)]
+    Postgres(#[from] super::postgres::PgError),
 }
 
 /// What an API key may do.
@@ -311,15 +313,15 @@ pub trait Repository: Send + Sync + UsageRepository + IntegrationRepository + We
 }
 
 /// Runs `change` in one write transaction of `repository`: everything it did is committed
-/// when it returns `Ok`, and nothing when it returns an error.
+/// when it returns `Ok`, and nothing when it returns an error. A repository may run `change`
+/// more than once (PostgreSQL re-runs a transaction that lost a serialisation conflict), each
+/// time from scratch; the outcome of the last run is returned.
 pub fn write<T, E: From<StoreError>>(
     repository: &dyn Repository,
-    change: impl FnOnce(&mut dyn Transaction) -> Result<T, E>,
+    mut change: impl FnMut(&mut dyn Transaction) -> Result<T, E>,
 ) -> Result<T, E> {
-    let mut change = Some(change);
     let mut outcome: Option<Result<T, E>> = None;
     repository.transact(&mut |transaction| {
-        let Some(change) = change.take() else { return Ok(false) };
         let result = change(transaction);
         let commit = result.is_ok();
         outcome = Some(result);

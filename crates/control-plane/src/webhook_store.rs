@@ -591,7 +591,7 @@ mod tests {
         }
     }
 
-    fn write<T>(repository: &SqliteRepository, change: impl FnOnce(&mut dyn crate::store::Transaction) -> Result<T, StoreError>) -> T {
+    fn write<T>(repository: &SqliteRepository, change: impl FnMut(&mut dyn crate::store::Transaction) -> Result<T, StoreError>) -> T {
         crate::store::write(repository, change).unwrap()
     }
 

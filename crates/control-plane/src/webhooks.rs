@@ -493,7 +493,7 @@ pub fn rotate_secret(control_plane: &ControlPlane, caller: &Caller, id: &str, bo
     let endpoint = store::write(control_plane.repository.as_ref(), |transaction: &mut dyn Transaction| {
         let before = transaction.webhook_endpoint(id)?.ok_or_else(|| unknown_endpoint(id))?;
         check_not_configured(id)?;
-        let endpoint = Endpoint { secret, updated_at: now, ..before.clone() };
+        let endpoint = Endpoint { secret: secret.clone(), updated_at: now, ..before.clone() };
         transaction.put_webhook_endpoint(&endpoint)?;
         audit(transaction, caller, "webhook_endpoint.rotate_secret", id, Some(&before), Some(&endpoint), now)?;
         Ok::<_, ApiError>(endpoint)

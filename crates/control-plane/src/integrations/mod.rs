@@ -280,7 +280,7 @@ fn apply(
 pub fn receive(
     control_plane: &ControlPlane,
     inbound: &Inbound,
-    map: impl FnOnce(&ControlPlane, &mut dyn Transaction) -> Result<Mapping, ApiError>,
+    mut map: impl FnMut(&ControlPlane, &mut dyn Transaction) -> Result<Mapping, ApiError>,
 ) -> Result<Received, ApiError> {
     let now = control_plane.now();
     let (received, revision) = store::write(control_plane.repository.as_ref(), |transaction: &mut dyn Transaction| {

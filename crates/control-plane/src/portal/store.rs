@@ -122,7 +122,7 @@ pub trait PortalRepository {
 }
 
 /// The smallest string above every string that starts with `prefix`, if there is one.
-fn prefix_end(prefix: &str) -> Option<String> {
+pub(crate) fn prefix_end(prefix: &str) -> Option<String> {
     let mut chars: Vec<char> = prefix.chars().collect();
     while let Some(last) = chars.pop() {
         if let Some(next) = char::from_u32(u32::from(last) + 1) {
