@@ -674,7 +674,7 @@ enum ControlPlaneCommand {
     /// and print the counts. Run it while the control plane is stopped.
     Migrate {
         /// The data directory of the SQLite repository (holding tollgate.db).
-        #[arg(long)]
+        #[arg(long, env = "TOLLGATE_MIGRATE_FROM_SQLITE")]
         from_sqlite: PathBuf,
         /// The PostgreSQL database to fill: postgres://USER:PASSWORD@HOST:5432/DATABASE. It is
         /// created (migrated) if new, and refused if it holds anything.
@@ -967,6 +967,8 @@ mod tests {
                 let Some(long) = arg.get_long() else { continue };
                 match arg.get_env().and_then(|env| env.to_str()) {
                     Some(env) if env.starts_with("TOLLGATE_") && env.ends_with(&long.to_uppercase().replace('-', "_")) => {}
+                    // The name PostgreSQL tools and hosting platforms use for a connection URL.
+                    Some("TOLLGATE_DATABASE_URL") if long == "database" => {}
                     other => problems.push(format!("`tollgate {}` flag `--{long}` has environment variable {other:?}", path.join(" "))),
                 }
             }

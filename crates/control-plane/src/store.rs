@@ -274,6 +274,21 @@ pub struct NewAudit<'a> {
     pub after: Option<serde_json::Value>,
 }
 
+impl<'a> NewAudit<'a> {
+    /// The audit entry of key `id` revoked by `by` at `now`.
+    pub fn key_revoked(by: &'a str, id: &'a str, now: i64) -> NewAudit<'a> {
+        NewAudit {
+            at: now,
+            key_id: by,
+            action: "key.revoke",
+            account: None,
+            target: Some(id),
+            before: None,
+            after: Some(serde_json::json!({"revoked_at": now})),
+        }
+    }
+}
+
 /// Filters for reading the audit log.
 #[derive(Debug, Clone, Default)]
 pub struct AuditQuery {
@@ -455,6 +470,17 @@ fn to_json<T: Serialize>(id: &str, value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|source| StoreError::Document { id: id.to_string(), source })
 }
 
+/// What importing `account` (serialised as `doc`) over the stored text does. Equal text is an
+/// equal document; different text may still be one written by an older version (a field since
+/// defaulted), so only then is it parsed.
+pub(crate) fn import_outcome(id: &str, stored: Option<&str>, doc: &str, account: &AccountDoc) -> Imported {
+    match stored {
+        Some(text) if text == doc || parse_doc::<AccountDoc>(id, text).is_ok_and(|stored| stored == *account) => Imported::Unchanged,
+        Some(_) => Imported::Updated,
+        None => Imported::Created,
+    }
+}
+
 pub(super) struct SqliteTransaction<'c> {
     pub(super) transaction: rusqlite::Transaction<'c>,
     revision: Option<u64>,
@@ -556,15 +582,10 @@ impl Transaction for SqliteTransaction<'_> {
         let doc = to_json(id, account)?;
         let stored: Option<String> =
             self.transaction.prepare_cached("SELECT doc FROM accounts WHERE id = ?1")?.query_row([id], |row| row.get(0)).optional()?;
-        let imported = match stored {
-            // Equal text is an equal document; different text may still be one written by an
-            // older version (a field since defaulted), so only then is it parsed.
-            Some(text) if text == doc || parse_doc::<AccountDoc>(id, &text).is_ok_and(|stored| stored == *account) => {
-                return Ok(Imported::Unchanged);
-            }
-            Some(_) => Imported::Updated,
-            None => Imported::Created,
-        };
+        let imported = import_outcome(id, stored.as_deref(), &doc, account);
+        if imported == Imported::Unchanged {
+            return Ok(imported);
+        }
         let revision = self.next_revision()?;
         self.transaction
             .prepare_cached(
@@ -587,6 +608,18 @@ impl Transaction for SqliteTransaction<'_> {
         )?;
         Ok(())
     }
+}
+
+/// Every `(id, doc)` row, parsed.
+fn read_accounts(mut rows: rusqlite::Rows<'_>) -> Result<Vec<(String, AccountDoc)>, StoreError> {
+    let mut accounts = Vec::new();
+    while let Some(row) = rows.next()? {
+        let id: String = row.get(0)?;
+        let text: String = row.get(1)?;
+        let doc = parse_doc(&id, &text)?;
+        accounts.push((id, doc));
+    }
+    Ok(accounts)
 }
 
 fn read_revision(connection: &Connection) -> Result<u64, StoreError> {
@@ -623,15 +656,7 @@ impl Repository for SqliteRepository {
         let revoked =
             wrapped.transaction.execute("UPDATE api_keys SET revoked_at = ?1 WHERE id = ?2 AND revoked_at IS NULL", params![now, id])? > 0;
         if revoked {
-            wrapped.audit(&NewAudit {
-                at: now,
-                key_id: by,
-                action: "key.revoke",
-                account: None,
-                target: Some(id),
-                before: None,
-                after: Some(serde_json::json!({"revoked_at": now})),
-            })?;
+            wrapped.audit(&NewAudit::key_revoked(by, id, now))?;
         }
         wrapped.transaction.commit()?;
         Ok(revoked)
@@ -675,17 +700,7 @@ impl Repository for SqliteRepository {
         // One read transaction: the revision and the documents are from the same commit.
         let transaction = connection.transaction_with_behavior(TransactionBehavior::Deferred)?;
         let revision = read_revision(&transaction)?;
-        let mut accounts = Vec::new();
-        {
-            let mut statement = transaction.prepare("SELECT id, doc FROM accounts ORDER BY id")?;
-            let mut rows = statement.query([])?;
-            while let Some(row) = rows.next()? {
-                let id: String = row.get(0)?;
-                let text: String = row.get(1)?;
-                let doc = parse_doc(&id, &text)?;
-                accounts.push((id, doc));
-            }
-        }
+        let accounts = read_accounts(transaction.prepare("SELECT id, doc FROM accounts ORDER BY id")?.query([])?)?;
         transaction.commit()?;
         Ok((revision, accounts))
     }
@@ -694,20 +709,13 @@ impl Repository for SqliteRepository {
         let mut connection = self.lock_reader();
         let transaction = connection.transaction_with_behavior(TransactionBehavior::Deferred)?;
         let revision = read_revision(&transaction)?;
-        let mut accounts = Vec::new();
-        {
-            // Through the revision index, whatever the planner guesses: ordering by id would
-            // walk the primary key instead, a scan of every account for every publish.
-            let mut statement =
-                transaction.prepare_cached("SELECT id, doc FROM accounts INDEXED BY accounts_revision WHERE revision > ?1")?;
-            let mut rows = statement.query(params![after as i64])?;
-            while let Some(row) = rows.next()? {
-                let id: String = row.get(0)?;
-                let text: String = row.get(1)?;
-                let doc = parse_doc(&id, &text)?;
-                accounts.push((id, doc));
-            }
-        }
+        // Through the revision index, whatever the planner guesses: ordering by id would walk
+        // the primary key instead, a scan of every account for every publish.
+        let mut accounts = read_accounts(
+            transaction
+                .prepare_cached("SELECT id, doc FROM accounts INDEXED BY accounts_revision WHERE revision > ?1")?
+                .query(params![after as i64])?,
+        )?;
         transaction.commit()?;
         accounts.sort_by(|a, b| a.0.cmp(&b.0));
         Ok((revision, accounts))

@@ -281,6 +281,16 @@ fn delivery_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Delivery> {
 const DELIVERY_COLUMNS: &str = "d.id, d.message_id, d.endpoint_id, m.event_type, m.body, d.status, d.attempts, d.next_attempt_ms, \
      d.last_error, d.created_at, d.delivered_at";
 
+/// The licenses of `account` the expiry index should hold: not cancelled, with an end.
+pub(crate) fn expiring_licenses(account: &AccountDoc) -> Vec<(&str, i64)> {
+    account
+        .licenses
+        .iter()
+        .filter(|license| !license.cancelled)
+        .filter_map(|license| Some((license.id.as_str(), license.expires_at?)))
+        .collect()
+}
+
 impl WebhookTransaction for SqliteTransaction<'_> {
     fn has_subscribers(&mut self, event_type: EventType) -> Result<bool, StoreError> {
         Ok(self
@@ -367,12 +377,7 @@ impl WebhookTransaction for SqliteTransaction<'_> {
             .prepare_cached("SELECT license_id, expires_at, notified FROM license_expiries WHERE account = ?1")?
             .query_map([account_id], |row| Ok((row.get::<_, String>(0)?, (row.get::<_, i64>(1)?, row.get::<_, bool>(2)?))))?
             .collect::<Result<_, _>>()?;
-        let wanted: Vec<(&str, i64)> = account
-            .licenses
-            .iter()
-            .filter(|license| !license.cancelled)
-            .filter_map(|license| Some((license.id.as_str(), license.expires_at?)))
-            .collect();
+        let wanted = expiring_licenses(account);
         for license_id in indexed.keys() {
             if !wanted.iter().any(|(id, _)| id == license_id) {
                 self.transaction

@@ -589,13 +589,10 @@ impl Transaction for PgTransaction {
         let doc = to_json(id, account)?;
         let stored: Option<String> =
             self.query_opt("SELECT doc FROM accounts WHERE id = $1", pg_params![text(id)])?.map(|row| get(&row, 0)).transpose()?;
-        let imported = match stored {
-            Some(stored) if stored == doc || parse_doc::<AccountDoc>(id, &stored).is_ok_and(|stored| stored == *account) => {
-                return Ok(Imported::Unchanged);
-            }
-            Some(_) => Imported::Updated,
-            None => Imported::Created,
-        };
+        let imported = crate::store::import_outcome(id, stored.as_deref(), &doc, account);
+        if imported == Imported::Unchanged {
+            return Ok(imported);
+        }
         let revision = self.next_revision()?;
         self.execute(UPSERT_ACCOUNT, pg_params![text(id), doc, to_i64(revision)])?;
         crate::webhook_store::WebhookTransaction::index_license_expiries(self, id, account)?;
@@ -674,15 +671,7 @@ impl Repository for PgRepository {
                 .execute("UPDATE api_keys SET revoked_at = $1 WHERE id = $2 AND revoked_at IS NULL", pg_params![now, text(id)])?
                 > 0;
             if revoked {
-                transaction.audit(&NewAudit {
-                    at: now,
-                    key_id: by,
-                    action: "key.revoke",
-                    account: None,
-                    target: Some(id),
-                    before: None,
-                    after: Some(serde_json::json!({"revoked_at": now})),
-                })?;
+                transaction.audit(&NewAudit::key_revoked(by, id, now))?;
             }
             Ok(true)
         })?;

@@ -158,12 +158,7 @@ impl WebhookTransaction for PgTransaction {
     fn index_license_expiries(&mut self, account_id: &str, account: &AccountDoc) -> Result<(), StoreError> {
         let rows = self.query("SELECT license_id, expires_at FROM license_expiries WHERE account = $1", pg_params![text(account_id)])?;
         let indexed: HashMap<String, i64> = rows.iter().map(|row| Ok((get(row, 0)?, get(row, 1)?))).collect::<Result<_, StoreError>>()?;
-        let wanted: Vec<(&str, i64)> = account
-            .licenses
-            .iter()
-            .filter(|license| !license.cancelled)
-            .filter_map(|license| Some((license.id.as_str(), license.expires_at?)))
-            .collect();
+        let wanted = crate::webhook_store::expiring_licenses(account);
         for license_id in indexed.keys() {
             if !wanted.iter().any(|(id, _)| id == license_id) {
                 self.execute(
