@@ -86,6 +86,14 @@ pub fn compile_with(catalog: &tollgate_policy::Catalog, accounts: &[(String, Acc
     Ok(tollgate_policy::compile_accounts(catalog, accounts.iter().map(|(id, account)| (id.clone(), account_spec(account))))?)
 }
 
+/// Compiles accounts as they come (a stream from the repository) against a compiled catalog.
+pub fn compile_stream(
+    catalog: &tollgate_policy::Catalog,
+    accounts: impl IntoIterator<Item = (String, AccountSpec)>,
+) -> Result<SnapshotData, CompileError> {
+    Ok(tollgate_policy::compile_accounts(catalog, accounts)?)
+}
+
 /// Validates one account against the catalog the way the compiler would, returning its
 /// compiled form (a snapshot holding just it) or the compiler's messages, each naming the
 /// account and the field.

@@ -158,12 +158,33 @@ impl Publisher {
 
 /// Compiles and signs the repository's current state as a base, stamped `created_at_ms`.
 pub fn build_base(repository: &dyn Repository, catalog: &Catalog, key: &SigningKey, created_at_ms: i64) -> Result<BaseFile, PublishError> {
-    let (revision, accounts) = repository.all_accounts()?;
-    let data = accounts::compile_with(catalog, &accounts)?;
-    drop(accounts);
+    // The repository is read on a second thread and each account turned into compiler input
+    // there, a bounded queue ahead of the compiler: at no point are all stored documents in
+    // memory, only the compiled accounts.
+    let (sender, receiver) = std::sync::mpsc::sync_channel(BUILD_QUEUE);
+    let (read, compiled) = std::thread::scope(|scope| {
+        let reader = std::thread::Builder::new().name("tollgate-base-reader".into()).spawn_scoped(scope, move || {
+            repository.for_each_account(&mut |id, account| {
+                // The compiler only stops taking accounts by panicking, which the scope passes on.
+                let _ = sender.send((id, accounts::account_spec(&account)));
+                Ok(())
+            })
+        });
+        let compiled = accounts::compile_stream(catalog, receiver.iter());
+        let read = match reader {
+            Ok(reader) => reader.join().unwrap_or_else(|_| Err(super::store::StoreError::Thread("it panicked".into()))),
+            Err(error) => Err(super::store::StoreError::Thread(error.to_string())),
+        };
+        (read, compiled)
+    });
+    let revision = read?;
+    let data = compiled?;
     let bytes = snapshot::build(&data, revision, created_at_ms, key)?;
     Ok(BaseFile { revision, bytes: Bytes::from(bytes) })
 }
+
+/// How many accounts the reader of a full build may be ahead of the compiler.
+const BUILD_QUEUE: usize = 4096;
 
 /// Compiles the accounts changed after revision `follows` into a signed delta on base
 /// `base_revision`; also gives the ids it carries.

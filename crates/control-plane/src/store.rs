@@ -30,6 +30,8 @@ pub enum StoreError {
     DataDir { path: String, source: std::io::Error },
     #[error("the write transaction did not run")]
     NotRun,
+    #[error("the thread reading accounts for a build failed: {0}")]
+    Thread(String),
     #[error("database schema version {0} is newer than this binary knows")]
     SchemaTooNew(i64),
     #[error("cannot gather randomness for a new id: {0}")]
@@ -315,6 +317,16 @@ pub trait Repository: Send + Sync + UsageRepository + IntegrationRepository + We
     fn account(&self, id: &str) -> Result<Option<AccountDoc>, StoreError>;
     /// Every account and the revision they are at, read consistently.
     fn all_accounts(&self) -> Result<(u64, Vec<(String, AccountDoc)>), StoreError>;
+    /// Hands every account to `each` in id order, one at a time, and gives the revision they
+    /// are at, read consistently: a full build never holds every stored document at once. An
+    /// error from `each` stops the scan. The default reads them all first.
+    fn for_each_account(&self, each: &mut dyn FnMut(String, AccountDoc) -> Result<(), StoreError>) -> Result<u64, StoreError> {
+        let (revision, accounts) = self.all_accounts()?;
+        for (id, account) in accounts {
+            each(id, account)?;
+        }
+        Ok(revision)
+    }
     /// The accounts changed by commits after revision `after`, sorted by id, and the revision
     /// they are at, read consistently.
     fn accounts_changed_since(&self, after: u64) -> Result<(u64, Vec<(String, AccountDoc)>), StoreError>;
@@ -611,15 +623,27 @@ impl Transaction for SqliteTransaction<'_> {
 }
 
 /// Every `(id, doc)` row, parsed.
-fn read_accounts(mut rows: rusqlite::Rows<'_>) -> Result<Vec<(String, AccountDoc)>, StoreError> {
+fn read_accounts(rows: rusqlite::Rows<'_>) -> Result<Vec<(String, AccountDoc)>, StoreError> {
     let mut accounts = Vec::new();
+    each_account_row(rows, &mut |id, doc| {
+        accounts.push((id, doc));
+        Ok(())
+    })?;
+    Ok(accounts)
+}
+
+/// Hands each `(id, doc)` row, parsed, to `each`.
+fn each_account_row(
+    mut rows: rusqlite::Rows<'_>,
+    each: &mut dyn FnMut(String, AccountDoc) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
     while let Some(row) = rows.next()? {
         let id: String = row.get(0)?;
         let text: String = row.get(1)?;
         let doc = parse_doc(&id, &text)?;
-        accounts.push((id, doc));
+        each(id, doc)?;
     }
-    Ok(accounts)
+    Ok(())
 }
 
 fn read_revision(connection: &Connection) -> Result<u64, StoreError> {
@@ -703,6 +727,15 @@ impl Repository for SqliteRepository {
         let accounts = read_accounts(transaction.prepare("SELECT id, doc FROM accounts ORDER BY id")?.query([])?)?;
         transaction.commit()?;
         Ok((revision, accounts))
+    }
+
+    fn for_each_account(&self, each: &mut dyn FnMut(String, AccountDoc) -> Result<(), StoreError>) -> Result<u64, StoreError> {
+        let mut connection = self.lock_reader();
+        let transaction = connection.transaction_with_behavior(TransactionBehavior::Deferred)?;
+        let revision = read_revision(&transaction)?;
+        each_account_row(transaction.prepare("SELECT id, doc FROM accounts ORDER BY id")?.query([])?, each)?;
+        transaction.commit()?;
+        Ok(revision)
     }
 
     fn accounts_changed_since(&self, after: u64) -> Result<(u64, Vec<(String, AccountDoc)>), StoreError> {
