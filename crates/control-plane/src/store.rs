@@ -720,17 +720,17 @@ impl Repository for SqliteRepository {
     }
 
     fn all_accounts(&self) -> Result<(u64, Vec<(String, AccountDoc)>), StoreError> {
-        let mut connection = self.lock_reader();
-        // One read transaction: the revision and the documents are from the same commit.
-        let transaction = connection.transaction_with_behavior(TransactionBehavior::Deferred)?;
-        let revision = read_revision(&transaction)?;
-        let accounts = read_accounts(transaction.prepare("SELECT id, doc FROM accounts ORDER BY id")?.query([])?)?;
-        transaction.commit()?;
+        let mut accounts = Vec::new();
+        let revision = self.for_each_account(&mut |id, account| {
+            accounts.push((id, account));
+            Ok(())
+        })?;
         Ok((revision, accounts))
     }
 
     fn for_each_account(&self, each: &mut dyn FnMut(String, AccountDoc) -> Result<(), StoreError>) -> Result<u64, StoreError> {
         let mut connection = self.lock_reader();
+        // One read transaction: the revision and the documents are from the same commit.
         let transaction = connection.transaction_with_behavior(TransactionBehavior::Deferred)?;
         let revision = read_revision(&transaction)?;
         each_account_row(transaction.prepare("SELECT id, doc FROM accounts ORDER BY id")?.query([])?, each)?;
